@@ -1,0 +1,87 @@
+// Shared helpers of the CPU kernels: dtype tags and 16-bit float conversions.
+// Free of torch headers on purpose: these files compile in a second and know only memory and math.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fastattn {
+
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+// Storage types of the 16-bit formats: plain bit patterns, converted through float.
+struct bf16_t { uint16_t bits; };
+struct fp16_t { uint16_t bits; };
+
+inline float to_float(float v) { return v; }
+inline double to_float(double v) { return v; }
+
+inline float to_float(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float to_float(fp16_t v) {
+  const uint32_t h = v.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu;
+  const uint32_t man = h & 0x3FFu;
+  uint32_t u;
+  if (exp == 0x1Fu) {                       // inf / nan
+    u = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {                    // normal
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {                    // signed zero
+    u = sign;
+  } else {                                  // subnormal: value = man * 2^-24, exact in float
+    float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    std::memcpy(&u, &f, sizeof u);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T> inline T from_float(float v);
+template <typename T> inline T from_double(double v) { return from_float<T>(static_cast<float>(v)); }
+template <> inline double from_double<double>(double v) { return v; }
+
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline double from_float<double>(float v) { return v; }
+
+template <> inline bf16_t from_float<bf16_t>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet nan
+  u += 0x7FFFu + ((u >> 16) & 1u);          // round to nearest even
+  return bf16_t{static_cast<uint16_t>(u >> 16)};
+}
+
+template <> inline fp16_t from_float<fp16_t>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return fp16_t{static_cast<uint16_t>(sign | 0x7E00u)};   // nan
+  if (a >= 0x477FF000u) return fp16_t{static_cast<uint16_t>(sign | 0x7C00u)};  // overflow to inf
+  if (a < 0x38800000u) {                    // fp16 subnormal or zero: round a * 2^24 to an integer
+    float af;
+    std::memcpy(&af, &a, sizeof af);
+    const float scaled = af * 16777216.0f;  // exact: a power-of-two scale
+    // round half to even on the integer part
+    float r = static_cast<float>(static_cast<uint32_t>(scaled));
+    float frac = scaled - r;
+    uint32_t m = static_cast<uint32_t>(r);
+    if (frac > 0.5f || (frac == 0.5f && (m & 1u))) m += 1;
+    return fp16_t{static_cast<uint16_t>(sign | m)};
+  }
+  // normal: rebias the exponent and round the mantissa to 10 bits, nearest even
+  uint32_t v = a - 0x38000000u;             // exponent 127 -> 15
+  v += 0x0FFFu + ((v >> 13) & 1u);
+  return fp16_t{static_cast<uint16_t>(sign | (v >> 13))};
+}
+
+}  // namespace fastattn
