@@ -384,9 +384,8 @@ class CBAM(nn.Module):
         super().__init__()
         _check_reduction("CBAM", channels, reduction)
         pool_types = tuple(pool_types) if isinstance(pool_types, (list, tuple)) else pool_types
-        check_config("CBAM", "pool_types",
-                     isinstance(pool_types, tuple) and len(pool_types) > 0 and all(p in _CBAM_POOLS for p in pool_types),
-                     f"a non-empty sequence of {_CBAM_POOLS}", pool_types)
+        ok = isinstance(pool_types, tuple) and len(pool_types) > 0 and all(p in _CBAM_POOLS for p in pool_types)
+        check_config("CBAM", "pool_types", ok, f"a non-empty sequence of {_CBAM_POOLS}", pool_types)
         _check_kernel("CBAM", kernel_size)
         self.channels = channels
         self.no_spatial = bool(no_spatial)

@@ -131,8 +131,9 @@ class WeightExcitedConv2d(nn.Conv2d):
 
     Interpretation (not fixed by the abstract): the LWE MLP is shared by all output filters; MWE is applied
     after LWE, per output filter; autograd differentiates the formulas exactly, M_A included (a paper-style
-    gradient that holds M_A constant differs only at each filter's largest-magnitude weight). ``fold()`` returns a plain ``nn.Conv2d`` holding the
-    excited weight, which gives the same output (use it for inference).
+    gradient that holds M_A constant differs only at each filter's largest-magnitude weight).
+    ``fold()`` returns a plain ``nn.Conv2d`` holding the excited weight, which gives the same output (use it for
+    inference).
     """
 
     def __init__(
