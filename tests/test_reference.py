@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastattn.reference as ref
-from cases import Case, flat_outputs, rand_inputs
+from cases import Case, flat_outputs, rand_inputs, randomise
 from cases import channel, hybrid, other, spatial
 
 ALL_CASES: list[Case] = [*channel.CASES, *spatial.CASES, *hybrid.CASES, *other.CASES]
@@ -23,17 +23,7 @@ BAD = [(c, b) for c in ALL_CASES for b in c.bad]
 
 def build(case: Case, dtype=torch.float32, seed=0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    m = getattr(ref, case.cls)(**case.kwargs).to(dtype)
-    # Non-trivial parameters and statistics: default inits (zeros, ones) would hide errors.
-    with torch.no_grad():
-        for name, t in m.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if "running_var" in name:
-                t.uniform_(0.5, 2.0)
-            elif name in dict(m.named_parameters()) or "running_mean" in name:
-                t.add_(0.3 * torch.randn_like(t))
-    return m
+    return randomise(getattr(ref, case.cls)(**case.kwargs).to(dtype), seed)
 
 
 def call(case: Case, m, inputs) -> list[torch.Tensor]:

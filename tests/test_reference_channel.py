@@ -14,23 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import fastattn.reference as ref
+from cases import randomise
 from fastattn.reference.channel import FREQ_SEL_METHODS, freq_indices
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
-
-
-def _randomise(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move parameters and BN statistics off their inits, so zeros and ones hide nothing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in m.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if "running_var" in name:
-                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * 1.5 + 0.5)
-            elif name in dict(m.named_parameters()) or "running_mean" in name:
-                t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype))
-    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +88,7 @@ def test_multispectral_channels_not_divisible_raises():
 
 def test_multispectral_dc_only_is_scaled_mean():
     """With the (0, 0) frequency only, the DCT pool is sqrt(H W) times the global mean."""
-    m = _randomise(ref.MultiSpectralAttention(8, 7, 7, reduction=2, freq_sel_method="top1")).double().eval()
+    m = randomise(ref.MultiSpectralAttention(8, 7, 7, reduction=2, freq_sel_method="top1")).double().eval()
     x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
     want = x * m.fc(x.mean(dim=(2, 3)) * 7)[:, :, None, None]
     torch.testing.assert_close(m(x), want)
@@ -131,7 +118,7 @@ def test_eca_adaptive_without_channels_raises():
 
 
 def test_eca_is_conv_across_channels():
-    m = _randomise(ref.ECA(10, k_size=5)).double()
+    m = randomise(ref.ECA(10, k_size=5)).double()
     x = torch.randn(2, 10, 3, 4, dtype=torch.float64)
     y = F.pad(x.mean(dim=(2, 3)), (2, 2))
     w = m.conv.weight.view(5)
@@ -146,7 +133,7 @@ def test_eca_is_conv_across_channels():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_se_residual_equals_gate_plus_residual(channels_last):
-    m = _randomise(ref.SqueezeExcite(24, reduction=4)).double()
+    m = randomise(ref.SqueezeExcite(24, reduction=4)).double()
     x = torch.randn(2, 24, 5, 7, dtype=torch.float64)
     r = torch.randn(2, 24, 5, 7, dtype=torch.float64)
     if channels_last:
@@ -165,7 +152,7 @@ def test_se_layout_matches_timm():
 
 
 def test_competitive_se_double_fc_formula():
-    m = _randomise(ref.CompetitiveSE(16, reduction=4)).double()
+    m = randomise(ref.CompetitiveSE(16, reduction=4)).double()
     res, idt = torch.randn(2, 16, 3, 5, dtype=torch.float64), torch.randn(2, 16, 3, 5, dtype=torch.float64)
     u, v = res.mean(dim=(2, 3)), idt.mean(dim=(2, 3))
     wr, wi, we = (t.weight.flatten(1) for t in (m.fc_residual, m.fc_identity, m.fc_excite))
@@ -176,7 +163,7 @@ def test_competitive_se_double_fc_formula():
 
 @pytest.mark.parametrize("mode", ["pair_view", "pair_view_1x1"])
 def test_competitive_se_pair_view_formula(mode):
-    m = _randomise(ref.CompetitiveSE(32, reduction=4, mode=mode)).double().eval()
+    m = randomise(ref.CompetitiveSE(32, reduction=4, mode=mode)).double().eval()
     assert m.pair_conv.out_channels == 2  # 32 // (4 * 4) maps
     res, idt = torch.randn(2, 32, 3, 5, dtype=torch.float64), torch.randn(2, 32, 3, 5, dtype=torch.float64)
     u, v = res.mean(dim=(2, 3)), idt.mean(dim=(2, 3))
@@ -217,7 +204,7 @@ def test_gather_excite_extent_pool_and_nearest_upsample():
 
 
 def test_gather_excite_global_params_gathers_to_one_value():
-    m = _randomise(ref.GatherExcite(6, extent=0, extra_params=True, use_mlp=False, feat_size=(3, 4))).double().eval()
+    m = randomise(ref.GatherExcite(6, extent=0, extra_params=True, use_mlp=False, feat_size=(3, 4))).double().eval()
     assert m.gather.conv1.weight.shape == (6, 1, 3, 4)
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
     s = (x * m.gather.conv1.weight.view(1, 6, 3, 4)).sum(dim=(2, 3))
@@ -247,7 +234,7 @@ def test_gsop_covariance_matches_official_formula():
 
 
 def test_srm_style_pooling_formula():
-    m = _randomise(ref.SRM(6)).double().eval()
+    m = randomise(ref.SRM(6)).double().eval()
     x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
     mu = x.mean(dim=(2, 3))
     sd = torch.sqrt(x.var(dim=(2, 3), unbiased=True) + 1e-5)
@@ -262,7 +249,7 @@ def test_srm_cfc_init_zero():
 
 
 def test_selective_kernel_structure_and_convex_combination():
-    m = _randomise(ref.SelectiveKernel(64, branches=3, groups=32, reduction=16, min_dim=32)).double().eval()
+    m = randomise(ref.SelectiveKernel(64, branches=3, groups=32, reduction=16, min_dim=32)).double().eval()
     assert [p.conv.dilation for p in m.paths] == [(1, 1), (2, 2), (3, 3)]
     assert [p.conv.padding for p in m.paths] == [(1, 1), (2, 2), (3, 3)]
     assert m.attn.fc_reduce.out_channels == 32           # max(64 // 16, 32)
@@ -278,7 +265,7 @@ def test_selective_kernel_structure_and_convex_combination():
 
 
 def test_selective_kernel_attention_is_branch_major():
-    m = _randomise(ref.SelectiveKernel(8, branches=2, groups=2, reduction=2, min_dim=2)).double().eval()
+    m = randomise(ref.SelectiveKernel(8, branches=2, groups=2, reduction=2, min_dim=2)).double().eval()
     x = torch.randn(2, 8, 4, 5, dtype=torch.float64)
     f = [p(x) for p in m.paths]
     s = (f[0] + f[1]).mean(dim=(2, 3))
@@ -294,7 +281,7 @@ def test_selective_kernel_attention_is_branch_major():
 
 
 def test_dia_state_none_equals_zero_state():
-    m = _randomise(ref.DIACell(16)).double()
+    m = randomise(ref.DIACell(16)).double()
     x = torch.randn(2, 16, 3, 5, dtype=torch.float64)
     zeros = (torch.zeros(2, 16, dtype=torch.float64), torch.zeros(2, 16, dtype=torch.float64))
     y0, (h0, c0) = m(x)
@@ -304,7 +291,7 @@ def test_dia_state_none_equals_zero_state():
 
 
 def test_dia_cell_formula_and_chaining():
-    m = _randomise(ref.DIACell(8, reduction=4)).double()
+    m = randomise(ref.DIACell(8, reduction=4)).double()
     x1, x2 = torch.randn(2, 2, 8, 3, 4, dtype=torch.float64)
     y1, s1 = m(x1)
     y2, (h2, c2) = m(x2, s1)
@@ -330,7 +317,7 @@ def test_dia_state_built_on_input_dtype():
 
 
 def test_psa_concatenates_in_reversed_branch_order():
-    m = _randomise(ref.PyramidSplitAttention(16, 64)).double()
+    m = randomise(ref.PyramidSplitAttention(16, 64)).double()
     x = torch.randn(2, 16, 5, 4, dtype=torch.float64)
     feats = [getattr(m, f"conv_{i + 1}")(x) for i in range(4)]
     att = torch.stack([m.se(f) for f in feats], dim=1).softmax(dim=1)
@@ -350,7 +337,7 @@ def test_psa_layout_matches_official():
 
 @pytest.mark.parametrize("h,w,k", [(9, 15, 7), (5, 7, 3), (7, 7, 7), (3, 4, 7)])
 def test_tiled_se_tiles(h, w, k):
-    m = _randomise(ref.TiledSqueezeExcite(8, reduction=2, pool_kernel=k)).double().eval()
+    m = randomise(ref.TiledSqueezeExcite(8, reduction=2, pool_kernel=k)).double().eval()
     x = torch.randn(2, 8, h, w, dtype=torch.float64)
     out = m(x)
     for r0 in range(0, h, k):
@@ -362,7 +349,7 @@ def test_tiled_se_tiles(h, w, k):
 
 
 def test_nam_formula():
-    m = _randomise(ref.NAM(6)).double().eval()
+    m = randomise(ref.NAM(6)).double().eval()
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
     bn = m.bn2
     w = bn.weight.abs() / bn.weight.abs().sum()
@@ -375,7 +362,7 @@ def test_nam_gradcheck_and_detached_weights():
     """NAM takes w = |gamma| / sum |gamma| without gradient (the official .data), so the generic
     gradcheck w.r.t. bn2.weight cannot pass; check the input and bias, and that the gradient
     w.r.t. gamma treats w as a constant."""
-    m = _randomise(ref.NAM(5)).double().eval()
+    m = randomise(ref.NAM(5)).double().eval()
     x = torch.randn(1, 5, 3, 4, dtype=torch.float64, requires_grad=True)
     bias = m.bn2.bias.detach().clone().requires_grad_(True)
 
@@ -397,7 +384,7 @@ def test_nam_gradcheck_and_detached_weights():
 
 def test_spatial_pyramid_feature_order():
     """The pooled vector is [1x1 (C), 2x2 (4C), 4x4 (16C)], each flattened channel-major."""
-    m = _randomise(ref.SpatialPyramidAttention(4, reduction=2)).double()
+    m = randomise(ref.SpatialPyramidAttention(4, reduction=2)).double()
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     p1 = x.mean(dim=(2, 3))
     p2 = x.view(2, 4, 2, 4, 2, 4).mean(dim=(3, 5)).reshape(2, 16)

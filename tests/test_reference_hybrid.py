@@ -10,20 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn.reference as ref
-
-
-def _randomise(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move parameters and BN statistics off their inits, so zero/one inits hide nothing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in m.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if "running_var" in name:
-                t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=g, dtype=t.dtype))
-            else:
-                t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype))
-    return m
+from cases import randomise
 
 
 def _sigmoid(v: float) -> float:
@@ -59,7 +46,7 @@ def test_simam_default_lambda_two_channels():
 
 def test_scse_add_and_max_from_parts():
     torch.manual_seed(0)
-    m_max = _randomise(ref.SCSE(12, reduction=3, combine="max")).double().eval()
+    m_max = randomise(ref.SCSE(12, reduction=3, combine="max")).double().eval()
     m_add = ref.SCSE(12, reduction=3, combine="add").double().eval()
     m_add.load_state_dict(m_max.state_dict())
     x = torch.randn(2, 12, 5, 7, dtype=torch.float64)
@@ -84,7 +71,7 @@ def test_scse_add_and_max_from_parts():
 
 def test_bam_sum_and_product_variants():
     torch.manual_seed(0)
-    prod = _randomise(ref.BAM(16, reduction=4)).double().eval()
+    prod = randomise(ref.BAM(16, reduction=4)).double().eval()
     summ = ref.BAM(16, reduction=4, combine="sum").double().eval()
     summ.load_state_dict(prod.state_dict())
     x = torch.randn(2, 16, 5, 7, dtype=torch.float64)  # non-square works (true global mean)
@@ -98,7 +85,7 @@ def test_bam_sum_and_product_variants():
 def test_bam_channel_pool_is_official_pool_on_square_maps():
     # The official code pools with avg_pool2d(kernel=H, stride=H): the global mean on square maps.
     torch.manual_seed(0)
-    m = _randomise(ref.BAM(16, reduction=4)).double().eval()
+    m = randomise(ref.BAM(16, reduction=4)).double().eval()
     x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
     official_pool = F.avg_pool2d(x, x.size(2), stride=x.size(2)).flatten(1)
     torch.testing.assert_close(m.channel_att(x).flatten(1), m.channel_att.gate_c(official_pool))
@@ -168,7 +155,7 @@ def _official_triplet(m: ref.TripletAttention, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("no_spatial", [False, True])
 def test_triplet_attention_branches(no_spatial):
     torch.manual_seed(0)
-    m = _randomise(ref.TripletAttention(kernel_size=5, no_spatial=no_spatial)).double().eval()
+    m = randomise(ref.TripletAttention(kernel_size=5, no_spatial=no_spatial)).double().eval()
     keys = list(m.state_dict())
     assert any(k.startswith("hw.") for k in keys) != no_spatial
     assert hasattr(m, "hw") != no_spatial
@@ -205,7 +192,7 @@ def test_cbam_no_spatial_has_channel_gate_only():
 @pytest.mark.parametrize("depth,shape", [(1, (2, 4, 5, 6)), (2, (2, 8, 9, 7)), (3, (2, 4, 7, 5)), (3, (2, 4, 2, 3))])
 def test_residual_attention_is_one_plus_mask_times_trunk(depth, shape):
     torch.manual_seed(0)
-    m = _randomise(ref.ResidualAttention(shape[1], depth=depth)).double().eval()
+    m = randomise(ref.ResidualAttention(shape[1], depth=depth)).double().eval()
     x = torch.randn(*shape, dtype=torch.float64)
     mask, trunk = m.mask(x), m.trunk(x)
     assert mask.shape == x.shape and bool(((mask > 0) & (mask < 1)).all())

@@ -6,20 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn.reference as ref
-
-
-def _randomise(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial parameters and BN statistics (default inits of 0 and 1 would hide errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in m.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if "running_var" in name:
-                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * 1.5 + 0.5)
-            else:
-                t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype))
-    return m
+from cases import randomise
 
 
 def _x(*shape, seed=1, dtype=torch.float64):
@@ -34,7 +21,7 @@ def _close(a, b):
 
 
 def test_dca_prev_none_is_plain_se():
-    m = _randomise(ref.DCASqueezeExcite(in_channels=6, channels=12, reduction=4).double()).eval()
+    m = randomise(ref.DCASqueezeExcite(in_channels=6, channels=12, reduction=4).double()).eval()
     x = _x(2, 12, 5, 7)
     out, att = m(x)
     gap = x.mean(dim=(2, 3))
@@ -48,7 +35,7 @@ def test_dca_prev_none_is_plain_se():
 
 
 def test_dca_prev_path_formula():
-    m = _randomise(ref.DCASqueezeExcite(in_channels=6, channels=12, reduction=4).double()).eval()
+    m = randomise(ref.DCASqueezeExcite(in_channels=6, channels=12, reduction=4).double()).eval()
     x, prev = _x(2, 12, 5, 7), _x(2, 6, seed=2)
     out, att = m(x, prev)
     gap = x.mean(dim=(2, 3))
@@ -61,7 +48,7 @@ def test_dca_prev_path_formula():
     _close(out, x * a[:, :, None, None])
     _close(att, gap * a)
     # Without a projection, prev is used as is.
-    same = _randomise(ref.DCASqueezeExcite(in_channels=12, channels=12, reduction=4).double()).eval()
+    same = randomise(ref.DCASqueezeExcite(in_channels=12, channels=12, reduction=4).double()).eval()
     assert not hasattr(same, "att_fc")
     prev12 = _x(2, 12, seed=3)
     mixed = same.conv[0].weight[0, 0, 0, 0] * gap + same.conv[0].weight[0, 1, 0, 0] * prev12 + same.conv[0].bias[0]
@@ -80,7 +67,7 @@ def test_dca_prev_path_formula():
     dict(in_channels=5, out_channels=3, kernel_size=1, mwe=False),
 ], ids=["plain", "groups_reflect", "depthwise_same_mwe_only", "lwe_only"])
 def test_weight_excitation_fold_is_equivalent(kwargs):
-    m = _randomise(ref.WeightExcitedConv2d(**kwargs).double()).eval()
+    m = randomise(ref.WeightExcitedConv2d(**kwargs).double()).eval()
     x = _x(2, kwargs["in_channels"], 7, 6)
     folded = m.fold()
     assert type(folded) is torch.nn.Conv2d
@@ -90,7 +77,7 @@ def test_weight_excitation_fold_is_equivalent(kwargs):
 
 
 def test_weight_excitation_formulas():
-    m = _randomise(ref.WeightExcitedConv2d(6, 4, 3, reduction=3, eps_a=0.1).double())
+    m = randomise(ref.WeightExcitedConv2d(6, 4, 3, reduction=3, eps_a=0.1).double())
     w = m.weight
     v = w.mean(dim=(2, 3))
     fc1, fc2 = m.lwe_fc[0], m.lwe_fc[2]
@@ -108,7 +95,7 @@ def test_weight_excitation_formulas():
 
 
 def test_aff_output_from_mscam_parts():
-    aff = _randomise(ref.AFF(channels=12, reduction=3).double()).eval()
+    aff = randomise(ref.AFF(channels=12, reduction=3).double()).eval()
     mscam = ref.MSCAM(channels=12, reduction=3).double().eval()
     mscam.load_state_dict(aff.state_dict())  # same layout: local_att, global_att
     x, r = _x(2, 12, 5, 7), _x(2, 12, 5, 7, seed=2)
@@ -119,7 +106,7 @@ def test_aff_output_from_mscam_parts():
 
 
 def test_iaff_official_bug_false_uses_global_att2():
-    bug = _randomise(ref.IAFF(channels=12, reduction=4, official_bug=True).double())
+    bug = randomise(ref.IAFF(channels=12, reduction=4, official_bug=True).double())
     fixed = ref.IAFF(channels=12, reduction=4, official_bug=False).double()
     fixed.load_state_dict(bug.state_dict())
     x, r = _x(2, 12, 5, 7), _x(2, 12, 5, 7, seed=2)
@@ -159,7 +146,7 @@ def test_global_bn_needs_batch_two_in_training_only():
 
 
 def test_awconv_zero_attention_is_plain_conv():
-    m = _randomise(ref.AWConv2d(6, 8, 3, stride=2, padding=1, groups=2, num_maps=4).double())
+    m = randomise(ref.AWConv2d(6, 8, 3, stride=2, padding=1, groups=2, num_maps=4).double())
     with torch.no_grad():
         m.att[2].weight.zero_()
         m.att[2].bias.zero_()
@@ -170,7 +157,7 @@ def test_awconv_zero_attention_is_plain_conv():
 @pytest.mark.parametrize("num_maps", [1, 2, 8])
 def test_awconv_per_sample_kernels(num_maps):
     """Each sample is convolved with its own kernel W * (1 + A_b); A_b's filter o uses map o // (O / num_maps)."""
-    m = _randomise(ref.AWConv2d(4, 8, (3, 2), padding=1, groups=2, num_maps=num_maps).double())
+    m = randomise(ref.AWConv2d(4, 8, (3, 2), padding=1, groups=2, num_maps=num_maps).double())
     x = _x(3, 4, 6, 5)
     out = m(x)
     a = m.att(F.adaptive_avg_pool2d(x, (3, 2))).view(3, num_maps, 4, 3, 2)
@@ -229,7 +216,7 @@ def test_ba2m_cross_entropy_bad_reduction():
 
 
 def test_batch_aware_attention_weights():
-    m = _randomise(ref.BatchAwareAttention(channels=12, reduction=4, dilation=2).double())
+    m = randomise(ref.BatchAwareAttention(channels=12, reduction=4, dilation=2).double())
     x = _x(4, 12, 5, 6)
     w = m(x)
     assert w.shape == (4,) and (w > 0).all()
@@ -246,7 +233,7 @@ def test_batch_aware_attention_weights():
 
 
 def test_interflow_formula():
-    m = _randomise(ref.Interflow([6, 10], num_classes=4).double())
+    m = randomise(ref.Interflow([6, 10], num_classes=4).double())
     feats = [_x(3, 6, 5, 4), _x(3, 10, 2, 3, seed=2)]
     preds = [head(f.mean(dim=(2, 3))) for head, f in zip(m.heads, feats)]
     alpha = torch.softmax(m.attention(torch.cat(preds, dim=1)), dim=1)
@@ -263,14 +250,14 @@ def _csra_score(m, x):
 
 
 def test_csra_t99_is_base_plus_lam_max():
-    m = _randomise(ref.CSRA(input_dim=12, num_classes=5, T=99, lam=0.3).double())
+    m = randomise(ref.CSRA(input_dim=12, num_classes=5, T=99, lam=0.3).double())
     x = _x(2, 12, 4, 5)
     s = _csra_score(m, x)
     _close(m(x), s.mean(dim=2) + 0.3 * s.amax(dim=2))
 
 
 def test_csra_finite_temperature():
-    m = _randomise(ref.CSRA(input_dim=12, num_classes=5, T=3, lam=0.2).double())
+    m = randomise(ref.CSRA(input_dim=12, num_classes=5, T=3, lam=0.2).double())
     x = _x(2, 12, 4, 5)
     s = _csra_score(m, x)
     _close(m(x), s.mean(dim=2) + 0.2 * (s * torch.softmax(3 * s, dim=2)).sum(dim=2))
@@ -280,7 +267,7 @@ def test_csra_finite_temperature():
     (1, [1]), (2, [1, 99]), (4, [1, 2, 4, 99]), (6, [1, 2, 3, 4, 5, 99]), (8, [1, 2, 3, 4, 5, 6, 7, 99]),
 ])
 def test_multihead_csra_temperatures(num_heads, temps):
-    m = _randomise(ref.MultiHeadCSRA(num_heads=num_heads, lam=0.1, input_dim=6, num_classes=3).double())
+    m = randomise(ref.MultiHeadCSRA(num_heads=num_heads, lam=0.1, input_dim=6, num_classes=3).double())
     assert [h.T for h in m.multi_head] == temps
     assert all(h.lam == 0.1 for h in m.multi_head)
     x = _x(2, 6, 3, 4)
@@ -298,7 +285,7 @@ def test_multihead_csra_invalid_num_heads(num_heads):
 
 @pytest.mark.parametrize("use_global,use_relu", [(False, True), (True, False)])
 def test_attentional_activation_formula(use_global, use_relu):
-    m = _randomise(ref.AttentionalActivation(12, reduction=3, use_global=use_global, use_relu=use_relu).double())
+    m = randomise(ref.AttentionalActivation(12, reduction=3, use_global=use_global, use_relu=use_relu).double())
     m.eval()
     x = _x(2, 12, 4, 5)
     convs = [s for s in m.att if isinstance(s, torch.nn.Conv2d)]

@@ -66,3 +66,19 @@ def rand_inputs(shapes, dtype=torch.float32, channels_last=False, seed=0):
             t = t.contiguous(memory_format=torch.channels_last)
         xs.append(t)
     return xs
+
+
+def randomise(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Move parameters and BN statistics off their inits (zeros and ones hide errors); fixed
+    buffers such as FcaNet's DCT filter are left as built."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if "running_var" in name:
+                t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=g, dtype=t.dtype))
+            elif name in params or "running_mean" in name:
+                t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return m
