@@ -8,32 +8,16 @@
 #include <string>
 
 #include "cpu/pool.h"
+#include "ops_common.h"
 
 namespace fastattn {
 namespace {
 
-DType dtype_tag(const at::Tensor& t, const char* op, const char* arg) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "fastattn::", op, ": argument '", arg,
-                       "' must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
-
-void check_feature_map(const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "fastattn::", op, ": argument 'x' must be 4-D (B, C, H, W), got ",
-                    x.dim(), "-D tensor of shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got a tensor on ",
-              x.device());
-}
-
 // (B, C, H, W) -> (B, C): mean over H x W, fp32 accumulation.
 at::Tensor channel_mean(const at::Tensor& x) {
   check_feature_map(x, "channel_mean");
+  TORCH_CHECK(x.device().is_cpu(), "fastattn::channel_mean: this kernel runs on CPU tensors, got a tensor on ",
+              x.device());
   const DType dt = dtype_tag(x, "channel_mean", "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor out = at::empty({B, C}, x.options());

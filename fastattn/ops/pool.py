@@ -15,15 +15,17 @@ def channel_mean_reference(x: Tensor) -> Tensor:
 
 
 def channel_mean_backend(x: Tensor) -> str:
-    """Which implementation `fastattn::channel_mean` runs for x: 'cpu' (C++ kernel) or 'torch'."""
+    """Which implementation `fastattn::channel_mean` runs for x: 'cpu' (C++), 'cuda' (CUDA C++) or 'torch'."""
     if x.device.type == "cpu" and _ext.available():
         return "cpu"
+    if x.device.type == "cuda" and _ext.has_cuda_kernels():
+        return "cuda"
     return "torch"
 
 
 @torch.library.custom_op("fastattn::channel_mean", mutates_args=())
 def _channel_mean(x: Tensor) -> Tensor:
-    if channel_mean_backend(x) == "cpu":
+    if channel_mean_backend(x) != "torch":
         return torch.ops.fastattn_C.channel_mean(x)
     return channel_mean_reference(x)
 
@@ -51,8 +53,8 @@ _channel_mean.register_autograd(_backward, setup_context=_setup_context)
 def channel_mean(x: Tensor) -> Tensor:
     """Global average pool: (B, C, H, W) -> (B, C), in x's dtype, accumulated in fp32.
 
-    Runs the OpenMP C++ kernel on CPU tensors when fastattn._C is built (NCHW and channels_last
-    read in place), else PyTorch. Differentiable; torch.compile sees one opaque op.
+    Runs the OpenMP C++ kernel on CPU tensors and the CUDA C++ kernel on CUDA tensors when
+    fastattn._C has them (NCHW and channels_last read in place), else PyTorch. Differentiable; torch.compile sees one opaque op.
     """
     check_feature_map("channel_mean", x)
     return _channel_mean(x)
