@@ -85,6 +85,20 @@ def test_weight_excitation_formulas():
     m_a = 1.1 * w1.abs().flatten(1).max(dim=1).values[:, None, None, None]
     w2 = m_a * 0.5 * torch.log((1 + w1 / m_a) / (1 - w1 / m_a))
     _close(m.excited_weight(), w2)
+    # The paper's MWE gradient holds M_A constant: dL/dW1 = M_A^2 / (M_A^2 - W1^2) * dL/dW2, every weight included.
+    mwe = randomise(ref.WeightExcitedConv2d(6, 4, 3, lwe=False, eps_a=0.15).double())
+    g2 = _x(4, 6, 3, 3, seed=5)
+    (mwe.excited_weight() * g2).sum().backward()
+    m_a = 1.15 * mwe.weight.detach().abs().flatten(1).max(dim=1).values[:, None, None, None]
+    _close(mwe.weight.grad, m_a ** 2 / (m_a ** 2 - mwe.weight.detach() ** 2) * g2)
+    # paper_grad=False: same forward, exact derivative (M_A differentiated too), so it differs at each filter's max.
+    exact = ref.WeightExcitedConv2d(6, 4, 3, lwe=False, eps_a=0.15, paper_grad=False).double()
+    exact.load_state_dict(mwe.state_dict())
+    _close(exact.excited_weight(), mwe.excited_weight())
+    (exact.excited_weight() * g2).sum().backward()
+    at_max = mwe.weight.detach().abs() == mwe.weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
+    _close(exact.weight.grad[~at_max], mwe.weight.grad[~at_max])
+    assert not torch.allclose(exact.weight.grad[at_max], mwe.weight.grad[at_max])
     # Both mechanisms off: a plain convolution.
     plain = ref.WeightExcitedConv2d(6, 4, 3, lwe=False, mwe=False).double()
     x = _x(2, 6, 5, 5)
@@ -170,6 +184,18 @@ def test_awconv_per_sample_kernels(num_maps):
         _close(out[b: b + 1], F.conv2d(x[b: b + 1], wb, m.bias, padding=1, groups=2))
 
 
+def test_awconv_defaults_one_map_per_filter_and_plain_product():
+    """Default num_maps = out_channels (A has the weight's full shape); residual=False convolves with K * A_b."""
+    m = randomise(ref.AWConv2d(4, 6, 3, padding=1, groups=2, reduction=2, residual=False).double())
+    assert m.num_maps == 6 and m.att[2].out_channels == 6 * 4
+    x = _x(2, 4, 5, 6)
+    out = m(x)
+    a = m.att(F.adaptive_avg_pool2d(x, 3)).view(2, 6, 4, 3, 3)
+    for b in range(2):
+        a_b = torch.stack([a[b, o, 2 * (o // 3): 2 * (o // 3) + 2] for o in range(6)])  # filter o, its group's inputs
+        _close(out[b: b + 1], F.conv2d(x[b: b + 1], m.weight * a_b, m.bias, padding=1, groups=2))
+
+
 # --- BA^2M -------------------------------------------------------------------------------------------------------
 
 
@@ -215,29 +241,45 @@ def test_ba2m_cross_entropy_bad_reduction():
         ref.ba2m_cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), torch.ones(2), reduction="avg")
 
 
-def test_batch_aware_attention_weights():
-    m = randomise(ref.BatchAwareAttention(channels=12, reduction=4, dilation=2).double())
+def _ba2m_weights(m, x):
+    """The BA^2M formulas written out: A_C, A_LS, A_GS, A_i = mean(max(...)), softmax over the batch."""
+    b, _, h, w = x.shape
+    fc0, fc1, bn_c = m.channel_att[1], m.channel_att[2], m.channel_att[3]
+    a_c = bn_c(fc1(fc0(x.mean(dim=(2, 3), keepdim=True))))
+    g0, g1, g2, bn_l = m.local_att
+    a_ls = bn_l(g2(g1(g0(x))))
+    f, g, hh = m.query(x).flatten(2).transpose(1, 2), m.key(x).flatten(2).transpose(1, 2), m.value(x).flatten(2)
+    a_gs = (torch.softmax(f @ g.transpose(1, 2), dim=2) @ hh.transpose(1, 2)).view(b, 1, h, w)
+    sar = torch.stack([torch.maximum(torch.maximum(a_c[i], a_ls[i]), a_gs[i]).mean() for i in range(b)])
+    return torch.exp(sar) / torch.exp(sar).sum()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_aware_attention_weights(train):
+    m = randomise(ref.BatchAwareAttention(channels=12, reduction=4, dilation=2).double()).train(train)
     x = _x(4, 12, 5, 6)
     w = m(x)
     assert w.shape == (4,) and (w > 0).all()
-    _close(w.sum(), torch.tensor(4.0, dtype=torch.float64))  # scaled to average 1
-    # Identical samples have identical SARs: every weight is 1, and the loss is plain cross-entropy.
-    same = m(x[:1].expand(4, -1, -1, -1))
-    _close(same, torch.ones(4, dtype=torch.float64))
-    unscaled = ref.BatchAwareAttention(channels=12, reduction=4, dilation=2, scale_by_batch=False).double()
-    unscaled.load_state_dict(m.state_dict())
-    _close(unscaled(x), w / 4)
+    _close(w, _ba2m_weights(m, x))
+    _close(w.sum(), torch.tensor(1.0, dtype=torch.float64))  # the paper's softmax over the batch
+    # Identical samples have identical SARs: equal weights 1/B.
+    _close(m(x[:1].expand(4, -1, -1, -1)), torch.full((4,), 0.25, dtype=torch.float64))
+    scaled = ref.BatchAwareAttention(channels=12, reduction=4, dilation=2, scale_by_batch=True).double().train(train)
+    scaled.load_state_dict(m.state_dict())
+    _close(scaled(x), w * 4)
 
 
 # --- Interflow ---------------------------------------------------------------------------------------------------
 
 
 def test_interflow_formula():
-    m = randomise(ref.Interflow([6, 10], num_classes=4).double())
-    feats = [_x(3, 6, 5, 4), _x(3, 10, 2, 3, seed=2)]
+    """out = sum_i a_i * p_i + c: one learned weight per stage branch (the 1 x S conv), shared by all classes."""
+    m = randomise(ref.Interflow([6, 10, 3], num_classes=4).double())
+    feats = [_x(3, 6, 5, 4), _x(3, 10, 2, 3, seed=2), _x(3, 3, 1, 1, seed=3)]
     preds = [head(f.mean(dim=(2, 3))) for head, f in zip(m.heads, feats)]
-    alpha = torch.softmax(m.attention(torch.cat(preds, dim=1)), dim=1)
-    _close(m(feats), alpha[:, :1] * preds[0] + alpha[:, 1:] * preds[1])
+    a, c = m.attention.weight.view(3), m.attention.bias
+    assert m.attention.weight.shape == (1, 1, 1, 3)
+    _close(m(feats), a[0] * preds[0] + a[1] * preds[1] + a[2] * preds[2] + c)
     _close(m(tuple(feats)), m(feats))
 
 

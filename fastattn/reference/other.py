@@ -6,7 +6,6 @@ exactly, parameter order included; the others follow their papers as each docstr
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -111,29 +110,35 @@ class WeightExcitedConv2d(nn.Conv2d):
     """Conv2d with weight excitation (location-based LWE and magnitude-based MWE).
 
     Paper: Quader et al., "Weight Excitation: Built-in Attention Mechanisms in Convolutional Neural
-    Networks", ECCV 2020. No official code exists; the formulas below are this project's reading of the
-    paper, whose abstract describes two weight-reparameterisation mechanisms, one keyed to a weight's
-    location and one to its magnitude, that cost nothing at inference.
+    Networks", ECCV 2020. No official code exists. The paper's full text could not be read from this project's
+    sources; the formulas come from the abstract and from a formula-level summary of the paper
+    (0809zheng.github.io, "Weight Excitation" post), checked against one unofficial implementation on GitHub.
 
     Constructor: the ``nn.Conv2d`` arguments (stride, padding, dilation, groups, bias, padding_mode), plus
-    ``reduction=16`` (LWE MLP), ``eps_a=0.1`` (MWE margin), ``lwe=True`` and ``mwe=True`` to switch either
-    mechanism off. The conv's own parameters ``weight`` (O, I/g, kh, kw) and ``bias`` come first, then the
-    LWE MLP (``lwe_fc``). Input (B, C_in, H, W) -> output (B, C_out, H', W'), as ``nn.Conv2d``.
+    ``reduction=16`` (LWE MLP), ``eps_a=0.1`` (MWE margin; the paper asks 0 < eps_A < 0.2), ``lwe=True`` and
+    ``mwe=True`` to switch either mechanism off, ``paper_grad=True`` (see MWE below). The conv's own parameters ``weight`` (O, I/g, kh, kw) and ``bias``
+    come first, then the LWE MLP (``lwe_fc``). Input (B, C_in, H, W) -> output (B, C_out, H', W'), as
+    ``nn.Conv2d``.
 
-    Formulas (for output filter o, input slice i of the weight W, shape (O, I', kh, kw) with I' = I/g):
+    Formulas implemented (output filter o, input slice i of the weight W of shape (O, I', kh, kw), I' = I/g):
 
-    - LWE: ``v[o] = mean_{kh,kw} W[o]`` (a vector of I' values); ``m[o] = sigmoid(fc2(relu(fc1(v[o]))))``,
-      fc1: I' -> max(I'//reduction, 1), fc2 back to I' (Linear, with bias); ``W1[o, i] = m[o, i] * W[o, i]``.
-    - MWE: ``M_A[o] = (1 + eps_a) * max |W1[o]|``;
-      ``W2 = M_A * 0.5 * ln((1 + W1/M_A) / (1 - W1/M_A)) = M_A * atanh(W1 / M_A)``, whose slope
-      ``1 / (1 - (W1/M_A)^2)`` grows with the weight's magnitude (the excitation).
+    - LWE (paper: one attention sub-network, shared by all output filters, maps the I' x kh x kw weights of a
+      filter to I' importance values; the summary describes it as an SE block on the weight):
+      ``v[o] = mean_{kh,kw} W[o]``; ``m[o] = sigmoid(fc2(relu(fc1(v[o]))))``, fc1: I' -> max(I'//reduction, 1),
+      fc2 back to I' (Linear, with bias); ``W1[o, i] = m[o, i] * W[o, i]``.
+    - MWE (paper's activation on the weight): ``M_A = (1 + eps_a) * M``,
+      ``W2 = M_A * 0.5 * ln((1 + W1/M_A) / (1 - W1/M_A))`` (= ``M_A * atanh(W1 / M_A)``), with the paper's
+      gradient ``dL/dW1 = M_A^2 / (M_A^2 - W1^2) * dL/dW2``: with ``paper_grad=True`` (default) M_A is treated
+      as a constant in the backward pass (it is detached), so this gradient holds exactly, the largest weight
+      included; it is then not the exact derivative of the forward. ``paper_grad=False`` lets autograd
+      differentiate M_A too (the exact derivative; it differs only in the gradient reaching each filter's
+      largest-magnitude weight). The forward is the same either way.
     - ``y = conv2d(x, W2, bias)``.
 
-    Interpretation (not fixed by the abstract): the LWE MLP is shared by all output filters; MWE is applied
-    after LWE, per output filter; autograd differentiates the formulas exactly, M_A included (a paper-style
-    gradient that holds M_A constant differs only at each filter's largest-magnitude weight).
-    ``fold()`` returns a plain ``nn.Conv2d`` holding the excited weight, which gives the same output (use it for
-    inference).
+    Interpretation (not fixed by the sources read): M is the largest |W1| of each output filter (the unofficial
+    implementation takes it over the whole layer); the SE block pools the kernel by its mean; MWE is applied
+    after LWE. ``fold()`` returns a plain ``nn.Conv2d`` holding the excited weight, which gives the same output
+    (use it for inference: the paper's mechanisms cost nothing at inference).
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class WeightExcitedConv2d(nn.Conv2d):
         eps_a: float = 0.1,
         lwe: bool = True,
         mwe: bool = True,
+        paper_grad: bool = True,
         device=None,
         dtype=None,
     ):
@@ -165,6 +171,7 @@ class WeightExcitedConv2d(nn.Conv2d):
         self.eps_a = float(eps_a)
         self.use_lwe = lwe
         self.use_mwe = mwe
+        self.paper_grad = bool(paper_grad)
         if lwe:
             per_filter = in_channels // groups
             hidden = max(per_filter // reduction, 1)
@@ -180,7 +187,9 @@ class WeightExcitedConv2d(nn.Conv2d):
             m = torch.sigmoid(self.lwe_fc(w.mean(dim=(2, 3))))
             w = w * m[:, :, None, None]
         if self.use_mwe:
-            m_a = ((1.0 + self.eps_a) * w.abs().amax(dim=(1, 2, 3), keepdim=True)).clamp_min(torch.finfo(w.dtype).tiny)
+            # The paper's gradient holds M_A constant: detach it (paper_grad=False differentiates it too).
+            m_a = (1.0 + self.eps_a) * (w.detach() if self.paper_grad else w).abs().amax(dim=(1, 2, 3), keepdim=True)
+            m_a = m_a.clamp_min(torch.finfo(w.dtype).tiny)
             w = m_a * torch.atanh(w / m_a)
         return w
 
@@ -201,7 +210,8 @@ class WeightExcitedConv2d(nn.Conv2d):
         return conv.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps_a={self.eps_a}, lwe={self.use_lwe}, mwe={self.use_mwe}"
+        return (f"{super().extra_repr()}, eps_a={self.eps_a}, lwe={self.use_lwe}, mwe={self.use_mwe}, "
+                f"paper_grad={self.paper_grad}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,26 +399,33 @@ class AWConv2d(nn.Conv2d):
     """AW-convolution: a convolution whose attention map has the shape of its weights.
 
     Paper: Zhu et al., "An Attention Module for Convolutional Neural Networks", arXiv 2108.08205 (ICANN 2021).
-    No official code exists; the formulas below are this project's reading of the paper, which applies an
-    input-dependent attention map A shaped like the kernel K to the kernel (``I * (A . K)``), with a residual
-    term that keeps K, and computes A by average pooling followed by two point-wise convolutions.
+    No official code exists. The paper's full text could not be read from this project's sources; the formulas
+    come from its abstract and from formula-level summaries of it (0809zheng.github.io "AW-conv" post, a CSDN
+    reading note). What they state: the attention map A has the weight's shape, A in R^{C2 x C1 x h x w}
+    (C2 = out_channels, C1 = in_channels, h x w the kernel), which is the point of the paper (one map shared by all
+    output channels is its "insufficient capacity problem"); applying A to the input window is rewritten as
+    ``Conv(I (x) A, K) = Conv(I, A (x) K)``; A is computed from the input by ``AvgPool2d`` to the kernel size
+    (A0), then point-wise conv 1, ReLU, point-wise conv 2.
 
-    Constructor: the ``nn.Conv2d`` arguments plus ``reduction=16`` and ``num_maps=1``. Parameters: the conv's
-    ``weight`` (O, I/g, kh, kw) and ``bias``, then ``att`` (two 1x1 convs with bias).
-    Input (B, C_in, H, W) -> output (B, C_out, H', W').
+    Constructor: the ``nn.Conv2d`` arguments plus ``reduction=16``, ``num_maps=None`` (= out_channels) and
+    ``residual=True``. Parameters: the conv's ``weight`` (O, I/g, kh, kw) and ``bias``, then ``att`` (two 1x1 convs
+    with bias). Input (B, C_in, H, W) -> output (B, C_out, H', W').
 
-    Formulas, per sample b:
+    Formulas implemented, per sample b:
 
     - ``A0 = adaptive_avg_pool2d(x, (kh, kw))``, shape (B, C_in, kh, kw);
     - ``A = pconv2(relu(pconv1(A0)))``, pconv1: C_in -> max(C_in//reduction, 1), pconv2: -> num_maps * C_in;
       viewed as (B, num_maps, C_in, kh, kw), no final activation;
     - output filter o uses map ``o // (O / num_maps)`` restricted to its group's input channels, giving
-      ``A_b`` of the weight's shape (O, I/g, kh, kw);
-    - ``y_b = conv2d(x_b, K * (1 + A_b)) + bias`` (the residual form ``K + A_b . K``).
+      ``A_b`` of the weight's shape (O, I/g, kh, kw) (with the default num_maps = O: one map per filter, the
+      paper's C2 x C1 x h x w);
+    - ``residual=True``: ``y_b = conv2d(x_b, K * (1 + A_b)) + bias``; ``residual=False``:
+      ``y_b = conv2d(x_b, K * A_b) + bias`` (the summaries' ``Conv(I, A (x) K)``).
 
-    Interpretation (not fixed by the abstract): no sigmoid on A (the residual keeps K at A = 0); ``num_maps``
-    output-filter groups share one map (``num_maps=out_channels`` gives every filter its own map, the full
-    weight shape). The per-sample kernels are run as one grouped convolution over the batch.
+    Interpretation (not fixed by the sources read): the residual form (default; it keeps K when A = 0, so the
+    layer starts near a plain convolution), the absence of a sigmoid on A, the hidden width of the point-wise
+    convs, and ``num_maps < out_channels`` (filter groups sharing one map, a cheaper variant). The per-sample
+    kernels are run as one grouped convolution over the batch.
     """
 
     def __init__(
@@ -423,7 +440,8 @@ class AWConv2d(nn.Conv2d):
         bias: bool = True,
         padding_mode: str = "zeros",
         reduction: int = 16,
-        num_maps: int = 1,
+        num_maps: int | None = None,
+        residual: bool = True,
         device=None,
         dtype=None,
     ):
@@ -432,12 +450,15 @@ class AWConv2d(nn.Conv2d):
         check_config(name, "groups", groups >= 1 and in_channels % groups == 0 and out_channels % groups == 0,
                      f"a positive divisor of in_channels={in_channels} and out_channels={out_channels}", groups)
         check_config(name, "reduction", reduction >= 1, "a positive int", reduction)
+        if num_maps is None:
+            num_maps = out_channels
         check_config(name, "num_maps", num_maps >= 1 and out_channels % num_maps == 0,
                      f"a positive divisor of out_channels={out_channels}", num_maps)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self.reduction = reduction
         self.num_maps = num_maps
+        self.residual = bool(residual)
         hidden = max(in_channels // reduction, 1)
         factory = {"device": device, "dtype": dtype}
         self.att = nn.Sequential(
@@ -459,7 +480,8 @@ class AWConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(type(self).__name__, x, channels=self.in_channels)
         b = x.shape[0]
-        weight = self.weight * (1 + self.attention(x))  # (B, O, I/g, kh, kw)
+        a = self.attention(x)
+        weight = self.weight * (1 + a if self.residual else a)  # (B, O, I/g, kh, kw)
         inp, padding = x, self.padding
         if self.padding_mode != "zeros":
             inp, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
@@ -474,7 +496,8 @@ class AWConv2d(nn.Conv2d):
         return like_input(y, x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, reduction={self.reduction}, num_maps={self.num_maps}"
+        return (f"{super().extra_repr()}, reduction={self.reduction}, num_maps={self.num_maps}, "
+                f"residual={self.residual}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -486,30 +509,38 @@ class BatchAwareAttention(nn.Module):
     """Batch aware attention module (BA^2M): one importance weight per sample of the batch.
 
     Paper: Cheng et al., "BA^2M: A Batch Aware Attention Module for Image Classification", arXiv 2103.15099.
-    No official code exists; the formulas below are this project's reading of the paper, which fuses channel,
-    local-spatial and global-spatial attention maps of each sample into a sample-wise attention
-    representation (SAR) and normalises the batch's SARs into per-sample weights.
+    No official code exists. The paper's full text could not be read from this project's sources; the formulas
+    come from its abstract and from a formula-level summary of its method section (0809zheng.github.io "BA^2M"
+    post), consistent with one unofficial implementation on GitHub. Those formulas, for sample x_i:
 
-    ``forward(x) -> weights`` of shape (B,), for x (B, C, H, W) (the last feature map of the network).
-    With d = max(C // reduction, 1):
+    - channel: ``A_C(x_i) = BN(FC_1(FC_0(GAP(x_i))))``;
+    - local spatial: ``A_LS(x_i) = BN(g_2^{1x1}(g_1^{3x3}(g_0^{1x1}(x_i))))``;
+    - global spatial: ``A_GS(x_i) = softmax(f(x_i) g(x_i)^T) h(x_i)``;
+    - sample-wise attention representation: ``A_i = mean(max(A_C(x_i), A_LS(x_i), A_GS(x_i)))``;
+    - weights: ``w_i = exp(A_i) / sum_j exp(A_j)`` (softmax over the batch);
+    - loss: ``L = -1/N sum_i log softmax(w_i * f_i)[y_i]`` (``ba2m_cross_entropy``).
 
-    - channel: ``A_c = fc2(relu(fc1(GAP(x))))`` (1x1 convs with bias, C -> d -> C), shape (B, C, 1, 1);
-    - local spatial (BAM-style): ``A_l = conv_out(relu(conv_dil(relu(conv_in(x)))))``, 1x1 C -> d, 3x3 d -> d
-      with ``dilation`` (padding = dilation), 1x1 d -> 1, shape (B, 1, H, W);
-    - global spatial (non-local-style): ``q = Wq x``, ``k = Wk x`` (1x1, C -> d), ``v = Wv x`` (1x1, C -> 1);
-      ``A_g[p] = sum_p' softmax_p'(q_p . k_p' / sqrt(d)) v_p'``, shape (B, 1, H, W);
-    - fusion: ``A = sigmoid(A_c + A_l + A_g)`` (broadcast to (B, C, H, W));
-      ``SAR_b = mean_{c,h,w}(A_b * x_b)``;
-    - weights: ``w = softmax_b(SAR)``, multiplied by B when ``scale_by_batch`` (default) so the weights average
-      1 and a batch of equal SARs gives weights of exactly 1.
+    ``forward(x) -> weights`` of shape (B,), for x (B, C, H, W) (the last feature map of the network). As
+    implemented, with d = max(C // reduction, 1) and all convs 1x1 with bias unless stated:
 
-    Use ``ba2m_cross_entropy(logits, target, w)`` as the training loss. The weights depend on the whole batch;
-    at inference a positive per-sample scale of the logits changes no prediction, so the module is only needed
-    in training. Interpretation: the branch layouts, the SAR reduction (an attention-weighted mean activation)
-    and the scale by B are this project's choices.
+    - ``A_C = BN_C(fc1(fc0(GAP(x))))``, fc0: C -> d, fc1: d -> C, shape (B, C, 1, 1);
+    - ``A_LS = BN_1(g2(g1(g0(x))))``, g0: C -> d, g1: 3x3 d -> d with ``dilation`` (padding = dilation),
+      g2: d -> 1, shape (B, 1, H, W);
+    - ``A_GS[p] = sum_p' softmax_p'(f(x)_p . g(x)_p') h(x)_p'``, f, g: C -> d, h: C -> 1, shape (B, 1, H, W)
+      (no 1/sqrt(d) scaling, as in the formula);
+    - ``A_i = mean_{c,h,w} max(A_C, A_LS, A_GS)`` (element-wise max after broadcasting to (B, C, H, W));
+    - ``w = softmax_batch(A)``; with ``scale_by_batch=True`` (not the paper) w is multiplied by B so the weights
+      average 1 and a batch of equal samples gives plain cross-entropy.
+
+    Interpretation (not fixed by the sources read): no activation between the FCs/convs of a branch (the formulas
+    show none; BAM, which the branches resemble, puts a ReLU there); one output channel for both spatial maps
+    (a spatial attention map), so the max broadcasts them against the channel map; the 3x3 dilation (default 4,
+    BAM's value); d. BN needs more than one sample in training mode, which a batch weighting needs anyway. The
+    weights depend on the whole batch; at inference a positive per-sample scale of the logits changes no
+    prediction, so the module is only needed in training.
     """
 
-    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4, scale_by_batch: bool = True):
+    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4, scale_by_batch: bool = False):
         super().__init__()
         name = type(self).__name__
         check_config(name, "channels", channels >= 1, "a positive int", channels)
@@ -519,27 +550,30 @@ class BatchAwareAttention(nn.Module):
         self.scale_by_batch = scale_by_batch
         d = max(channels // reduction, 1)
         self.channel_att = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, d, 1), nn.ReLU(), nn.Conv2d(d, channels, 1)
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, d, 1), nn.Conv2d(d, channels, 1), nn.BatchNorm2d(channels)
         )
         self.local_att = nn.Sequential(
-            nn.Conv2d(channels, d, 1), nn.ReLU(),
-            nn.Conv2d(d, d, 3, padding=dilation, dilation=dilation), nn.ReLU(),
+            nn.Conv2d(channels, d, 1),
+            nn.Conv2d(d, d, 3, padding=dilation, dilation=dilation),
             nn.Conv2d(d, 1, 1),
+            nn.BatchNorm2d(1),
         )
         self.query = nn.Conv2d(channels, d, 1)
         self.key = nn.Conv2d(channels, d, 1)
         self.value = nn.Conv2d(channels, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(type(self).__name__, x, channels=self.channels)
-        b, _, h, w = x.shape
+        name = type(self).__name__
+        check_feature_map(name, x, channels=self.channels)
+        _check_bn_batch(name, x, self.training, "the channel branch's BatchNorm sees one value per channel")
+        b, c, h, w = x.shape
         q = self.query(x).flatten(2)  # (B, d, N)
         k = self.key(x).flatten(2)
         v = self.value(x).flatten(2)  # (B, 1, N)
-        affinity = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(q.shape[1]), dim=-1)  # (B, N, N)
+        affinity = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (B, N, N), rows: query positions
         a_g = (v @ affinity.transpose(1, 2)).view(b, 1, h, w)
-        att = torch.sigmoid(self.channel_att(x) + self.local_att(x) + a_g)
-        sar = (att * x).mean(dim=(1, 2, 3))
+        att = torch.maximum(torch.maximum(self.channel_att(x), self.local_att(x)), a_g)  # (B, C, H, W)
+        sar = att.mean(dim=(1, 2, 3))
         weights = torch.softmax(sar, dim=0)
         return weights * b if self.scale_by_batch else weights
 
@@ -582,19 +616,23 @@ class Interflow(nn.Module):
     """Interflow: attention-weighted aggregation of per-stage predictions.
 
     Paper: Cai, "Interflow: Aggregating Multi-layer Feature Mappings with Attention Mechanism",
-    arXiv 2106.14073. No official code exists; the formulas below are this project's reading of the paper,
-    which predicts from each stage's feature map and feeds the stage predictions to an attention module that
-    learns their weights and aggregates them into the output.
+    arXiv 2106.14073. No official code exists. The paper's full text could not be read from this project's
+    sources; the method comes from its abstract and from a summary of it (0809zheng.github.io "Interflow" post):
+    the CNN is cut into stages; each stage's output map goes through adaptive average pooling and a fully
+    connected layer, giving that stage's class confidences (a prediction branch); a "soft attention" learns one
+    weight per branch with a 1 x n convolution over the n branches, and the weighted branches are aggregated
+    into the output (the "hard attention" alternative fixes the weights as hyper-parameters).
 
     ``forward(features) -> logits`` (B, num_classes), with ``features`` a list of S maps, the i-th of shape
-    (B, stage_channels[i], H_i, W_i):
+    (B, stage_channels[i], H_i, W_i). Formulas implemented:
 
     - stage heads: ``p_i = Linear_i(GAP(features[i]))`` (with bias), shape (B, K);
-    - attention: ``alpha = softmax_i(Linear(concat(p_1, ..., p_S)))``, Linear: S*K -> S (with bias);
-    - output: ``sum_i alpha_i * p_i``.
+    - attention: ``attention = Conv2d(1, 1, kernel_size=(1, S))`` (with bias) over the predictions stacked as a
+      (B, 1, K, S) map, i.e. ``out[b, k] = sum_i a_i * p_i[b, k] + c`` with ``a = attention.weight`` (S learned
+      branch weights, shared by all classes and samples) and ``c = attention.bias``.
 
-    Interpretation: the prediction heads (GAP + Linear) and the attention network (one Linear + softmax over
-    stages) are this project's choices.
+    Interpretation (not fixed by the sources read): the conv's bias, the absence of any normalisation of the
+    branch weights (no softmax), and GAP for the adaptive pooling (output size 1).
     """
 
     def __init__(self, stage_channels: Sequence[int], num_classes: int):
@@ -607,7 +645,7 @@ class Interflow(nn.Module):
         self.stage_channels = stage_channels
         self.num_classes = num_classes
         self.heads = nn.ModuleList(nn.Linear(c, num_classes) for c in stage_channels)
-        self.attention = nn.Linear(len(stage_channels) * num_classes, len(stage_channels))
+        self.attention = nn.Conv2d(1, 1, kernel_size=(1, len(stage_channels)))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         name = type(self).__name__
@@ -624,9 +662,8 @@ class Interflow(nn.Module):
                     f"{name}: argument 'features[{i}]' must have the batch size and dtype of 'features[0]' "
                     f"({features[0].shape[0]}, {features[0].dtype}), got ({f.shape[0]}, {f.dtype})"
                 )
-        preds = torch.stack([head(f.mean(dim=(2, 3))) for head, f in zip(self.heads, features)], dim=1)  # (B, S, K)
-        alpha = torch.softmax(self.attention(preds.flatten(1)), dim=1)  # (B, S)
-        return (alpha.unsqueeze(2) * preds).sum(dim=1)
+        preds = torch.stack([head(f.mean(dim=(2, 3))) for head, f in zip(self.heads, features)], dim=2)  # (B, K, S)
+        return self.attention(preds.unsqueeze(1)).flatten(1)  # (B, 1, K, 1) -> (B, K)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ CASES = [
     Case(
         "WeightExcitedConv2d", dict(in_channels=6, out_channels=10, kernel_size=3, padding=1, reduction=2),
         [(2, 6, 5, 7)], gradcheck_shapes=[(1, 6, 3, 4)],
+        skip_gradcheck="paper_grad=True uses the paper's MWE gradient (M_A held constant), not the forward's exact "
+                       "derivative; test_weight_excitation_formulas checks it in closed form, and the "
+                       "paper_grad=False cases below gradcheck the same forward",
         bad=[
             *_feature_map_bad("WeightExcitedConv2d", (2, 6, 5, 7), 6),
             _ctor("WeightExcitedConv2d", "groups", dict(in_channels=6, out_channels=10, kernel_size=3, groups=4), 4),
@@ -114,9 +117,9 @@ CASES = [
     ),
     Case("WeightExcitedConv2d",
          dict(in_channels=6, out_channels=8, kernel_size=(3, 2), stride=2, padding=2, dilation=2, groups=2,
-              bias=False, padding_mode="reflect"),
+              bias=False, padding_mode="reflect", paper_grad=False),
          [(2, 6, 7, 5)], id="WeightExcitedConv2d@groups", gradcheck_shapes=[(1, 6, 4, 3)]),
-    Case("WeightExcitedConv2d", dict(in_channels=5, out_channels=3, kernel_size=1, lwe=False),
+    Case("WeightExcitedConv2d", dict(in_channels=5, out_channels=3, kernel_size=1, lwe=False, paper_grad=False),
          [(2, 5, 5, 7)], id="WeightExcitedConv2d@mwe_only", gradcheck_shapes=[(1, 5, 3, 4)]),
     # --- 27. attentional activation --------------------------------------------------------------------------------
     Case(
@@ -161,6 +164,9 @@ CASES = [
          dict(in_channels=6, out_channels=8, kernel_size=(3, 2), stride=2, padding=1, groups=2, num_maps=4,
               bias=False, padding_mode="circular"),
          [(2, 6, 7, 5)], id="AWConv2d@groups", gradcheck_shapes=[(1, 6, 4, 3)]),
+    # Defaults: one attention map per output filter (num_maps = out_channels); the non-residual form.
+    Case("AWConv2d", dict(in_channels=5, out_channels=6, kernel_size=3, padding=1, reduction=2, residual=False),
+         [(2, 5, 5, 7)], id="AWConv2d@per_filter_noresidual", gradcheck_shapes=[(1, 5, 3, 3)]),
     # --- 30. BA^2M -------------------------------------------------------------------------------------------------
     Case(
         "BatchAwareAttention", dict(channels=12, reduction=4, dilation=2), [(3, 12, 5, 7)],
@@ -169,10 +175,11 @@ CASES = [
             *_feature_map_bad("BatchAwareAttention", (3, 12, 5, 7), 12),
             _ctor("BatchAwareAttention", "dilation", dict(channels=12, dilation=0), 0),
             _ctor("BatchAwareAttention", "reduction", dict(channels=12, reduction=0), 0),
+            _bn_batch1("BatchAwareAttention", (1, 12, 5, 7)),
         ],
     ),
-    Case("BatchAwareAttention", dict(channels=5, reduction=16, scale_by_batch=False), [(2, 5, 4, 3)],
-         id="BatchAwareAttention@unscaled", gradcheck_shapes=[(2, 5, 2, 3)], keeps_format=False),
+    Case("BatchAwareAttention", dict(channels=5, reduction=16, scale_by_batch=True), [(2, 5, 4, 3)],
+         id="BatchAwareAttention@scaled", gradcheck_shapes=[(2, 5, 2, 3)], keeps_format=False),
     # --- 31. Interflow ---------------------------------------------------------------------------------------------
     Case(_IF, dict(stage_channels=[6, 10, 12], num_classes=5), _IF_SHAPES, make_inputs=lambda xs: [list(xs)],
          gradcheck_shapes=[(1, 6, 3, 3), (1, 10, 2, 2), (1, 12, 1, 2)], keeps_format=False, bad=_IF_BAD),
