@@ -1,0 +1,11 @@
+"""Drop-in fast modules: `fastattn.<Class>` subclasses `fastattn.reference.<Class>` (same
+constructor, parameters, buffers and state dict) and runs its memory-bound core through the
+fused ops of `fastattn.ops`. The small MLPs and convolutions on pooled tensors stay in PyTorch.
+
+Each module has a `backend` attribute (None: the process default, see `fastattn.set_backend`).
+"""
+from .channel import ECA, SqueezeExcite
+
+FAST_MODULES = ["SqueezeExcite", "ECA"]
+
+__all__ = [*FAST_MODULES, "FAST_MODULES"]

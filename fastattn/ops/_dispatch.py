@@ -1,0 +1,131 @@
+"""Backend selection for the fastattn ops, with reasons.
+
+Backends: "triton" (Triton kernels, CUDA tensors; CPU tensors only under TRITON_INTERPRET=1),
+"cuda" (CUDA C++ kernels of fastattn._C), "cpu" (C++ kernels of fastattn._C), "torch" (the
+reference math in PyTorch, always available). "auto" walks a priority list per device and falls
+back with a one-time log line saying why; an explicit backend that cannot run raises an error
+that says why.
+
+Each op declares which backends it implements and a check per backend returning None (can run)
+or the reason it cannot; `resolve` does the rest.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+from typing import Callable, Iterator
+
+import torch
+
+from .. import _ext
+
+log = logging.getLogger("fastattn")
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+_default_backend = "auto"
+_logged: set = set()
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"fastattn: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def set_backend(backend: str) -> None:
+    """Set the process-wide default backend used when an op is called with backend=None."""
+    global _default_backend
+    _default_backend = check_backend_name(backend)
+
+
+def get_backend() -> str:
+    return _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """`with fastattn.use_backend("torch"): ...` runs the ops of the block on that backend."""
+    global _default_backend
+    old, _default_backend = _default_backend, check_backend_name(backend)
+    try:
+        yield
+    finally:
+        _default_backend = old
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def triton_reason(t: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on t's device, or None."""
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu" and triton_interpreting():
+        return None
+    return f"Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {t.device.type} tensor"
+
+
+def cpu_ext_reason(t: torch.Tensor) -> str | None:
+    if t.device.type != "cpu":
+        return f"the C++ CPU kernels take CPU tensors, got a {t.device.type} tensor"
+    if not _ext.available():
+        return _ext.why_unavailable()
+    return None
+
+
+def cuda_ext_reason(t: torch.Tensor) -> str | None:
+    if t.device.type != "cuda":
+        return f"the CUDA C++ kernels take CUDA tensors, got a {t.device.type} tensor"
+    if not _ext.available():
+        return _ext.why_unavailable()
+    if not _ext.has_cuda_kernels():
+        return "fastattn._C was built without CUDA kernels (rebuild with FASTATTN_BUILD_CUDA=1)"
+    return None
+
+
+def not_implemented(backend: str) -> Callable[[torch.Tensor], str]:
+    return lambda t: f"this op has no {backend} implementation yet"
+
+
+def resolve(op: str, t: torch.Tensor, backend: str | None,
+            checks: dict[str, Callable[[torch.Tensor], str | None]]) -> str:
+    """The concrete backend for op on tensor t. `checks` maps each implemented backend to its
+    reason function; "torch" is always implemented."""
+    backend = check_backend_name(backend or _default_backend)
+    if backend == "torch":
+        return "torch"
+    if backend != "auto":
+        check = checks.get(backend, not_implemented(backend))
+        why = check(t)
+        if why:
+            raise RuntimeError(f"fastattn::{op}: backend={backend!r} cannot run here: {why}")
+        return backend
+    reasons = []
+    for name in AUTO_ORDER.get(t.device.type, ("torch",)):
+        if name == "torch":
+            break
+        why = checks.get(name, not_implemented(name))(t)
+        if why is None:
+            return name
+        reasons.append(f"{name}: {why}")
+    key = (op, t.device.type, tuple(reasons))
+    if reasons and key not in _logged:
+        _logged.add(key)
+        log.info("fastattn::%s on %s runs the PyTorch reference math (%s)", op, t.device.type, "; ".join(reasons))
+    return "torch"

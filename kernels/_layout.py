@@ -1,0 +1,42 @@
+"""Layout helpers shared by the Triton launchers.
+
+A (B, C, H, W) tensor is addressed as (B, C, HW) with strides (sb, sc, shw) whenever its H and W
+dimensions can be flattened (NCHW and channels_last both can); kernels then tile a
+[BLOCK_C, BLOCK_HW] block and Triton vectorises along whichever of c or hw has stride 1.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(sb, sc, shw) of a 4-D tensor whose H and W flatten into one strided axis, else None."""
+    _, _, H, W = t.shape
+    sb, sc, sh, sw = t.stride()
+    if H == 1:
+        return sb, sc, sw
+    if W == 1:
+        return sb, sc, sh
+    if sh == W * sw:
+        return sb, sc, sw
+    return None
+
+
+def flattenable(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its H x W flattens (no copy for NCHW or channels_last), else a contiguous copy."""
+    return t if flat_strides(t) is not None else t.contiguous()
+
+
+def tile_sizes(t: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW): wide along the axis that is contiguous in memory."""
+    _, sc, shw = flat_strides(t)
+    if sc == 1 and shw != 1:        # channels_last: rows of channels are contiguous
+        return 64, 16
+    return 1, 1024                  # NCHW: planes are contiguous
+
+
+def num_programs_hint(t: torch.Tensor) -> int:
+    """How many programs keep the device busy (a few waves of SMs); 8 on CPU (interpreter)."""
+    if t.device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(t.device).multi_processor_count
+    return 8

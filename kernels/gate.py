@@ -1,0 +1,121 @@
+"""Channel scale: y = x * a[b, c] (+ residual), and its backward dx = dy * a, da = sum_hw(dy * x).
+
+The activation that makes `a` from gate logits runs on the (B, C) tensor in PyTorch (it moves
+B*C elements); these kernels do the two passes over the (B, C, H, W) map.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import flat_strides, num_programs_hint, tile_sizes
+
+
+@triton.jit
+def _channel_scale_fwd(
+    x_ptr,        # (B, C, HW) input, strides sxb, sxc, sxhw
+    a_ptr,        # (B, C) float32 scale, contiguous
+    r_ptr,        # (B, C, HW) residual (read only when HAS_RESIDUAL), strides srb, src, srhw
+    y_ptr,        # (B, C, HW) output, strides syb, syc, syhw
+    C, HW,
+    sxb, sxc, sxhw, srb, src, srhw, syb, syc, syhw,
+    n_c_blocks, n_hw_blocks,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // (n_c_blocks * n_hw_blocks)
+    rest = pid % (n_c_blocks * n_hw_blocks)
+    c = (rest // n_hw_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = (rest % n_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_ok = c < C
+    mask = c_ok[:, None] & (hw < HW)[None, :]
+    c64, hw64 = c.to(tl.int64), hw.to(tl.int64)
+    a = tl.load(a_ptr + b * C + c64, mask=c_ok, other=0.0)
+    x = tl.load(x_ptr + b * sxb + c64[:, None] * sxc + hw64[None, :] * sxhw, mask=mask, other=0.0)
+    y = x.to(tl.float32) * a[:, None]
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + b * srb + c64[:, None] * src + hw64[None, :] * srhw, mask=mask, other=0.0)
+        y += r.to(tl.float32)
+    tl.store(y_ptr + b * syb + c64[:, None] * syc + hw64[None, :] * syhw, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_scale_bwd(
+    dy_ptr,       # (B, C, HW) upstream gradient, strides sdb, sdc, sdhw
+    x_ptr,        # (B, C, HW) forward input, strides sxb, sxc, sxhw
+    a_ptr,        # (B, C) float32 scale
+    dx_ptr,       # (B, C, HW) output dx, strides sob, soc, sohw
+    part_ptr,     # (SPLITS, B, C) float32 partial sums of dy * x, one row per HW split
+    B, C, HW,
+    sdb, sdc, sdhw, sxb, sxc, sxhw, sob, soc, sohw,
+    n_c_blocks, hw_per_split,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """dx[b, c, p] = dy[b, c, p] * a[b, c];  da[b, c] = sum_p dy[b, c, p] * x[b, c, p].
+
+    Each program owns (b, a block of channels, one split of HW) and loops over its positions;
+    the partial sums go to their own row of part_ptr and are added in a fixed order on the host
+    side, so da is deterministic (no atomics).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    n_splits = tl.cdiv(HW, hw_per_split)
+    b = pid // (n_c_blocks * n_splits)
+    rest = pid % (n_c_blocks * n_splits)
+    c = (rest // n_splits) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = rest % n_splits
+    c_ok = c < C
+    c64 = c.to(tl.int64)
+    a = tl.load(a_ptr + b * C + c64, mask=c_ok, other=0.0)
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    hw_start = split * hw_per_split
+    hw_end = tl.minimum(hw_start + hw_per_split, HW)
+    for start in range(hw_start, hw_end, BLOCK_HW):
+        hw64 = (start + tl.arange(0, BLOCK_HW)).to(tl.int64)
+        mask = c_ok[:, None] & (hw64 < hw_end)[None, :]
+        dy = tl.load(dy_ptr + b * sdb + c64[:, None] * sdc + hw64[None, :] * sdhw, mask=mask, other=0.0)
+        x = tl.load(x_ptr + b * sxb + c64[:, None] * sxc + hw64[None, :] * sxhw, mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        acc += dy * x.to(tl.float32)
+        dx = dy * a[:, None]
+        tl.store(dx_ptr + b * sob + c64[:, None] * soc + hw64[None, :] * sohw, dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.store(part_ptr + (split * B + b) * C + c64, tl.sum(acc, axis=1), mask=c_ok)
+
+
+def channel_scale_forward(x: torch.Tensor, a: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x * a[:, :, None, None] (+ residual). x, residual: (B, C, H, W) with flattenable H x W;
+    a: (B, C) float32 contiguous. Returns y in x's dtype and memory format."""
+    B, C, H, W = x.shape
+    y = torch.empty_like(x)
+    if y.numel() == 0:
+        return y
+    BLOCK_C, BLOCK_HW = tile_sizes(x)
+    n_c, n_hw = triton.cdiv(C, BLOCK_C), triton.cdiv(H * W, BLOCK_HW)
+    r = residual if residual is not None else x
+    _channel_scale_fwd[(B * n_c * n_hw,)](
+        x, a, r, y, C, H * W, *flat_strides(x), *flat_strides(r), *flat_strides(y), n_c, n_hw,
+        HAS_RESIDUAL=residual is not None, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
+    )
+    return y
+
+
+def channel_scale_backward(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, da): dx like x, da (B, C) float32 = sum over H x W of dy * x."""
+    B, C, H, W = x.shape
+    HW = H * W
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx, torch.zeros(B, C, device=x.device, dtype=torch.float32)
+    BLOCK_C, BLOCK_HW = tile_sizes(x)
+    n_c = triton.cdiv(C, BLOCK_C)
+    # Split HW when (b, c-block) alone would leave the device idle.
+    splits = max(1, min(triton.cdiv(HW, BLOCK_HW), num_programs_hint(x) // max(1, B * n_c)))
+    hw_per_split = triton.cdiv(triton.cdiv(HW, splits), BLOCK_HW) * BLOCK_HW
+    splits = triton.cdiv(HW, hw_per_split)
+    part = torch.empty(splits, B, C, device=x.device, dtype=torch.float32)
+    _channel_scale_bwd[(B * n_c * splits,)](
+        dy, x, a, dx, part, B, C, HW, *flat_strides(dy), *flat_strides(x), *flat_strides(dx), n_c, hw_per_split,
+        BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
+    )
+    return dx, part.sum(0)

@@ -1,0 +1,101 @@
+"""fastattn::channel_scale on the CPU (torch backend): math, gradcheck, opcheck, errors, dispatch."""
+import pytest
+import torch
+
+from fastattn.ops import _dispatch
+from fastattn.ops.gate import channel_scale
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_math_and_format(layout):
+    x = torch.randn(2, 5, 3, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, r = torch.rand(2, 5), torch.randn(2, 5, 3, 7)
+    y = channel_scale(x, a, r)
+    torch.testing.assert_close(y, x * a[:, :, None, None] + r)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+def test_low_precision_output_dtype():
+    x = torch.randn(2, 5, 3, 3, dtype=torch.bfloat16)
+    y = channel_scale(x, torch.rand(2, 5))          # a in fp32, x in bf16: output stays bf16
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gradcheck(with_residual):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True) if with_residual else None
+    args = (x, a, r) if with_residual else (x, a)
+    assert torch.autograd.gradcheck(lambda *t: channel_scale(*t), args)
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    a = torch.rand(2, 3, requires_grad=True)
+    r = torch.randn(2, 3, 4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastattn.channel_scale.default, (x, a, r, "torch"))
+    torch.library.opcheck(torch.ops.fastattn.channel_scale.default, (x, a, None, "torch"))
+    cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.fastattn.channel_scale.default, (cl, a, None, "torch"))
+    torch.library.opcheck(torch.ops.fastattn.channel_scale_backward.default, (torch.randn(2, 3, 4, 5), x.detach(),
+                                                                             a.detach(), "torch"))
+
+
+@pytest.mark.parametrize("args,err,match", [
+    (lambda: (torch.randn(2, 3, 4), torch.rand(2, 3)), ValueError, r"channel_scale: argument 'x' must be 4-D"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.rand(2, 4)), ValueError, r"argument 'a' must have shape \(B, C\)"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.rand(6)), ValueError, r"argument 'a' must be 2-D"),
+    (lambda: (torch.ones(2, 3, 4, 4, dtype=torch.int32), torch.rand(2, 3)), TypeError, r"argument 'x' must be a floating"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.rand(2, 3), torch.randn(2, 3, 4, 5)), ValueError,
+     r"argument 'residual' must have the shape of 'x'"),
+])
+def test_bad_arguments(args, err, match):
+    with pytest.raises(err, match=match):
+        channel_scale(*args())
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    x, a = torch.randn(1, 2, 3, 3), torch.rand(1, 2)
+    if _dispatch.triton_interpreting():
+        pytest.skip("interpreter on")
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run here: .*(CUDA tensors|not installed)"):
+        channel_scale(x, a, backend="triton")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run here"):
+        channel_scale(x, a, backend="cuda")
+    with pytest.raises(ValueError, match=r"argument 'backend' must be one of"):
+        channel_scale(x, a, backend="fast")
+
+
+def test_auto_on_cpu_and_use_backend():
+    x = torch.randn(1, 2, 3, 3)
+    assert _dispatch.resolve("channel_scale", x, "auto", {"triton": _dispatch.triton_reason}) == "torch"
+    with _dispatch.use_backend("torch"):
+        assert _dispatch.get_backend() == "torch"
+    assert _dispatch.get_backend() == "auto"
+
+
+def test_compile_fullgraph():
+    def f(x, a):
+        return channel_scale(x, torch.sigmoid(a))
+
+    x, a = torch.randn(2, 4, 5, 5), torch.randn(2, 4)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, a), f(x, a))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_on_cuda(layout, dtype):
+    x = torch.randn(8, 256, 56, 56, device="cuda", dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    a = torch.rand(8, 256, device="cuda", requires_grad=True)
+    xg = x.clone().requires_grad_()
+    y = channel_scale(xg, a, backend="triton")
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y.float(), x.float() * a.detach()[:, :, None, None], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a.grad, x.float().sum((2, 3)), rtol=1e-2, atol=1e-1)

@@ -1,0 +1,91 @@
+"""Drop-in fast modules (fastattn.<Class>) against their references on the CPU.
+
+The same checks run with the Triton kernels under the interpreter in tests/interpreter/test_modules.py.
+"""
+import pytest
+import torch
+
+import fastattn
+from cases.dropin import compare, dropin_cases, pair, rand_inputs, run
+
+CASES = dropin_cases()
+IDS = [c.name for c in CASES]
+
+
+def test_every_fast_module_has_a_case():
+    assert {c.cls for c in CASES} == set(fastattn.FAST_MODULES)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_reference(case, layout, train):
+    compare(case, backend="auto", layout=layout, train=train)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_reference_float64(case):
+    compare(case, backend="torch", dtype=torch.float64, train=True, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_low_precision_no_further_from_float64_than_reference(case, dtype):
+    """fp16/bf16: the fused module is at most 2x as far from the float64 answer as the
+    reference module run in the same dtype, plus a small atol (DESIGN.md, Numerics)."""
+    r64, _ = pair(case, torch.float64)
+    r_lp, f_lp = pair(case, dtype)
+    for m in (r64, r_lp, f_lp):
+        m.eval()
+    xs = rand_inputs(case.shapes, dtype=dtype)
+    want = run(case, r64, [x.double() for x in xs])
+    ref_err = [(o.double() - w).abs().max().item() for o, w in zip(run(case, r_lp, xs), want)]
+    got_err = [(o.double() - w).abs().max().item() for o, w in zip(run(case, f_lp, xs), want)]
+    for g, e in zip(got_err, ref_err):
+        assert g <= 2 * e + 1e-2, (g, e)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_dict_is_the_reference_one(case):
+    r, f = pair(case)
+    assert list(r.state_dict()) == list(f.state_dict())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_saved_for_backward_not_more_than_reference(case):
+    """Bytes saved for backward (saved_tensors_hooks) by the fast module <= the reference's."""
+    def saved_bytes(m):
+        seen = {}
+
+        def pack(t):
+            # count storages, not views: a saved view keeps its whole storage alive
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        xs = [t.requires_grad_() for t in rand_inputs(case.shapes)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(case, m, xs)
+        return sum(seen.values())
+
+    r, f = pair(case)
+    r.train()
+    f.train()
+    assert saved_bytes(f) <= saved_bytes(r)
+
+
+def test_compile_fullgraph_small_network():
+    """A small network of fast modules compiles with no graph break."""
+    layers = [torch.nn.Conv2d(3, 16, 3, padding=1)]
+    for name in fastattn.FAST_MODULES:
+        case = next(c for c in CASES if c.cls == name)
+        if case.shapes[0][1:2] != (16,) and "channels" in case.kwargs:
+            kwargs = {**case.kwargs, "channels": 16}
+        else:
+            kwargs = case.kwargs
+        if len(case.shapes) == 1:
+            layers.append(getattr(fastattn, name)(**kwargs))
+    net = torch.nn.Sequential(*layers).eval()
+    x = torch.randn(2, 3, 9, 11)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), net(x))
