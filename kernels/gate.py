@@ -119,3 +119,160 @@ def channel_scale_backward(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -
         BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
     )
     return dx, part.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel x spatial gates: y = x * f(a[b, c], s[b, hw]) for the parallel / serial attentions.
+# ---------------------------------------------------------------------------------------------
+
+# Modes (constexpr ints): how the channel gate a and the spatial gate s combine.
+MODES = {"mul": 0, "max": 1, "add": 2, "bam": 3, "bam_sum": 4}
+
+
+@triton.jit
+def _combine(x, a, s, MODE: tl.constexpr):
+    if MODE == 0:                                   # CBAM: x * a * s
+        y = x * a * s
+    elif MODE == 1:                                 # scSE (official): max(x * a, x * s)
+        y = tl.maximum(x * a, x * s)
+    elif MODE == 2:                                 # scSE (paper): x * a + x * s
+        y = x * (a + s)
+    elif MODE == 3:                                 # BAM: x * (1 + sigmoid(a * s))
+        y = x * (1.0 + tl.sigmoid(a * s))
+    else:                                           # BAM (paper): x * (1 + sigmoid(a + s))
+        y = x * (1.0 + tl.sigmoid(a + s))
+    return y
+
+
+@triton.jit
+def _channel_spatial_fwd(
+    x_ptr,        # (B, C, HW) input, strides sxb, sxc, sxhw
+    a_ptr,        # (B, C) float32 channel gate, contiguous
+    s_ptr,        # (B, HW) float32 spatial gate, contiguous
+    y_ptr,        # (B, C, HW) output, strides syb, syc, syhw
+    C, HW,
+    sxb, sxc, sxhw, syb, syc, syhw,
+    n_c_blocks, n_hw_blocks,
+    MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // (n_c_blocks * n_hw_blocks)
+    rest = pid % (n_c_blocks * n_hw_blocks)
+    c = ((rest // n_hw_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    hw = ((rest % n_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
+    c_ok, hw_ok = c < C, hw < HW
+    mask = c_ok[:, None] & hw_ok[None, :]
+    a = tl.load(a_ptr + b * C + c, mask=c_ok, other=0.0)[:, None]
+    s = tl.load(s_ptr + b * HW + hw, mask=hw_ok, other=0.0)[None, :]
+    x = tl.load(x_ptr + b * sxb + c[:, None] * sxc + hw[None, :] * sxhw, mask=mask, other=0.0).to(tl.float32)
+    y = _combine(x, a, s, MODE)
+    tl.store(y_ptr + b * syb + c[:, None] * syc + hw[None, :] * syhw, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_spatial_bwd(
+    dy_ptr,       # (B, C, HW) upstream gradient, strides sdb, sdc, sdhw
+    x_ptr,        # (B, C, HW) forward input, strides sxb, sxc, sxhw
+    a_ptr,        # (B, C) float32 channel gate
+    s_ptr,        # (B, HW) float32 spatial gate
+    dx_ptr,       # (B, C, HW) output dx, strides sob, soc, sohw
+    pa_ptr,       # (n_hw_blocks, B, C) float32 partial da, one row per HW block
+    ps_ptr,       # (n_c_blocks, B, HW) float32 partial ds, one row per C block
+    B, C, HW,
+    sdb, sdc, sdhw, sxb, sxc, sxhw, sob, soc, sohw,
+    n_c_blocks, n_hw_blocks,
+    MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Gradients of y = x * f(a, s), per mode (t the pre-activation of the BAM modes, sg = sigmoid(t)):
+        mul:     dx = dy a s;               da = sum_hw dy x s;           ds = sum_c dy x a
+        max:     the larger of x a, x s takes it: dx = dy a, da += dy x (a side) or dx = dy s, ds += dy x
+        add:     dx = dy (a + s);           da = sum_hw dy x;             ds = sum_c dy x
+        bam:     dx = dy (1 + sg);  dt = dy x sg (1 - sg);  da = sum_hw dt s;  ds = sum_c dt a
+        bam_sum: dx = dy (1 + sg);  dt as above;            da = sum_hw dt;    ds = sum_c dt
+    Each program owns one [BLOCK_C, BLOCK_HW] tile and writes its two partial sums to its own rows
+    of pa and ps; the host adds the rows in a fixed order (deterministic, no atomics).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // (n_c_blocks * n_hw_blocks)
+    rest = pid % (n_c_blocks * n_hw_blocks)
+    cb, hb = rest // n_hw_blocks, rest % n_hw_blocks
+    c = (cb * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    hw = (hb * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
+    c_ok, hw_ok = c < C, hw < HW
+    mask = c_ok[:, None] & hw_ok[None, :]
+    a = tl.load(a_ptr + b * C + c, mask=c_ok, other=0.0)[:, None]
+    s = tl.load(s_ptr + b * HW + hw, mask=hw_ok, other=0.0)[None, :]
+    x = tl.load(x_ptr + b * sxb + c[:, None] * sxc + hw[None, :] * sxhw, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + b * sdb + c[:, None] * sdc + hw[None, :] * sdhw, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 0:
+        dx = dy * a * s
+        ga = dy * x * s
+        gs = dy * x * a
+    elif MODE == 1:
+        a_wins = x * a >= x * s
+        dx = tl.where(a_wins, dy * a, dy * s)
+        ga = tl.where(a_wins, dy * x, 0.0)
+        gs = tl.where(a_wins, 0.0, dy * x)
+    elif MODE == 2:
+        dx = dy * (a + s)
+        ga = dy * x
+        gs = dy * x
+    elif MODE == 3:
+        sg = tl.sigmoid(a * s)
+        dx = dy * (1.0 + sg)
+        dt = dy * x * sg * (1.0 - sg)
+        ga = dt * s
+        gs = dt * a
+    else:
+        sg = tl.sigmoid(a + s)
+        dx = dy * (1.0 + sg)
+        dt = dy * x * sg * (1.0 - sg)
+        ga = dt
+        gs = dt
+    ga = tl.where(mask, ga, 0.0)
+    gs = tl.where(mask, gs, 0.0)
+    tl.store(dx_ptr + b * sob + c[:, None] * soc + hw[None, :] * sohw, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(pa_ptr + (hb * B + b) * C + c, tl.sum(ga, axis=1), mask=c_ok)
+    tl.store(ps_ptr + (cb * B + b) * HW + hw, tl.sum(gs, axis=0), mask=hw_ok)
+
+
+def _combine_tiles(x: torch.Tensor) -> tuple[int, int]:
+    """Tiles for the channel x spatial gates: both reductions need several channels and several
+    positions per program, so that the partial sums stay a small fraction of x."""
+    _, sc, shw = flat_strides(x)
+    if sc == 1 and shw != 1:
+        return 64, 16       # channels_last
+    return 16, 128          # NCHW
+
+
+def channel_spatial_forward(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:
+    """y = x * f(a, s) (see MODES). x (B, C, H, W) flattenable; a (B, C), s (B, H*W) float32 contiguous."""
+    B, C, H, W = x.shape
+    y = torch.empty_like(x)
+    if y.numel() == 0:
+        return y
+    BLOCK_C, BLOCK_HW = _combine_tiles(x)
+    n_c, n_hw = triton.cdiv(C, BLOCK_C), triton.cdiv(H * W, BLOCK_HW)
+    _channel_spatial_fwd[(B * n_c * n_hw,)](
+        x, a, s, y, C, H * W, *flat_strides(x), *flat_strides(y), n_c, n_hw,
+        MODE=MODES[mode], BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
+    )
+    return y
+
+
+def channel_spatial_backward(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, mode: str):
+    """(dx, da, ds): dx like x; da (B, C) and ds (B, H*W) float32."""
+    B, C, H, W = x.shape
+    HW = H * W
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx, torch.zeros(B, C, device=x.device), torch.zeros(B, HW, device=x.device)
+    BLOCK_C, BLOCK_HW = _combine_tiles(x)
+    n_c, n_hw = triton.cdiv(C, BLOCK_C), triton.cdiv(HW, BLOCK_HW)
+    pa = torch.empty(n_hw, B, C, device=x.device, dtype=torch.float32)
+    ps = torch.empty(n_c, B, HW, device=x.device, dtype=torch.float32)
+    _channel_spatial_bwd[(B * n_c * n_hw,)](
+        dy, x, a, s, dx, pa, ps, B, C, HW, *flat_strides(dy), *flat_strides(x), *flat_strides(dx), n_c, n_hw,
+        MODE=MODES[mode], BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
+    )
+    return dx, pa.sum(0), ps.sum(0)

@@ -42,6 +42,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastattn.channel_scale.default, (cl, a, None, "torch"))
     torch.library.opcheck(torch.ops.fastattn.channel_scale_backward.default, (torch.randn(2, 3, 4, 5), x.detach(),
                                                                              a.detach(), "torch"))
+    # dy in another layout than x: the real strides must still be the promised ones
+    torch.library.opcheck(torch.ops.fastattn.channel_scale_backward.default, (torch.randn(2, 3, 4, 5), cl.detach(),
+                                                                             a.detach(), "torch"))
 
 
 @pytest.mark.parametrize("args,err,match", [
@@ -99,3 +102,46 @@ def test_triton_on_cuda(layout, dtype):
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(y.float(), x.float() * a.detach()[:, :, None, None], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(a.grad, x.float().sum((2, 3)), rtol=1e-2, atol=1e-1)
+
+
+CS_MODES = ["mul", "max", "add", "bam", "bam_sum"]
+
+
+@pytest.mark.parametrize("mode", CS_MODES)
+def test_channel_spatial_gate_math_and_gradcheck(mode):
+    from fastattn.ops.gate import channel_spatial_gate
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    s = torch.randn(2, 1, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    a4 = a[:, :, None, None]
+    want = {"mul": x * a4 * s, "max": torch.maximum(x * a4, x * s), "add": x * a4 + x * s,
+            "bam": x * (1 + torch.sigmoid(a4 * s)), "bam_sum": x * (1 + torch.sigmoid(a4 + s))}[mode]
+    torch.testing.assert_close(channel_spatial_gate(x, a, s, mode), want)
+    assert torch.autograd.gradcheck(lambda *t: channel_spatial_gate(*t, mode), (x, a, s))
+
+
+def test_channel_spatial_gate_opcheck_and_format():
+    from fastattn.ops.gate import channel_spatial_gate
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    a, s = torch.rand(2, 3, requires_grad=True), torch.rand(2, 1, 4, 5, requires_grad=True)
+    assert channel_spatial_gate(x, a, s).is_contiguous(memory_format=torch.channels_last)
+    for mode in CS_MODES:
+        torch.library.opcheck(torch.ops.fastattn.channel_spatial_gate.default, (x, a, s, mode, "torch"))
+    torch.library.opcheck(torch.ops.fastattn.channel_spatial_gate_backward.default,
+                          (torch.randn(2, 3, 4, 5), x.detach(), a.detach(), s.detach(), "bam", "torch"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda: (torch.randn(2, 3, 4, 4), torch.rand(2, 3), torch.rand(2, 4, 4)), r"argument 's' must be 4-D"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.rand(2, 3), torch.rand(2, 1, 4, 5)), r"argument 's' must have shape"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.rand(3, 2), torch.rand(2, 1, 4, 4)), r"argument 'a' must have shape"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.rand(2, 3), torch.rand(2, 1, 4, 4), "min"), r"argument 'mode' must be"),
+])
+def test_channel_spatial_gate_bad_arguments(args, match):
+    from fastattn.ops.gate import channel_spatial_gate
+
+    with pytest.raises(ValueError, match=r"channel_spatial_gate: " + match):
+        channel_spatial_gate(*args())

@@ -21,6 +21,18 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _like(t: Tensor, like: Tensor) -> Tensor:
+    """t with the strides torch.empty_like(like) has (what the fake implementations promise).
+
+    Elementwise results of the torch path follow whichever operand PyTorch picks; when that is
+    not x's layout (dy NCHW, x channels_last), copy once.
+    """
+    want = torch.empty_like(like, device="meta").stride()
+    if t.stride() == want:
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
 def _flat(t: Tensor) -> Tensor:
     from fastattn.kernels._layout import flattenable
 
@@ -38,7 +50,7 @@ def _channel_scale(x: Tensor, a: Tensor, residual: Tensor | None, backend: str) 
     y = x.to(acc) * a.to(acc)[:, :, None, None]
     if residual is not None:
         y = y + residual.to(acc)
-    return y.to(x.dtype)
+    return _like(y.to(x.dtype), x)
 
 
 @_channel_scale.register_fake
@@ -55,7 +67,7 @@ def _channel_scale_backward(dy: Tensor, x: Tensor, a: Tensor, backend: str) -> t
         return dx, da.to(a.dtype)
     acc = _acc_dtype(x)
     dy_acc = dy.to(acc)
-    dx = (dy_acc * a.to(acc)[:, :, None, None]).to(x.dtype)
+    dx = _like((dy_acc * a.to(acc)[:, :, None, None]).to(x.dtype), x)
     da = (dy_acc * x.to(acc)).sum(dim=(2, 3)).to(a.dtype)
     return dx, da
 
@@ -98,3 +110,121 @@ def channel_scale(x: Tensor, a: Tensor, residual: Tensor | None = None, *, backe
         check_tensor(OP, "residual", residual, dim=4)
         check_same_shape(OP, "residual", residual, "x", x)
     return _channel_scale(x, a, residual, _dispatch.resolve(OP, x, backend, CHECKS))
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_spatial_gate: y = x * f(a[b, c], s[b, 0, h, w]) in one pass (CBAM, scSE, BAM)
+# ---------------------------------------------------------------------------------------------
+
+CS_OP = "channel_spatial_gate"
+CS_MODES = ("mul", "max", "add", "bam", "bam_sum")
+
+
+def _combine_torch(x: Tensor, a: Tensor, s: Tensor, mode: str) -> Tensor:
+    """The reference math of every mode on (B, C, 1, 1) a and (B, 1, H, W) s."""
+    if mode == "mul":
+        return x * a * s
+    if mode == "max":
+        return torch.maximum(x * a, x * s)
+    if mode == "add":
+        return x * a + x * s
+    t = a * s if mode == "bam" else a + s
+    return x * (1 + torch.sigmoid(t))
+
+
+@torch.library.custom_op("fastattn::channel_spatial_gate", mutates_args=())
+def _channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str, backend: str) -> Tensor:
+    if backend == "triton":
+        from fastattn.kernels.gate import channel_spatial_forward
+
+        B, _, H, W = x.shape
+        return channel_spatial_forward(_flat(x), a.float().contiguous(), s.float().reshape(B, H * W).contiguous(),
+                                       mode)
+    acc = _acc_dtype(x)
+    return _like(_combine_torch(x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode).to(x.dtype), x)
+
+
+@_channel_spatial_gate.register_fake
+def _(x, a, s, mode, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastattn::channel_spatial_gate_backward", mutates_args=())
+def _channel_spatial_gate_backward(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, mode: str,
+                                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from fastattn.kernels.gate import channel_spatial_backward
+
+        B, _, H, W = x.shape
+        dx, da, ds = channel_spatial_backward(_flat(dy), _flat(x), a.float().contiguous(),
+                                              s.float().reshape(B, H * W).contiguous(), mode)
+        return dx, da.to(a.dtype), ds.reshape(s.shape).to(s.dtype)
+    acc = _acc_dtype(x)
+    dx, da4, ds = _combine_grads_torch(dy.to(acc), x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode)
+    return _like(dx.to(x.dtype), x), da4.sum(dim=(2, 3)).to(a.dtype), ds.sum(dim=1, keepdim=True).to(s.dtype)
+
+
+def _combine_grads_torch(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, mode: str):
+    """(dx, da, ds) of every mode, da and ds not yet reduced (shape of x); see the Triton
+    backward kernel's docstring for the formulas."""
+    if mode == "mul":
+        return dy * a * s, dy * x * s, dy * x * a
+    if mode == "max":
+        a_wins = x * a >= x * s
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return (torch.where(a_wins, dy * a, dy * s), torch.where(a_wins, dy * x, zero),
+                torch.where(a_wins, zero, dy * x))
+    if mode == "add":
+        return dy * (a + s), dy * x, dy * x
+    sg = torch.sigmoid(a * s if mode == "bam" else a + s)
+    dt = dy * x * sg * (1 - sg)
+    if mode == "bam":
+        return dy * (1 + sg), dt * s, dt * a
+    return dy * (1 + sg), dt, dt
+
+
+@_channel_spatial_gate_backward.register_fake
+def _(dy, x, a, s, mode, backend):
+    return torch.empty_like(x), a.new_empty(a.shape), s.new_empty(s.shape)
+
+
+def _cs_setup_context(ctx, inputs, output):
+    x, a, s, mode, backend = inputs
+    ctx.save_for_backward(x, a, s)
+    ctx.mode, ctx.backend = mode, backend
+
+
+def _cs_backward(ctx, dy):
+    x, a, s = ctx.saved_tensors
+    dx, da, ds = torch.ops.fastattn.channel_spatial_gate_backward(dy, x, a, s, ctx.mode, ctx.backend)
+    return dx, da, ds, None, None
+
+
+_channel_spatial_gate.register_autograd(_cs_backward, setup_context=_cs_setup_context)
+
+
+def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "mul", *,
+                         backend: str | None = None) -> Tensor:
+    """y = x * f(a, s) in one pass over x, with a channel gate a and a spatial gate s.
+
+    x: (B, C, H, W), NCHW or channels_last; a: (B, C); s: (B, 1, H, W). Modes:
+      "mul"      x * a * s                      (CBAM: a, s already activated)
+      "max"      max(x * a, x * s)              (scSE, official)
+      "add"      x * a + x * s                  (scSE, paper)
+      "bam"      x * (1 + sigmoid(a * s))       (BAM, official; a, s pre-activation)
+      "bam_sum"  x * (1 + sigmoid(a + s))       (BAM, paper)
+    Returns (B, C, H, W) in x's dtype and memory format. Saved for backward: x, a, s.
+    """
+    from ..reference._checks import check_feature_map, check_tensor
+
+    check_feature_map(CS_OP, x)
+    check_tensor(CS_OP, "a", a, dim=2, shape_hint="(B, C)")
+    check_tensor(CS_OP, "s", s, dim=4, shape_hint="(B, 1, H, W)")
+    B, C, H, W = x.shape
+    if a.shape != (B, C):
+        raise ValueError(f"{CS_OP}: argument 'a' must have shape (B, C) = {(B, C)}, got {tuple(a.shape)}")
+    if s.shape != (B, 1, H, W):
+        raise ValueError(f"{CS_OP}: argument 's' must have shape (B, 1, H, W) = {(B, 1, H, W)}, got {tuple(s.shape)}")
+    if mode not in CS_MODES:
+        raise ValueError(f"{CS_OP}: argument 'mode' must be one of {CS_MODES}, got {mode!r}")
+    return _channel_spatial_gate(x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, CHECKS))

@@ -70,3 +70,33 @@ def test_deterministic_da():
         channel_scale(x, a, backend="triton").sum().backward()
         grads.append(a.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+MODES = ["mul", "max", "add", "bam", "bam_sum"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(2, 70, 5, 7), (1, 3, 13, 17), (2, 20, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+def test_channel_spatial_gate(mode, shape, dtype):
+    from fastattn.ops.gate import channel_spatial_gate
+
+    g = torch.Generator().manual_seed(1)
+    B, C, H, W = shape
+    base = torch.randn(shape, generator=g).to(dtype)
+    a0, s0 = torch.randn(B, C, generator=g), torch.randn(B, 1, H, W, generator=g)
+    for layout, x0 in layouts(base):
+        got, want = [], []
+        for backend, out in (("triton", got), ("torch", want)):
+            x, a, s = (t.clone().requires_grad_() for t in (x0, a0, s0))
+            y = channel_spatial_gate(x, a, s, mode, backend=backend)
+            y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(dtype))
+            out += [y, x.grad, a.grad, s.grad]
+        tol = TOL[dtype]
+        for name, p, q in zip(("y", "dx", "da", "ds"), got, want):
+            assert p.dtype == q.dtype and p.shape == q.shape
+            scale = max(1.0, q.abs().max().item())
+            torch.testing.assert_close(p.double(), q.double(), rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"{layout} {name}: {m}")
+        if layout == "channels_last":
+            assert got[0].is_contiguous(memory_format=torch.channels_last)
