@@ -5,7 +5,8 @@ fused ops of `fastattn.ops`. The small MLPs and convolutions on pooled tensors s
 Each module has a `backend` attribute (None: the process default, see `fastattn.set_backend`).
 """
 from .channel import ECA, SqueezeExcite
+from .hybrid import BAM, SCSE
 
-FAST_MODULES = ["SqueezeExcite", "ECA"]
+FAST_MODULES = ["SqueezeExcite", "ECA", "SCSE", "BAM"]
 
 __all__ = [*FAST_MODULES, "FAST_MODULES"]
