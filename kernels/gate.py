@@ -109,9 +109,7 @@ def channel_scale_backward(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -
         return dx, torch.zeros(B, C, device=x.device, dtype=torch.float32)
     BLOCK_C, BLOCK_HW = tile_sizes(x)
     n_c = triton.cdiv(C, BLOCK_C)
-    # Split HW when (b, c-block) alone would leave the device idle.
-    splits = max(1, min(triton.cdiv(HW, BLOCK_HW), num_programs_hint(x) // max(1, B * n_c)))
-    hw_per_split = triton.cdiv(triton.cdiv(HW, splits), BLOCK_HW) * BLOCK_HW
+    hw_per_split = _hw_splits(x, B, n_c, HW, BLOCK_HW)
     splits = triton.cdiv(HW, hw_per_split)
     part = torch.empty(splits, B, C, device=x.device, dtype=torch.float32)
     _channel_scale_bwd[(B * n_c * splits,)](
@@ -276,3 +274,121 @@ def channel_spatial_backward(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
         MODE=MODES[mode], BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
     )
     return dx, pa.sum(0), ps.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel affine gate: y = x * sigmoid(alpha[b, c] * x + beta[b, c])  (NAM, SA-Net)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _affine_gate_fwd(
+    x_ptr,        # (B, C, HW) input, strides sxb, sxc, sxhw
+    al_ptr,       # (B, C) float32 slope, contiguous
+    be_ptr,       # (B, C) float32 offset, contiguous
+    y_ptr,        # (B, C, HW) output, strides syb, syc, syhw
+    C, HW,
+    sxb, sxc, sxhw, syb, syc, syhw,
+    n_c_blocks, n_hw_blocks,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // (n_c_blocks * n_hw_blocks)
+    rest = pid % (n_c_blocks * n_hw_blocks)
+    c = ((rest // n_hw_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    hw = ((rest % n_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
+    c_ok = c < C
+    mask = c_ok[:, None] & (hw < HW)[None, :]
+    al = tl.load(al_ptr + b * C + c, mask=c_ok, other=0.0)[:, None]
+    be = tl.load(be_ptr + b * C + c, mask=c_ok, other=0.0)[:, None]
+    x = tl.load(x_ptr + b * sxb + c[:, None] * sxc + hw[None, :] * sxhw, mask=mask, other=0.0).to(tl.float32)
+    y = x * tl.sigmoid(al * x + be)
+    tl.store(y_ptr + b * syb + c[:, None] * syc + hw[None, :] * syhw, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_gate_bwd(
+    dy_ptr,       # (B, C, HW) upstream gradient, strides sdb, sdc, sdhw
+    x_ptr,        # (B, C, HW) forward input, strides sxb, sxc, sxhw
+    al_ptr,       # (B, C) float32 slope
+    be_ptr,       # (B, C) float32 offset
+    dx_ptr,       # (B, C, HW) output dx, strides sob, soc, sohw
+    pal_ptr,      # (SPLITS, B, C) float32 partial d alpha, one row per HW split
+    pbe_ptr,      # (SPLITS, B, C) float32 partial d beta
+    B, C, HW,
+    sdb, sdc, sdhw, sxb, sxc, sxhw, sob, soc, sohw,
+    n_c_blocks, hw_per_split,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """With s = sigmoid(alpha x + beta) and u = dy x s (1 - s):
+        dx = dy s + u alpha;   d alpha = sum_hw u x;   d beta = sum_hw u.
+    Partial sums per (HW split) row, added on the host (deterministic)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_splits = tl.cdiv(HW, hw_per_split)
+    b = pid // (n_c_blocks * n_splits)
+    rest = pid % (n_c_blocks * n_splits)
+    c = ((rest // n_splits) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    split = rest % n_splits
+    c_ok = c < C
+    al = tl.load(al_ptr + b * C + c, mask=c_ok, other=0.0)[:, None]
+    be = tl.load(be_ptr + b * C + c, mask=c_ok, other=0.0)[:, None]
+    acc_al = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    acc_be = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    hw_start = split * hw_per_split
+    hw_end = tl.minimum(hw_start + hw_per_split, HW)
+    for start in range(hw_start, hw_end, BLOCK_HW):
+        hw = (start + tl.arange(0, BLOCK_HW)).to(tl.int64)
+        mask = c_ok[:, None] & (hw < hw_end)[None, :]
+        dy = tl.load(dy_ptr + b * sdb + c[:, None] * sdc + hw[None, :] * sdhw, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * sxb + c[:, None] * sxc + hw[None, :] * sxhw, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(al * x + be)
+        u = dy * x * s * (1.0 - s)
+        acc_al += u * x
+        acc_be += u
+        tl.store(dx_ptr + b * sob + c[:, None] * soc + hw[None, :] * sohw, (dy * s + u * al).to(dx_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.store(pal_ptr + (split * B + b) * C + c, tl.sum(acc_al, axis=1), mask=c_ok)
+    tl.store(pbe_ptr + (split * B + b) * C + c, tl.sum(acc_be, axis=1), mask=c_ok)
+
+
+def affine_gate_forward(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """y = x * sigmoid(alpha x + beta); x (B, C, H, W) flattenable, alpha/beta (B, C) float32 contiguous."""
+    B, C, H, W = x.shape
+    y = torch.empty_like(x)
+    if y.numel() == 0:
+        return y
+    BLOCK_C, BLOCK_HW = tile_sizes(x)
+    n_c, n_hw = triton.cdiv(C, BLOCK_C), triton.cdiv(H * W, BLOCK_HW)
+    _affine_gate_fwd[(B * n_c * n_hw,)](
+        x, alpha, beta, y, C, H * W, *flat_strides(x), *flat_strides(y), n_c, n_hw,
+        BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
+    )
+    return y
+
+
+def _hw_splits(x: torch.Tensor, B: int, n_c: int, HW: int, BLOCK_HW: int) -> int:
+    """Positions per program for the per-(b, c) reductions: split HW when (b, c-block) alone
+    would leave the device idle."""
+    splits = max(1, min(triton.cdiv(HW, BLOCK_HW), num_programs_hint(x) // max(1, B * n_c)))
+    return triton.cdiv(triton.cdiv(HW, splits), BLOCK_HW) * BLOCK_HW
+
+
+def affine_gate_backward(dy: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+    """(dx, dalpha, dbeta): dx like x, dalpha and dbeta (B, C) float32."""
+    B, C, H, W = x.shape
+    HW = H * W
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        z = torch.zeros(B, C, device=x.device)
+        return dx, z, z.clone()
+    BLOCK_C, BLOCK_HW = tile_sizes(x)
+    n_c = triton.cdiv(C, BLOCK_C)
+    hw_per_split = _hw_splits(x, B, n_c, HW, BLOCK_HW)
+    splits = triton.cdiv(HW, hw_per_split)
+    pal = torch.empty(splits, B, C, device=x.device, dtype=torch.float32)
+    pbe = torch.empty_like(pal)
+    _affine_gate_bwd[(B * n_c * splits,)](
+        dy, x, alpha, beta, dx, pal, pbe, B, C, HW, *flat_strides(dy), *flat_strides(x), *flat_strides(dx),
+        n_c, hw_per_split, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW,
+    )
+    return dx, pal.sum(0), pbe.sum(0)

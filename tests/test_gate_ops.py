@@ -145,3 +145,21 @@ def test_channel_spatial_gate_bad_arguments(args, match):
 
     with pytest.raises(ValueError, match=r"channel_spatial_gate: " + match):
         channel_spatial_gate(*args())
+
+
+def test_channel_affine_gate_math_gradcheck_opcheck():
+    from fastattn.ops.gate import channel_affine_gate
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    al = torch.randn(2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    be = torch.randn(2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    want = x * torch.sigmoid(al[:, :, None, None] * x + be[:, :, None, None])
+    torch.testing.assert_close(channel_affine_gate(x, al, be), want)
+    assert torch.autograd.gradcheck(lambda *t: channel_affine_gate(*t), (x, al, be))
+    cl = x.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.fastattn.channel_affine_gate.default, (cl, al.float(), be.float(), "torch"))
+    torch.library.opcheck(torch.ops.fastattn.channel_affine_gate_backward.default,
+                          (torch.randn(2, 3, 4, 5), cl.detach(), al.detach().float(), be.detach().float(), "torch"))
+    with pytest.raises(ValueError, match=r"channel_affine_gate: argument 'beta' must have shape"):
+        channel_affine_gate(x, al, be[:1])

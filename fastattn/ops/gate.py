@@ -228,3 +228,83 @@ def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "mul", *,
     if mode not in CS_MODES:
         raise ValueError(f"{CS_OP}: argument 'mode' must be one of {CS_MODES}, got {mode!r}")
     return _channel_spatial_gate(x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, CHECKS))
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_affine_gate: y = x * sigmoid(alpha[b, c] * x + beta[b, c])  (NAM, SA-Net)
+# ---------------------------------------------------------------------------------------------
+
+AG_OP = "channel_affine_gate"
+
+
+@torch.library.custom_op("fastattn::channel_affine_gate", mutates_args=())
+def _channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        from fastattn.kernels.gate import affine_gate_forward
+
+        return affine_gate_forward(_flat(x), alpha.float().contiguous(), beta.float().contiguous())
+    acc = _acc_dtype(x)
+    xa = x.to(acc)
+    y = xa * torch.sigmoid(alpha.to(acc)[:, :, None, None] * xa + beta.to(acc)[:, :, None, None])
+    return _like(y.to(x.dtype), x)
+
+
+@_channel_affine_gate.register_fake
+def _(x, alpha, beta, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastattn::channel_affine_gate_backward", mutates_args=())
+def _channel_affine_gate_backward(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor,
+                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from fastattn.kernels.gate import affine_gate_backward
+
+        dx, dal, dbe = affine_gate_backward(_flat(dy), _flat(x), alpha.float().contiguous(), beta.float().contiguous())
+        return dx, dal.to(alpha.dtype), dbe.to(beta.dtype)
+    acc = _acc_dtype(x)
+    xa, dya = x.to(acc), dy.to(acc)
+    al, be = alpha.to(acc)[:, :, None, None], beta.to(acc)[:, :, None, None]
+    s = torch.sigmoid(al * xa + be)
+    u = dya * xa * s * (1 - s)
+    dx = _like((dya * s + u * al).to(x.dtype), x)
+    return dx, (u * xa).sum(dim=(2, 3)).to(alpha.dtype), u.sum(dim=(2, 3)).to(beta.dtype)
+
+
+@_channel_affine_gate_backward.register_fake
+def _(dy, x, alpha, beta, backend):
+    return torch.empty_like(x), alpha.new_empty(alpha.shape), beta.new_empty(beta.shape)
+
+
+def _ag_setup_context(ctx, inputs, output):
+    x, alpha, beta, backend = inputs
+    ctx.save_for_backward(x, alpha, beta)
+    ctx.backend = backend
+
+
+def _ag_backward(ctx, dy):
+    x, alpha, beta = ctx.saved_tensors
+    dx, dal, dbe = torch.ops.fastattn.channel_affine_gate_backward(dy, x, alpha, beta, ctx.backend)
+    return dx, dal, dbe, None
+
+
+_channel_affine_gate.register_autograd(_ag_backward, setup_context=_ag_setup_context)
+
+
+def channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, *, backend: str | None = None) -> Tensor:
+    """y = x * sigmoid(alpha[b, c] * x + beta[b, c]) in one pass over x.
+
+    A per-channel affine map inside the sigmoid: NAM (a BatchNorm folded into alpha, beta) and
+    SA-Net's spatial branch (a GroupNorm with one channel per group); alpha = 0 gives a plain
+    channel gate x * sigmoid(beta). x: (B, C, H, W), NCHW or channels_last; alpha, beta: (B, C).
+    Returns (B, C, H, W) in x's dtype and memory format. Saved for backward: x, alpha, beta.
+    """
+    from ..reference._checks import check_feature_map, check_tensor
+
+    check_feature_map(AG_OP, x)
+    for name, t in (("alpha", alpha), ("beta", beta)):
+        check_tensor(AG_OP, name, t, dim=2, shape_hint="(B, C)")
+        if t.shape != x.shape[:2]:
+            raise ValueError(f"{AG_OP}: argument '{name}' must have shape (B, C) = {tuple(x.shape[:2])}, "
+                             f"got {tuple(t.shape)}")
+    return _channel_affine_gate(x, alpha, beta, _dispatch.resolve(AG_OP, x, backend, CHECKS))

@@ -100,3 +100,26 @@ def test_channel_spatial_gate(mode, shape, dtype):
                                        msg=lambda m: f"{layout} {name}: {m}")
         if layout == "channels_last":
             assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 5, 7), (1, 3, 40, 33), (2, 5, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+def test_channel_affine_gate(shape, dtype):
+    from fastattn.ops.gate import channel_affine_gate
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(shape, generator=g).to(dtype)
+    al0, be0 = torch.randn(shape[:2], generator=g), torch.randn(shape[:2], generator=g)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    for layout, x0 in layouts(base):
+        got, want = [], []
+        for backend, out in (("triton", got), ("torch", want)):
+            x, al, be = (t.clone().requires_grad_() for t in (x0, al0, be0))
+            y = channel_affine_gate(x, al, be, backend=backend)
+            y.backward(dy)
+            out += [y, x.grad, al.grad, be.grad]
+        tol = TOL[dtype]
+        for name, p, q in zip(("y", "dx", "dalpha", "dbeta"), got, want):
+            scale = max(1.0, q.abs().max().item())
+            torch.testing.assert_close(p.double(), q.double(), rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"{layout} {name}: {m}")
