@@ -4,9 +4,9 @@ fused ops of `fastattn.ops`. The small MLPs and convolutions on pooled tensors s
 
 Each module has a `backend` attribute (None: the process default, see `fastattn.set_backend`).
 """
-from .channel import ECA, SqueezeExcite
-from .hybrid import BAM, SCSE
+from .channel import ECA, NAM, SqueezeExcite
+from .hybrid import BAM, SCSE, ShuffleAttention
 
-FAST_MODULES = ["SqueezeExcite", "ECA", "SCSE", "BAM"]
+FAST_MODULES = ["SqueezeExcite", "ECA", "NAM", "SCSE", "BAM", "ShuffleAttention"]
 
 __all__ = [*FAST_MODULES, "FAST_MODULES"]

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..ops.gate import channel_spatial_gate
+from ..ops.gate import channel_affine_gate, channel_spatial_gate
 from ..ops.pool import channel_mean
-from ..reference._checks import check_feature_map
+from ..reference._checks import check_feature_map, like_input
 
 
 class SCSE(reference.SCSE):
@@ -43,3 +43,37 @@ class BAM(reference.BAM):
         ms = self.spatial_att(x)
         mode = "bam" if self.combine == "product" else "bam_sum"
         return channel_spatial_gate(x, mc, ms, mode, backend=self.backend)
+
+
+class ShuffleAttention(reference.ShuffleAttention):
+    """`fastattn.reference.ShuffleAttention` (SA-Net) as one gate pass plus the channel shuffle.
+
+    Both branches are per-channel affine gates once the statistics are known: the channel branch
+    ``x * sigmoid(cweight * mean + cbias)`` (alpha = 0), the spatial branch
+    ``x * sigmoid(sweight * GN(x) + sbias)`` with a one-channel-per-group GroupNorm folded into
+    alpha and beta. Passes: the per-channel statistics (one read), the gate, and the 2-group
+    channel shuffle (a copy, as in the reference).
+    """
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("ShuffleAttention", x, channels=self.channels)
+        b, c, h, w = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        var, mean = torch.var_mean(x.to(acc), dim=(2, 3), unbiased=False)      # (B, C) each
+        g, half = self.groups, c // (2 * self.groups)
+        mean, var = mean.reshape(b, g, 2, half), var.reshape(b, g, 2, half)
+        flat = lambda p: p.reshape(half)  # noqa: E731  (1, half, 1, 1) parameters -> (half,)
+        # channel branch: alpha = 0, beta = cweight * mean + cbias
+        beta_c = flat(self.cweight) * mean[:, :, 0] + flat(self.cbias)
+        # spatial branch: sweight * (gn_w (x - mu) / sigma + gn_b) + sbias
+        scale = flat(self.gn.weight) * torch.rsqrt(var[:, :, 1] + self.gn.eps)
+        alpha_s = flat(self.sweight) * scale
+        beta_s = flat(self.sweight) * (flat(self.gn.bias) - mean[:, :, 1] * scale) + flat(self.sbias)
+        alpha = torch.stack([torch.zeros_like(alpha_s), alpha_s], dim=2).reshape(b, c)
+        beta = torch.stack([beta_c, beta_s], dim=2).reshape(b, c)
+        y = channel_affine_gate(x, alpha, beta, backend=self.backend)
+        # Channel shuffle with 2 groups: channel k of half j goes to position 2k + j.
+        out = y.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return like_input(out, x)
