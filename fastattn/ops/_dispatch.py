@@ -125,7 +125,8 @@ def resolve(op: str, t: torch.Tensor, backend: str | None,
             return name
         reasons.append(f"{name}: {why}")
     key = (op, t.device.type, tuple(reasons))
-    if reasons and key not in _logged:
+    # Not while torch.compile traces: a logging call would break the graph (it logs in eager).
+    if reasons and key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         log.info("fastattn::%s on %s runs the PyTorch reference math (%s)", op, t.device.type, "; ".join(reasons))
     return "torch"
