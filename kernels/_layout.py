@@ -40,3 +40,15 @@ def num_programs_hint(t: torch.Tensor) -> int:
     if t.device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(t.device).multi_processor_count
     return 8
+
+
+def plane_tile_sizes(t: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for kernels that walk whole H x W planes per channel: tile_sizes(t), except
+    that an NCHW plane of fewer than 1024 positions gets a power-of-two width (at least 16) and the
+    1024-element tile holds several channels (a 7 x 7 plane: 16 channels x 64 positions)."""
+    BLOCK_C, BLOCK_HW = tile_sizes(t)
+    HW = t.shape[2] * t.shape[3]
+    if BLOCK_C == 1 and HW < BLOCK_HW:
+        BLOCK_HW = max(16, 1 << max(HW - 1, 0).bit_length())
+        BLOCK_C = 1024 // BLOCK_HW
+    return BLOCK_C, BLOCK_HW

@@ -4,9 +4,9 @@ fused ops of `fastattn.ops`. The small MLPs and convolutions on pooled tensors s
 
 Each module has a `backend` attribute (None: the process default, see `fastattn.set_backend`).
 """
-from .channel import ECA, NAM, SqueezeExcite
-from .hybrid import BAM, SCSE, ShuffleAttention
+from .channel import ECA, NAM, GatherExcite, SpatialPyramidAttention, SqueezeExcite, TiledSqueezeExcite
+from .hybrid import BAM, CBAM, SCSE, ShuffleAttention, TripletAttention
 
-FAST_MODULES = ["SqueezeExcite", "ECA", "NAM", "SCSE", "BAM", "ShuffleAttention"]
+FAST_MODULES = ["SqueezeExcite", "GatherExcite", "ECA", "SpatialPyramidAttention", "TiledSqueezeExcite", "NAM", "SCSE", "BAM", "ShuffleAttention", "TripletAttention", "CBAM"]
 
 __all__ = [*FAST_MODULES, "FAST_MODULES"]

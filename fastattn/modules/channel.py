@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import reference
 from ..ops.gate import channel_affine_gate, channel_scale
-from ..ops.pool import channel_mean
-from ..reference._checks import check_feature_map, check_same_shape, check_tensor
+from ..ops.pool import channel_mean, channel_pool
+from ..reference._checks import check_feature_map, check_same_shape, check_tensor, like_input
 
 
 class SqueezeExcite(reference.SqueezeExcite):
@@ -22,7 +23,7 @@ class SqueezeExcite(reference.SqueezeExcite):
         if residual is not None:
             check_tensor("SqueezeExcite", "residual", residual, dim=4, shape_hint="(B, C, H, W)")
             check_same_shape("SqueezeExcite", "residual", residual, "x", x)
-        s = channel_mean(x)[:, :, None, None]
+        s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
 
@@ -34,7 +35,7 @@ class ECA(reference.ECA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("ECA", x, channels=self.channels)
-        y = self.conv(channel_mean(x).unsqueeze(1)).squeeze(1)
+        y = self.conv(_mean(x, self.backend).unsqueeze(1)).squeeze(1)
         return channel_scale(x, torch.sigmoid(y), backend=self.backend)
 
 
@@ -77,3 +78,72 @@ def _batch_norm_stats(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.
             unbiased = var.detach() * (n / max(n - 1, 1))
             bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
     return mean, var
+
+
+class GatherExcite(reference.GatherExcite):
+    """`fastattn.reference.GatherExcite` with a fused gate whenever the gathered map is 1 x 1
+    (``extent=0``: the global mean, or the feature-size depthwise conv): two passes over x.
+
+    With ``extent > 0`` the gate varies over H x W (a nearest upsample of a strided pool) and
+    the module runs the reference forward; `fused` says which.
+    """
+
+    backend: str | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.extent == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        check_feature_map("GatherExcite", x, channels=self.channels)
+        if self.gather is not None:
+            if self.feat_size is not None and tuple(x.shape[-2:]) != self.feat_size:
+                raise ValueError(
+                    f"GatherExcite: argument 'x' must have spatial size feat_size={self.feat_size} "
+                    f"(global gather with extra_params=True), got {tuple(x.shape[-2:])}"
+                )
+            g = self.gather_act(self.gather(x))
+        else:
+            g = _mean(x, self.backend)[:, :, None, None]
+        return channel_scale(x, torch.sigmoid(self.mlp(g)).flatten(1), backend=self.backend)
+
+
+class SpatialPyramidAttention(reference.SpatialPyramidAttention):
+    """`fastattn.reference.SpatialPyramidAttention` with the gate fused (one pass); the 1/2/4
+    pyramid pools are PyTorch's adaptive pools (one read of x each)."""
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("SpatialPyramidAttention", x, channels=self.channels)
+        pooled = [_mean(x, self.backend)] + [F.adaptive_avg_pool2d(x, s).flatten(1) for s in (2, 4)]
+        return channel_scale(x, self.fc(torch.cat(pooled, dim=1)), backend=self.backend)  # fc ends in a sigmoid
+
+
+class TiledSqueezeExcite(reference.TiledSqueezeExcite):
+    """`fastattn.reference.TiledSqueezeExcite` with the tile gate applied through a broadcast
+    view of x (one read, one write, no upsampled gate in memory) when H and W are multiples of
+    ``pool_kernel``; other sizes crop border tiles and run the reference forward."""
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("TiledSqueezeExcite", x, channels=self.channels)
+        k = self.pool_kernel
+        h, w = x.shape[-2:]
+        if h % k or w % k:
+            return super().forward(x)
+        s = F.avg_pool2d(x, kernel_size=k, stride=k)
+        g = torch.sigmoid(self.fc2(F.relu(self.bn(self.fc1(s)))))           # (B, C, h/k, w/k)
+        tiles = x.unflatten(3, (w // k, k)).unflatten(2, (h // k, k))         # (B, C, h/k, k, w/k, k) view
+        y = tiles * g[:, :, :, None, :, None]
+        return like_input(y.flatten(4, 5).flatten(2, 3), x)
+
+
+def _mean(x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """(B, C) channel mean: the C++ kernel on CPU, the Triton pool on CUDA."""
+    if x.device.type == "cpu":
+        return channel_mean(x)
+    return channel_pool(x, ("mean",), backend=backend)[0]

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..ops.gate import channel_affine_gate, channel_spatial_gate
+from ..ops.gate import channel_affine_gate, channel_scale, channel_spatial_gate
+from ..ops.pool import channel_pool
+from ..ops.spatial import spatial_pool, zpool
 from ..ops.pool import channel_mean
 from ..reference._checks import check_feature_map, like_input
 
@@ -77,3 +79,58 @@ class ShuffleAttention(reference.ShuffleAttention):
         # Channel shuffle with 2 groups: channel k of half j goes to position 2k + j.
         out = y.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
         return like_input(out, x)
+
+
+_CBAM_FUSED_POOLS = {"avg": "mean", "max": "max"}
+
+
+class CBAM(reference.CBAM):
+    """`fastattn.reference.CBAM` in three passes over x (the reference makes about eight):
+
+    1. the channel pools (mean and max) in one read;
+    2. [max, mean] over the channels of ``x * Mc`` without materialising it;
+    3. ``x * Mc * Ms`` in one pass (one write).
+
+    The official "lp" and "lse" channel pools have no fused kernel: a module using them runs
+    the reference forward (say so in `fused`).
+    """
+
+    backend: str | None = None
+
+    @property
+    def fused(self) -> bool:
+        return all(p in _CBAM_FUSED_POOLS for p in self.ChannelGate.pool_types)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        check_feature_map("CBAM", x, channels=self.channels)
+        gate = self.ChannelGate
+        kinds = [_CBAM_FUSED_POOLS[p] for p in gate.pool_types]
+        pooled = channel_pool(x, kinds, backend=self.backend)
+        att = gate.mlp(pooled[0])
+        for p in pooled[1:]:
+            att = att + gate.mlp(p)
+        a = torch.sigmoid(att)
+        if self.no_spatial:
+            return channel_scale(x, a, backend=self.backend)
+        s = torch.sigmoid(self.SpatialGate.spatial(spatial_pool(x, a, backend=self.backend)))
+        return channel_spatial_gate(x, a, s, "mul", backend=self.backend)
+
+
+class TripletAttention(reference.TripletAttention):
+    """`fastattn.reference.TripletAttention` with the three Z-pools read straight from x (no
+    permuted copies). The three gated products stay in PyTorch (a fused three-gate kernel is
+    still to come), so only the pooling side is faster than the reference."""
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("TripletAttention", x)
+        # (B, 1, C, W) -> (B, C, 1, W) and (B, 1, H, C) -> (B, C, H, 1): views, no copies.
+        out = x * self.cw(zpool(x, 2, backend=self.backend)).permute(0, 2, 1, 3)
+        out = out + x * self.hc(zpool(x, 3, backend=self.backend)).permute(0, 3, 2, 1)
+        if self.no_spatial:
+            return like_input(out * 0.5, x)
+        out = out + x * self.hw(zpool(x, 1, backend=self.backend))
+        return like_input(out * (1 / 3), x)

@@ -1,8 +1,18 @@
-"""torch.library custom ops of fastattn (`torch.ops.fastattn.*`).
+"""torch.library custom ops of fastattn (`torch.ops.fastattn.*`): the functional API.
 
 Each op has a schema, a fake implementation (for torch.compile / export), an autograd formula
-and per-device implementations. The public functions here are the functional API.
+and per-backend implementations chosen by `fastattn.ops._dispatch` (backend= argument or
+`fastattn.set_backend`).
 """
-from .pool import channel_mean
+from .branch import branch_softmax_scale, branch_softmax_sum
+from .gate import channel_affine_gate, channel_scale, channel_spatial_gate
+from .group import sge_gate
+from .pool import channel_mean, channel_pool, dct_pool
+from .spatial import spatial_pool, spatial_scale, zpool
 
-__all__ = ["channel_mean"]
+__all__ = [
+    "channel_mean", "channel_pool", "dct_pool",
+    "channel_scale", "channel_spatial_gate", "channel_affine_gate",
+    "spatial_pool", "spatial_scale", "zpool",
+    "sge_gate", "branch_softmax_sum", "branch_softmax_scale",
+]
