@@ -68,12 +68,13 @@ def saved_bytes(case, m, shapes=None) -> int:
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_saved_for_backward_not_more_than_reference(case):
-    """The fast module saves at most what the reference saves. Allowance: 4 bytes per (b, c) for
-    an int32 argmax index where the reference keeps the pooled max itself (CBAM's channel max):
-    nothing that scales with H x W."""
+    """The fast module saves at most what the reference saves, with an allowance of 8 bytes per
+    (b, c) for per-channel statistics kept by the fused pools (CBAM's int32 argmax where the
+    reference keeps the pooled max itself; SRM's fp32 mean and std): nothing that scales with
+    H x W."""
     r, f = pair(case)
     B, C = case.shapes[0][:2]
-    assert saved_bytes(case, f) <= saved_bytes(case, r) + 4 * B * C
+    assert saved_bytes(case, f) <= saved_bytes(case, r) + 8 * B * C
 
 
 # Modules whose reference keeps several tensors of the size of x for backward: the fused ones

@@ -4,9 +4,20 @@ fused ops of `fastattn.ops`. The small MLPs and convolutions on pooled tensors s
 
 Each module has a `backend` attribute (None: the process default, see `fastattn.set_backend`).
 """
-from .channel import ECA, NAM, GatherExcite, SpatialPyramidAttention, SqueezeExcite, TiledSqueezeExcite
-from .hybrid import BAM, CBAM, SCSE, ShuffleAttention, TripletAttention
+from .channel import (
+    ECA, NAM, SRM, GatherExcite, MultiSpectralAttention, SpatialPyramidAttention, SqueezeExcite, TiledSqueezeExcite,
+)
+from .spatial import SpatialGroupEnhance
+from .hybrid import BAM, CBAM, SCSE, CoordinateAttention, ShuffleAttention, SimAM, TripletAttention
 
-FAST_MODULES = ["SqueezeExcite", "GatherExcite", "ECA", "SpatialPyramidAttention", "TiledSqueezeExcite", "NAM", "SCSE", "BAM", "ShuffleAttention", "TripletAttention", "CBAM"]
+FAST_MODULES = [
+    # channel attention
+    "SqueezeExcite", "GatherExcite", "SRM", "ECA", "SpatialPyramidAttention", "MultiSpectralAttention",
+    "TiledSqueezeExcite", "NAM",
+    # spatial
+    "SpatialGroupEnhance",
+    # channel and spatial
+    "SCSE", "BAM", "ShuffleAttention", "TripletAttention", "CBAM", "CoordinateAttention", "SimAM",
+]
 
 __all__ = [*FAST_MODULES, "FAST_MODULES"]

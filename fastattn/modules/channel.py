@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..ops.gate import channel_affine_gate, channel_scale
-from ..ops.pool import channel_mean, channel_pool
+from ..ops.pool import channel_mean, channel_pool, dct_pool
 from ..reference._checks import check_feature_map, check_same_shape, check_tensor, like_input
 
 
@@ -147,3 +147,35 @@ def _mean(x: torch.Tensor, backend: str | None) -> torch.Tensor:
     if x.device.type == "cpu":
         return channel_mean(x)
     return channel_pool(x, ("mean",), backend=backend)[0]
+
+
+class SRM(reference.SRM):
+    """`fastattn.reference.SRM`: mean and std in one read, then the gate in one pass."""
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("SRM", x, channels=self.channels)
+        if x.shape[2] * x.shape[3] < 2:
+            raise ValueError(
+                "SRM: argument 'x' must have at least 2 spatial positions (H * W >= 2, for the "
+                f"unbiased standard deviation), got H x W = {x.shape[2]} x {x.shape[3]}"
+            )
+        mean, std = channel_pool(x, ("mean", "std"), eps=1e-5, backend=self.backend)
+        z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
+        return channel_scale(x, torch.sigmoid(self.bn(z[:, :, None, None])).flatten(1), backend=self.backend)
+
+
+class MultiSpectralAttention(reference.MultiSpectralAttention):
+    """`fastattn.reference.MultiSpectralAttention` (FcaNet): the DCT pool in one read (after
+    PyTorch's adaptive pool when the map is not dct_h x dct_w), then the gate in one pass."""
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("MultiSpectralAttention", x, channels=self.channels)
+        pooled = x
+        if x.shape[-2:] != (self.dct_h, self.dct_w):
+            pooled = F.adaptive_avg_pool2d(x, (self.dct_h, self.dct_w))
+        y = dct_pool(pooled, self.dct_layer.weight, backend=self.backend)
+        return channel_scale(x, self.fc(y), backend=self.backend)   # fc ends in a sigmoid

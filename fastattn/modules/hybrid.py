@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..ops.gate import channel_affine_gate, channel_scale, channel_spatial_gate
+from ..ops.coord import coord_pool, coord_scale
 from ..ops.pool import channel_pool
+from ..ops.simam import simam
 from ..ops.spatial import spatial_pool, zpool
 from ..ops.pool import channel_mean
 from ..reference._checks import check_feature_map, like_input
@@ -134,3 +136,32 @@ class TripletAttention(reference.TripletAttention):
             return like_input(out * 0.5, x)
         out = out + x * self.hw(zpool(x, 1, backend=self.backend))
         return like_input(out * (1 / 3), x)
+
+
+class CoordinateAttention(reference.CoordinateAttention):
+    """`fastattn.reference.CoordinateAttention` in two passes over x: both directional means in
+    one read, then ``x * a_w * a_h`` in one pass. Saved for backward: x and the small gates."""
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("CoordinateAttention", x, channels=self.channels)
+        h, w = x.shape[-2:]
+        x_h, x_w = coord_pool(x, backend=self.backend)                       # (B, C, H), (B, C, W)
+        y = self.bn1(self.conv1(torch.cat([x_h, x_w], dim=2).unsqueeze(-1)))  # (B, mip, H + W, 1)
+        y = y * (F.relu6(y + 3) / 6)
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        a_h = torch.sigmoid(self.conv_h(y_h)).squeeze(-1)                   # (B, C, H)
+        a_w = torch.sigmoid(self.conv_w(y_w)).squeeze(-1)                   # (B, C, W)
+        return coord_scale(x, a_h, a_w, backend=self.backend)
+
+
+class SimAM(reference.SimAM):
+    """`fastattn.reference.SimAM` as one fused op: statistics and gate per plane, backward
+    recomputing them from x (the only tensor saved)."""
+
+    backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("SimAM", x)
+        return simam(x, self.e_lambda, backend=self.backend)

@@ -5,14 +5,17 @@ and per-backend implementations chosen by `fastattn.ops._dispatch` (backend= arg
 `fastattn.set_backend`).
 """
 from .branch import branch_softmax_scale, branch_softmax_sum
+from .coord import coord_pool, coord_scale
 from .gate import channel_affine_gate, channel_scale, channel_spatial_gate
 from .group import sge_gate
 from .pool import channel_mean, channel_pool, dct_pool
+from .simam import simam
 from .spatial import spatial_pool, spatial_scale, zpool
 
 __all__ = [
     "channel_mean", "channel_pool", "dct_pool",
     "channel_scale", "channel_spatial_gate", "channel_affine_gate",
     "spatial_pool", "spatial_scale", "zpool",
+    "coord_pool", "coord_scale", "simam",
     "sge_gate", "branch_softmax_sum", "branch_softmax_scale",
 ]

@@ -45,7 +45,7 @@ def _channel_scale(x: Tensor, a: Tensor, residual: Tensor | None, backend: str) 
         from fastattn.kernels.gate import channel_scale_forward
 
         r = _flat(residual) if residual is not None else None
-        return channel_scale_forward(_flat(x), a.float().contiguous(), r)
+        return _like(channel_scale_forward(_flat(x), a.float().contiguous(), r), x)
     acc = _acc_dtype(x)
     y = x.to(acc) * a.to(acc)[:, :, None, None]
     if residual is not None:
@@ -64,7 +64,7 @@ def _channel_scale_backward(dy: Tensor, x: Tensor, a: Tensor, backend: str) -> t
         from fastattn.kernels.gate import channel_scale_backward
 
         dx, da = channel_scale_backward(_flat(dy), _flat(x), a.float().contiguous())
-        return dx, da.to(a.dtype)
+        return _like(dx, x), da.to(a.dtype)
     acc = _acc_dtype(x)
     dy_acc = dy.to(acc)
     dx = _like((dy_acc * a.to(acc)[:, :, None, None]).to(x.dtype), x)
@@ -138,8 +138,8 @@ def _channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str, backend: s
         from fastattn.kernels.gate import channel_spatial_forward
 
         B, _, H, W = x.shape
-        return channel_spatial_forward(_flat(x), a.float().contiguous(), s.float().reshape(B, H * W).contiguous(),
-                                       mode)
+        y = channel_spatial_forward(_flat(x), a.float().contiguous(), s.float().reshape(B, H * W).contiguous(), mode)
+        return _like(y, x)
     acc = _acc_dtype(x)
     return _like(_combine_torch(x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode).to(x.dtype), x)
 
@@ -158,7 +158,7 @@ def _channel_spatial_gate_backward(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, 
         B, _, H, W = x.shape
         dx, da, ds = channel_spatial_backward(_flat(dy), _flat(x), a.float().contiguous(),
                                               s.float().reshape(B, H * W).contiguous(), mode)
-        return dx, da.to(a.dtype), ds.reshape(s.shape).to(s.dtype)
+        return _like(dx, x), da.to(a.dtype), ds.reshape(s.shape).to(s.dtype)
     acc = _acc_dtype(x)
     dx, da4, ds = _combine_grads_torch(dy.to(acc), x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode)
     return _like(dx.to(x.dtype), x), da4.sum(dim=(2, 3)).to(a.dtype), ds.sum(dim=1, keepdim=True).to(s.dtype)
@@ -242,7 +242,7 @@ def _channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, backend: str) -
     if backend == "triton":
         from fastattn.kernels.gate import affine_gate_forward
 
-        return affine_gate_forward(_flat(x), alpha.float().contiguous(), beta.float().contiguous())
+        return _like(affine_gate_forward(_flat(x), alpha.float().contiguous(), beta.float().contiguous()), x)
     acc = _acc_dtype(x)
     xa = x.to(acc)
     y = xa * torch.sigmoid(alpha.to(acc)[:, :, None, None] * xa + beta.to(acc)[:, :, None, None])
@@ -261,7 +261,7 @@ def _channel_affine_gate_backward(dy: Tensor, x: Tensor, alpha: Tensor, beta: Te
         from fastattn.kernels.gate import affine_gate_backward
 
         dx, dal, dbe = affine_gate_backward(_flat(dy), _flat(x), alpha.float().contiguous(), beta.float().contiguous())
-        return dx, dal.to(alpha.dtype), dbe.to(beta.dtype)
+        return _like(dx, x), dal.to(alpha.dtype), dbe.to(beta.dtype)
     acc = _acc_dtype(x)
     xa, dya = x.to(acc), dy.to(acc)
     al, be = alpha.to(acc)[:, :, None, None], beta.to(acc)[:, :, None, None]

@@ -123,3 +123,15 @@ def test_channel_affine_gate(shape, dtype):
             scale = max(1.0, q.abs().max().item())
             torch.testing.assert_close(p.double(), q.double(), rtol=tol, atol=tol * scale,
                                        msg=lambda m: f"{layout} {name}: {m}")
+
+
+def test_opcheck_triton_on_a_plane_that_does_not_flatten():
+    """A dense x whose H x W cannot be flattened is copied for the kernel; the output must still
+    have the strides the fake implementation promises (those of empty_like(x))."""
+    from fastattn.ops.gate import channel_affine_gate, channel_spatial_gate  # noqa: F401
+
+    x = torch.randn(2, 3, 4, 5).transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    a, s = torch.rand(2, 3, requires_grad=True), torch.rand(2, 1, 4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastattn.channel_scale.default, (x, a, None, "triton"))
+    torch.library.opcheck(torch.ops.fastattn.channel_spatial_gate.default, (x, a, s, "bam", "triton"))
+    torch.library.opcheck(torch.ops.fastattn.channel_affine_gate.default, (x, a, a.detach().clone(), "triton"))
