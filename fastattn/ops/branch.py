@@ -22,15 +22,13 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._common import acc_dtype
 
 __all__ = ["branch_softmax_sum", "branch_softmax_scale"]
 
 OP = "branch_softmax_sum"
 CHECKS = {"triton": _dispatch.triton_reason}
 
-
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _new_out(feats: Tensor, channels: int | None = None) -> Tensor:
@@ -50,7 +48,7 @@ def _weights(logits: Tensor, acc: torch.dtype) -> Tensor:
 
 @torch.library.custom_op("fastattn::branch_softmax_sum", mutates_args=())
 def _branch_softmax_sum(feats: Tensor, logits: Tensor, backend: str) -> Tensor:
-    acc = _acc(feats)
+    acc = acc_dtype(feats)
     a = _weights(logits, acc)
     if backend == "triton":
         from fastattn.kernels.branch import branch_sum_forward
@@ -68,7 +66,7 @@ def _(feats, logits, backend):
 
 @torch.library.custom_op("fastattn::branch_softmax_sum_backward", mutates_args=())
 def _branch_softmax_sum_backward(dy: Tensor, feats: Tensor, logits: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    acc = _acc(feats)
+    acc = acc_dtype(feats)
     a = _weights(logits, acc)
     if backend == "triton":
         from fastattn.kernels.branch import branch_sum_backward
@@ -148,7 +146,7 @@ def _branches_of(t: Tensor, K: int, reverse: bool) -> Tensor:
 
 @torch.library.custom_op("fastattn::branch_softmax_scale", mutates_args=())
 def _branch_softmax_scale(feats: Tensor, logits: Tensor, reverse: bool, backend: str) -> Tensor:
-    acc = _acc(feats)
+    acc = acc_dtype(feats)
     a = _weights(logits, acc)
     K, C = feats.shape[1:3]
     out = _new_out(feats, K * C)
@@ -170,7 +168,7 @@ def _(feats, logits, reverse, backend):
 @torch.library.custom_op("fastattn::branch_softmax_scale_backward", mutates_args=())
 def _branch_softmax_scale_backward(dy: Tensor, feats: Tensor, logits: Tensor, reverse: bool,
                                    backend: str) -> tuple[Tensor, Tensor]:
-    acc = _acc(feats)
+    acc = acc_dtype(feats)
     a = _weights(logits, acc)
     if backend == "triton":
         from fastattn.kernels.branch import branch_scale_backward

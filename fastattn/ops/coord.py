@@ -13,26 +13,12 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._common import acc_dtype, flat, like
 
 CHECKS = {"triton": _dispatch.triton_reason}
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-def _flat(t: Tensor) -> Tensor:
-    from fastattn.kernels._layout import flattenable
-
-    return flattenable(t)
-
-
-def _as_like(t: Tensor, ref: Tensor) -> Tensor:
-    """t in ref's dtype with the strides of torch.empty_like(ref), which the fake impls promise."""
-    t = t.to(ref.dtype)
-    if t.stride() == torch.empty_like(ref, device="meta").stride():
-        return t
-    return torch.empty_like(ref).copy_(t)
 
 
 # --------------------------------------------------------------------------- coord_pool
@@ -43,7 +29,7 @@ def _coord_pool(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         from fastattn.kernels.coord import coord_pool_forward
 
         return coord_pool_forward(x)          # any strides: the kernel walks x with its four strides
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     # contiguous outputs whatever x's layout (a channels_last x gives permuted means)
     return x.mean(dim=3, dtype=acc).to(x.dtype).contiguous(), x.mean(dim=2, dtype=acc).to(x.dtype).contiguous()
 
@@ -63,7 +49,7 @@ def _coord_pool_backward(dxh: Tensor, dxw: Tensor, channels_last: bool, backend:
         return coord_pool_backward(dxh, dxw, fmt)
     B, C, H = dxh.shape
     W = dxw.shape[2]
-    acc = _acc(dxh.dtype)
+    acc = acc_dtype(dxh.dtype)
     dx = dxh.to(acc)[:, :, :, None] / W + dxw.to(acc)[:, :, None, :] / H
     return dx.to(dxh.dtype, memory_format=fmt)
 
@@ -113,10 +99,10 @@ def _coord_scale(x: Tensor, a_h: Tensor, a_w: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.coord import coord_scale_forward
 
-        return _as_like(coord_scale_forward(_flat(x), a_h, a_w), x)    # a copy only for a copied exotic view
-    acc = _acc(x.dtype)
+        return like(coord_scale_forward(flat(x), a_h, a_w), x)    # a copy only for a copied exotic view
+    acc = acc_dtype(x.dtype)
     y = x.to(acc) * a_w.to(acc)[:, :, None, :] * a_h.to(acc)[:, :, :, None]
-    return _as_like(y, x)
+    return like(y, x)
 
 
 @_coord_scale.register_fake
@@ -131,10 +117,10 @@ def _coord_scale_backward(dy: Tensor, x: Tensor, a_h: Tensor, a_w: Tensor,
         from fastattn.kernels.coord import coord_scale_backward
 
         return coord_scale_backward(dy, x, a_h, a_w)     # any strides: walked with four strides
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     g = dy.to(acc)
     ah, aw = a_h.to(acc)[:, :, :, None], a_w.to(acc)[:, :, None, :]
-    dx = _as_like(g * aw * ah, x)
+    dx = like(g * aw * ah, x)
     gx = g * x.to(acc)
     dah = (gx * aw).sum(dim=3).to(a_h.dtype).contiguous()
     daw = (gx * ah).sum(dim=2).to(a_w.dtype).contiguous()

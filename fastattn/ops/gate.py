@@ -11,32 +11,13 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._common import acc_dtype, flat, like
 
 OP = "channel_scale"
 CHECKS = {"triton": _dispatch.triton_reason}
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    """fp32 accumulation for 16/32-bit inputs, fp64 for fp64 (gradcheck)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
-
-def _like(t: Tensor, like: Tensor) -> Tensor:
-    """t with the strides torch.empty_like(like) has (what the fake implementations promise).
-
-    Elementwise results of the torch path follow whichever operand PyTorch picks; when that is
-    not x's layout (dy NCHW, x channels_last), copy once.
-    """
-    want = torch.empty_like(like, device="meta").stride()
-    if t.stride() == want:
-        return t
-    return torch.empty_like(like, dtype=t.dtype).copy_(t)
-
-
-def _flat(t: Tensor) -> Tensor:
-    from fastattn.kernels._layout import flattenable
-
-    return flattenable(t)
 
 
 @torch.library.custom_op("fastattn::channel_scale", mutates_args=())
@@ -44,13 +25,13 @@ def _channel_scale(x: Tensor, a: Tensor, residual: Tensor | None, backend: str) 
     if backend == "triton":
         from fastattn.kernels.gate import channel_scale_forward
 
-        r = _flat(residual) if residual is not None else None
-        return _like(channel_scale_forward(_flat(x), a.float().contiguous(), r), x)
-    acc = _acc_dtype(x)
+        r = flat(residual) if residual is not None else None
+        return like(channel_scale_forward(flat(x), a.float().contiguous(), r), x)
+    acc = acc_dtype(x)
     y = x.to(acc) * a.to(acc)[:, :, None, None]
     if residual is not None:
         y = y + residual.to(acc)
-    return _like(y.to(x.dtype), x)
+    return like(y.to(x.dtype), x)
 
 
 @_channel_scale.register_fake
@@ -63,11 +44,11 @@ def _channel_scale_backward(dy: Tensor, x: Tensor, a: Tensor, backend: str) -> t
     if backend == "triton":
         from fastattn.kernels.gate import channel_scale_backward
 
-        dx, da = channel_scale_backward(_flat(dy), _flat(x), a.float().contiguous())
-        return _like(dx, x), da.to(a.dtype)
-    acc = _acc_dtype(x)
+        dx, da = channel_scale_backward(flat(dy), flat(x), a.float().contiguous())
+        return like(dx, x), da.to(a.dtype)
+    acc = acc_dtype(x)
     dy_acc = dy.to(acc)
-    dx = _like((dy_acc * a.to(acc)[:, :, None, None]).to(x.dtype), x)
+    dx = like((dy_acc * a.to(acc)[:, :, None, None]).to(x.dtype), x)
     da = (dy_acc * x.to(acc)).sum(dim=(2, 3)).to(a.dtype)
     return dx, da
 
@@ -138,10 +119,10 @@ def _channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str, backend: s
         from fastattn.kernels.gate import channel_spatial_forward
 
         B, _, H, W = x.shape
-        y = channel_spatial_forward(_flat(x), a.float().contiguous(), s.float().reshape(B, H * W).contiguous(), mode)
-        return _like(y, x)
-    acc = _acc_dtype(x)
-    return _like(_combine_torch(x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode).to(x.dtype), x)
+        y = channel_spatial_forward(flat(x), a.float().contiguous(), s.float().reshape(B, H * W).contiguous(), mode)
+        return like(y, x)
+    acc = acc_dtype(x)
+    return like(_combine_torch(x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode).to(x.dtype), x)
 
 
 @_channel_spatial_gate.register_fake
@@ -156,12 +137,12 @@ def _channel_spatial_gate_backward(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, 
         from fastattn.kernels.gate import channel_spatial_backward
 
         B, _, H, W = x.shape
-        dx, da, ds = channel_spatial_backward(_flat(dy), _flat(x), a.float().contiguous(),
+        dx, da, ds = channel_spatial_backward(flat(dy), flat(x), a.float().contiguous(),
                                               s.float().reshape(B, H * W).contiguous(), mode)
-        return _like(dx, x), da.to(a.dtype), ds.reshape(s.shape).to(s.dtype)
-    acc = _acc_dtype(x)
+        return like(dx, x), da.to(a.dtype), ds.reshape(s.shape).to(s.dtype)
+    acc = acc_dtype(x)
     dx, da4, ds = _combine_grads_torch(dy.to(acc), x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode)
-    return _like(dx.to(x.dtype), x), da4.sum(dim=(2, 3)).to(a.dtype), ds.sum(dim=1, keepdim=True).to(s.dtype)
+    return like(dx.to(x.dtype), x), da4.sum(dim=(2, 3)).to(a.dtype), ds.sum(dim=1, keepdim=True).to(s.dtype)
 
 
 def _combine_grads_torch(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, mode: str):
@@ -242,11 +223,11 @@ def _channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, backend: str) -
     if backend == "triton":
         from fastattn.kernels.gate import affine_gate_forward
 
-        return _like(affine_gate_forward(_flat(x), alpha.float().contiguous(), beta.float().contiguous()), x)
-    acc = _acc_dtype(x)
+        return like(affine_gate_forward(flat(x), alpha.float().contiguous(), beta.float().contiguous()), x)
+    acc = acc_dtype(x)
     xa = x.to(acc)
     y = xa * torch.sigmoid(alpha.to(acc)[:, :, None, None] * xa + beta.to(acc)[:, :, None, None])
-    return _like(y.to(x.dtype), x)
+    return like(y.to(x.dtype), x)
 
 
 @_channel_affine_gate.register_fake
@@ -260,14 +241,14 @@ def _channel_affine_gate_backward(dy: Tensor, x: Tensor, alpha: Tensor, beta: Te
     if backend == "triton":
         from fastattn.kernels.gate import affine_gate_backward
 
-        dx, dal, dbe = affine_gate_backward(_flat(dy), _flat(x), alpha.float().contiguous(), beta.float().contiguous())
-        return _like(dx, x), dal.to(alpha.dtype), dbe.to(beta.dtype)
-    acc = _acc_dtype(x)
+        dx, dal, dbe = affine_gate_backward(flat(dy), flat(x), alpha.float().contiguous(), beta.float().contiguous())
+        return like(dx, x), dal.to(alpha.dtype), dbe.to(beta.dtype)
+    acc = acc_dtype(x)
     xa, dya = x.to(acc), dy.to(acc)
     al, be = alpha.to(acc)[:, :, None, None], beta.to(acc)[:, :, None, None]
     s = torch.sigmoid(al * xa + be)
     u = dya * xa * s * (1 - s)
-    dx = _like((dya * s + u * al).to(x.dtype), x)
+    dx = like((dya * s + u * al).to(x.dtype), x)
     return dx, (u * xa).sum(dim=(2, 3)).to(alpha.dtype), u.sum(dim=(2, 3)).to(beta.dtype)
 
 

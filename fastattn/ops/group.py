@@ -14,15 +14,13 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._common import acc_dtype
 
 __all__ = ["sge_gate"]
 
 OP = "sge_gate"
 CHECKS = {"triton": _dispatch.triton_reason}
 
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _param(p: Tensor, acc: torch.dtype) -> Tensor:
@@ -33,7 +31,7 @@ def _param(p: Tensor, acc: torch.dtype) -> Tensor:
 def _sge_torch(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float):
     """The reference math in float32 (float64 for float64 x): (y in x's dtype and format, m, mu, sd)."""
     B, C, H, W = x.shape
-    acc = _acc(x)
+    acc = acc_dtype(x)
     if x.numel() == 0:
         zeros = x.new_zeros((B, groups), dtype=acc)
         return torch.empty_like(x), x.new_zeros((B, C), dtype=acc), zeros, zeros.clone()
@@ -52,7 +50,7 @@ def _sge_torch_backward(dy, x, weight, bias, m, mu, sd, groups: int, eps: float)
     """(dx, dweight, dbias): the formulas of kernels/group.py::_sge_fused_bwd in PyTorch."""
     B, C, H, W = x.shape
     G, N = groups, H * W
-    acc = _acc(x)
+    acc = acc_dtype(x)
     xf = x.to(acc).reshape(B, G, C // G, N)
     dyf = dy.to(acc).reshape(B, G, C // G, N)
     w, b = _param(weight, acc)[:, None], _param(bias, acc)[:, None]
@@ -77,7 +75,7 @@ def _sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
     if backend == "triton":
         from fastattn.kernels.group import sge_forward
 
-        acc = _acc(x)
+        acc = acc_dtype(x)
         return sge_forward(x, _param(weight, acc), _param(bias, acc), groups, eps)
     return _sge_torch(x, weight, bias, groups, eps)
 
@@ -85,7 +83,7 @@ def _sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
 @_sge_gate.register_fake
 def _(x, weight, bias, groups, eps, backend):
     B, C = x.shape[:2]
-    acc = _acc(x)
+    acc = acc_dtype(x)
     return (torch.empty_like(x), x.new_empty((B, C), dtype=acc), x.new_empty((B, groups), dtype=acc),
             x.new_empty((B, groups), dtype=acc))
 
@@ -96,7 +94,7 @@ def _sge_gate_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, m: T
     if backend == "triton":
         from fastattn.kernels.group import sge_backward
 
-        acc = _acc(x)
+        acc = acc_dtype(x)
         dx, dw, db = sge_backward(dy, x, _param(weight, acc), _param(bias, acc), m.contiguous(), mu.contiguous(),
                                   sd.contiguous(), groups, eps)
     else:

@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference._checks import check_feature_map, check_tensor, is_channels_last
 from . import _dispatch
+from ._common import acc_dtype, flat
 
 
 def channel_mean_reference(x: Tensor) -> Tensor:
@@ -85,19 +86,11 @@ DCT_POOL = "dct_pool"
 CHECKS = {"triton": _dispatch.triton_reason}
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _flat(t: Tensor) -> Tensor:
-    from fastattn.kernels._layout import flattenable
-
-    return flattenable(t)
 
 
 def _flat_weight(w: Tensor) -> Tensor:
     """A (C, H, W) weight whose H x W flattens (itself, or a contiguous copy)."""
-    return _flat(w.unsqueeze(0)).squeeze(0)
+    return flat(w.unsqueeze(0)).squeeze(0)
 
 
 def _format(channels_last: bool) -> torch.memory_format:
@@ -114,18 +107,18 @@ def _channel_pool(x: Tensor, kinds: list[str], eps: float, backend: str) -> list
     if backend == "triton":
         from fastattn.kernels.pool import channel_pool_forward
 
-        mean, vmax, argmax, std = channel_pool_forward(_flat(x), with_max, with_std, eps)
+        mean, vmax, argmax, std = channel_pool_forward(flat(x), with_max, with_std, eps)
     elif list(kinds) == ["mean"] and channel_mean_backend(x) == "cpu":
         return [torch.ops.fastattn_C.channel_mean(x)]      # the C++ CPU kernel
     else:
-        flat = x.flatten(2)
-        x_acc = flat.to(_acc(x.dtype))
+        planes = x.flatten(2)
+        x_acc = planes.to(acc_dtype(x.dtype))
         mean = x_acc.mean(2)
         std = None
         if with_std:    # (an empty x has no degrees of freedom to warn about)
             var = x_acc.var(2, correction=1) if x.numel() else x_acc.new_full(x.shape[:2], math.nan)
             std = (var + eps).sqrt()
-        vmax, argmax = flat.max(2) if with_max else (None, None)
+        vmax, argmax = planes.max(2) if with_max else (None, None)
     pooled = {"mean": mean, "max": vmax, "std": std}
     outs = [pooled[k].to(x.dtype, copy=True) for k in kinds]    # never aliases of the aux
     if with_max:
@@ -142,7 +135,7 @@ def _(x, kinds, eps, backend):
     if "max" in kinds:
         outs.append(x.new_empty(B, C, dtype=torch.int64))
     if "std" in kinds:
-        outs += [x.new_empty(B, C, dtype=_acc(x.dtype)) for _ in range(2)]
+        outs += [x.new_empty(B, C, dtype=acc_dtype(x.dtype)) for _ in range(2)]
     return outs
 
 
@@ -157,7 +150,7 @@ def _channel_pool_backward(dmean: Tensor | None, dmax: Tensor | None, dstd: Tens
     B, C, H, W = size
     HW = H * W
     dtype, device = grads[0].dtype, grads[0].device
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     dx = torch.empty(size, dtype=dtype, device=device, memory_format=_format(channels_last))
     a = dmean.to(acc).div(HW).contiguous() if dmean is not None else None
     k = (dstd.to(acc) / ((HW - 1) * std.to(acc))).contiguous() if dstd is not None else None
@@ -167,7 +160,7 @@ def _channel_pool_backward(dmean: Tensor | None, dmax: Tensor | None, dstd: Tens
         return channel_pool_backward(
             dx, a, dmax.to(acc).contiguous() if dmax is not None else None,
             argmax.contiguous() if dmax is not None else None,
-            k, mean.to(acc).contiguous() if k is not None else None, _flat(x) if k is not None else None,
+            k, mean.to(acc).contiguous() if k is not None else None, flat(x) if k is not None else None,
         )
     d = torch.zeros(B, C, HW, dtype=acc, device=device)
     if a is not None:
@@ -268,8 +261,8 @@ def _dct_pool(x: Tensor, weight: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.pool import dct_pool_forward
 
-        return dct_pool_forward(_flat(x), _flat_weight(weight)).to(x.dtype)
-    acc = _acc(x.dtype)
+        return dct_pool_forward(flat(x), _flat_weight(weight)).to(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (x.to(acc) * weight.to(acc)).sum(dim=(2, 3)).to(x.dtype)
 
 
@@ -283,14 +276,14 @@ def _dct_pool_backward(dy: Tensor, weight: Tensor, x: Tensor | None, size: Seque
                        need_dx: bool, backend: str) -> list[Tensor]:
     # [dx] if need_dx (size, dy's dtype, channels_last or NCHW), then [dweight] if x is given
     # (weight's shape, dtype and strides): dx = dy[b, c] * weight[c], dweight = sum_b dy[b, c] * x[b, c].
-    acc = _acc(dy.dtype)
+    acc = acc_dtype(dy.dtype)
     dx = torch.empty(size, dtype=dy.dtype, device=dy.device, memory_format=_format(channels_last)) if need_dx else None
     dw = torch.empty_like(weight) if x is not None else None
     dy_acc = dy.to(acc).contiguous()
     if backend == "triton":
         from fastattn.kernels.pool import dct_pool_backward
 
-        dw_acc = dct_pool_backward(dy_acc, _flat_weight(weight), _flat(x) if x is not None else None, dx)
+        dw_acc = dct_pool_backward(dy_acc, _flat_weight(weight), flat(x) if x is not None else None, dx)
     else:
         if dx is not None:
             dx.copy_(dy_acc[:, :, None, None] * weight.to(acc))

@@ -12,32 +12,18 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._common import acc_dtype, flat, like
 
 OP = "simam"
 CHECKS = {"triton": _dispatch.triton_reason}
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-def _flat(t: Tensor) -> Tensor:
-    from fastattn.kernels._layout import flattenable
-
-    return flattenable(t)
-
-
-def _as_like(t: Tensor, ref: Tensor) -> Tensor:
-    """t in ref's dtype with the strides of torch.empty_like(ref), which the fake impls promise."""
-    t = t.to(ref.dtype)
-    if t.stride() == torch.empty_like(ref, device="meta").stride():
-        return t
-    return torch.empty_like(ref).copy_(t)
 
 
 def _gate_terms(x: Tensor, e_lambda: float):
     """(x, xc, d, r, s) in the accumulation type: the forward's intermediates, recomputed."""
-    x = x.to(_acc(x.dtype))
+    x = x.to(acc_dtype(x.dtype))
     n = x.shape[2] * x.shape[3]
     xc = x - x.mean(dim=(2, 3), keepdim=True)
     d = xc * xc
@@ -50,9 +36,9 @@ def _simam(x: Tensor, e_lambda: float, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.simam import simam_forward
 
-        return _as_like(simam_forward(_flat(x), e_lambda), x)      # a copy only for a copied exotic view
+        return like(simam_forward(flat(x), e_lambda), x)      # a copy only for a copied exotic view
     x32, _, _, _, s = _gate_terms(x, e_lambda)
-    return _as_like(x32 * s, x)
+    return like(x32 * s, x)
 
 
 @_simam.register_fake
@@ -65,7 +51,7 @@ def _simam_backward(dy: Tensor, x: Tensor, e_lambda: float, backend: str) -> Ten
     if backend == "triton":
         from fastattn.kernels.simam import simam_backward
 
-        return _as_like(simam_backward(_flat(dy), _flat(x), e_lambda), x)
+        return like(simam_backward(flat(dy), flat(x), e_lambda), x)
     # dx = g s + 2 xc (e r + dS) - 2 r A / n,  e = g x s (1 - s),  A = sum(e xc),
     # dS = -4 r^2 sum(e d) / (n - 1)   (derivation: kernels/simam.py, _simam_bwd)
     x32, xc, d, r, s = _gate_terms(x, e_lambda)
@@ -75,7 +61,7 @@ def _simam_backward(dy: Tensor, x: Tensor, e_lambda: float, backend: str) -> Ten
     A = (e * xc).sum(dim=(2, 3), keepdim=True)
     dS = -4.0 * r * r * (e * d).sum(dim=(2, 3), keepdim=True) / (n - 1)
     dx = g * s + 2.0 * xc * (e * r + dS) - 2.0 * r * A / n
-    return _as_like(dx, x)
+    return like(dx, x)
 
 
 @_simam_backward.register_fake

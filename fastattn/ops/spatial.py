@@ -16,12 +16,10 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._common import acc_dtype
 
 CHECKS = {"triton": _dispatch.triton_reason}
 
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _pool_format(x: Tensor) -> torch.memory_format:
@@ -45,7 +43,7 @@ def _pool_out(xv: Tensor, memory_format: torch.memory_format) -> Tensor:
 
 def _pool_torch(xv: Tensor, a: Tensor | None, y: Tensor) -> Tensor:
     """Reference math of the pool (in fp32, fp64 for fp64): fills y, returns the int32 argmax (B, H * W)."""
-    v = xv.to(_acc(xv))
+    v = xv.to(acc_dtype(xv))
     if a is not None:
         v = v * a.to(v.dtype)[:, :, None, None]
     y[:, 0].copy_(v.amax(1))
@@ -56,7 +54,7 @@ def _pool_torch(xv: Tensor, a: Tensor | None, y: Tensor) -> Tensor:
 def _pool_backward_torch(dy: Tensor, xv: Tensor, a: Tensor | None, idx: Tensor, dxv: Tensor) -> Tensor | None:
     """Fills dxv, returns da (B, C) in the accumulation dtype (None when a is None)."""
     B, C, H, W = xv.shape
-    dy = dy.to(_acc(xv))
+    dy = dy.to(acc_dtype(xv))
     g = torch.zeros(B, C, H, W, device=xv.device, dtype=dy.dtype)
     g.scatter_(1, idx.view(B, 1, H, W).long(), dy[:, :1])
     g = g + dy[:, 1:2] / C
@@ -236,7 +234,7 @@ def _spatial_scale(x: Tensor, a: Tensor | None, s: Tensor, backend: str) -> Tens
         from fastattn.kernels.spatial import spatial_scale_forward
 
         return spatial_scale_forward(x, a, s)
-    v = x.to(_acc(x))
+    v = x.to(acc_dtype(x))
     if a is not None:
         v = v * a.to(v.dtype)[:, :, None, None]
     return torch.empty_like(x).copy_(v * s.to(v.dtype))
@@ -255,7 +253,7 @@ def _spatial_scale_backward(dy: Tensor, x: Tensor, a: Tensor | None, s: Tensor, 
 
         dx, da, ds = spatial_scale_backward(dy, x, a, s)
     else:
-        acc = _acc(x)
+        acc = acc_dtype(x)
         dy32, x32, s32 = dy.to(acc), x.to(acc), s.to(acc)
         t = dy32 * x32
         if a is not None:
