@@ -114,12 +114,8 @@ def run_modules(device: str = "cpu") -> list[dict]:
     return rows
 
 
-def main() -> int:
-    from .info import main as info_main
-
-    info_main()
-    print()
-    rows = run() + run_modules()
+def print_table(rows: list[dict]) -> int:
+    """Print the parity rows; returns the number of failures."""
     head = f"{'op or module':<24} {'backend':<7} {'dtype':<9} {'layout':<13} {'fwd max err':>11} {'bwd max err':>11}  result"
     print("parity of the fast ops and modules against the float64 reference")
     print(head)
@@ -129,4 +125,12 @@ def main() -> int:
               f"{r['fwd_err']:>11.2e} {r['bwd_err']:>11.2e}  {'ok' if r['ok'] else 'FAIL'}")
     bad = sum(not r["ok"] for r in rows)
     print(f"{len(rows) - bad} passed, {bad} failed")
-    return 1 if bad else 0
+    return bad
+
+
+def main() -> int:
+    from .info import main as info_main
+
+    info_main()
+    print()
+    return 1 if print_table(run() + run_modules()) else 0
