@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..ops.bins import bin_mean
 from ..ops.gate import channel_affine_gate, channel_scale
 from ..ops.pool import channel_mean, channel_pool, dct_pool
 from ..reference._checks import check_feature_map, check_same_shape, check_tensor, like_input
@@ -111,33 +112,39 @@ class GatherExcite(reference.GatherExcite):
 
 
 class SpatialPyramidAttention(reference.SpatialPyramidAttention):
-    """`fastattn.reference.SpatialPyramidAttention` with the gate fused (one pass); the 1/2/4
-    pyramid pools are PyTorch's adaptive pools (one read of x each)."""
+    """`fastattn.reference.SpatialPyramidAttention` in two passes over x: the 1 + 4 + 16 adaptive
+    bins in one read, then the gate in one pass."""
 
     backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("SpatialPyramidAttention", x, channels=self.channels)
-        pooled = [_mean(x, self.backend)] + [F.adaptive_avg_pool2d(x, s).flatten(1) for s in (2, 4)]
-        return channel_scale(x, self.fc(torch.cat(pooled, dim=1)), backend=self.backend)  # fc ends in a sigmoid
+        b = x.shape[0]
+        bins = bin_mean(x, (1, 2, 4), mode="adaptive", backend=self.backend)   # (B, C, 21)
+        # each level flattened channel-major, as the reference's adaptive_avg_pool2d(x, n).flatten(1)
+        pooled = torch.cat([bins[:, :, :1].reshape(b, -1), bins[:, :, 1:5].reshape(b, -1),
+                            bins[:, :, 5:].reshape(b, -1)], dim=1)
+        return channel_scale(x, self.fc(pooled), backend=self.backend)  # fc ends in a sigmoid
 
 
 class TiledSqueezeExcite(reference.TiledSqueezeExcite):
-    """`fastattn.reference.TiledSqueezeExcite` with the tile gate applied through a broadcast
-    view of x (one read, one write, no upsampled gate in memory) when H and W are multiples of
-    ``pool_kernel``; other sizes crop border tiles and run the reference forward."""
+    """`fastattn.reference.TiledSqueezeExcite`: the tile means in one read; when H and W are
+    multiples of ``pool_kernel`` the tile gate is applied through a broadcast view of x (one
+    read, one write, no upsampled gate in memory), else through the reference's upsampled gate."""
 
     backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("TiledSqueezeExcite", x, channels=self.channels)
         k = self.pool_kernel
-        h, w = x.shape[-2:]
+        b, c, h, w = x.shape
+        nh, nw = -(-h // k), -(-w // k)
+        s = bin_mean(x, (k,), mode="tiles", backend=self.backend).reshape(b, c, nh, nw)
+        g = torch.sigmoid(self.fc2(F.relu(self.bn(self.fc1(s)))))           # (B, C, nh, nw)
         if h % k or w % k:
-            return super().forward(x)
-        s = F.avg_pool2d(x, kernel_size=k, stride=k)
-        g = torch.sigmoid(self.fc2(F.relu(self.bn(self.fc1(s)))))           # (B, C, h/k, w/k)
-        tiles = x.unflatten(3, (w // k, k)).unflatten(2, (h // k, k))         # (B, C, h/k, k, w/k, k) view
+            g = g.repeat_interleave(k, dim=2)[:, :, :h].repeat_interleave(k, dim=3)[:, :, :, :w]
+            return like_input(x * g, x)
+        tiles = x.unflatten(3, (nw, k)).unflatten(2, (nh, k))               # (B, C, nh, k, nw, k) view
         y = tiles * g[:, :, :, None, :, None]
         return like_input(y.flatten(4, 5).flatten(2, 3), x)
 
