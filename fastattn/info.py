@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import _ext, reference
+from .modules import FAST_MODULES
 
 
 def _version(dist: str) -> str | None:
@@ -40,11 +41,12 @@ def collect() -> dict:
             "triton": (
                 (False, "triton is not installed") if triton is None
                 else (False, "no CUDA device (Triton kernels run on GPU; tests use TRITON_INTERPRET=1)") if not cuda
-                else (False, "no Triton kernels yet")
+                else (True, None)
             ),
             "torch (reference math)": (True, None),
         },
         "reference_modules": len(reference.__all__),
+        "fast_modules": list(FAST_MODULES),
     }
 
 
@@ -61,3 +63,4 @@ def main() -> None:
     for name, (ok, why) in d["backends"].items():
         print(f"  {name:<26} {'yes' if ok else 'no'}" + (f"  ({why})" if why else ""))
     print(f"reference modules: {d['reference_modules']} in fastattn.reference")
+    print(f"fast modules: {len(d['fast_modules'])} ({', '.join(d['fast_modules'])})")
