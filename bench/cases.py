@@ -149,7 +149,8 @@ def _channel_affine_gate() -> Case:
     m = _ops_module("gate")
     return _op("channel_affine_gate", m.channel_affine_gate,
                lambda x, al, be: x * torch.sigmoid(al[:, :, None, None] * x + be[:, :, None, None]),
-               lambda s: [s, s[:2], s[:2]], lambda s: [s], (0, 1, 2), _op_backends(m))
+               lambda s: [s, s[:2], s[:2]], lambda s: [s], (0, 1, 2),
+               lambda x: set(m._TRITON_ONLY))   # gate.py's CHECKS are channel_scale's (it has a CPU kernel)
 
 
 def _spatial_pool() -> Case:

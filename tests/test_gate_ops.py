@@ -163,3 +163,133 @@ def test_channel_affine_gate_math_gradcheck_opcheck():
                           (torch.randn(2, 3, 4, 5), cl.detach(), al.detach().float(), be.detach().float(), "torch"))
     with pytest.raises(ValueError, match=r"channel_affine_gate: argument 'beta' must have shape"):
         channel_affine_gate(x, al, be[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_scale, backend="cpu" (the OpenMP C++ kernels of fastattn._C)
+# ---------------------------------------------------------------------------------------------
+
+def _cpu_scale_ready():
+    from fastattn.ops import gate
+
+    return gate._cpu_reason(torch.empty(0))
+
+
+@pytest.mark.skipif(_cpu_scale_ready() is not None, reason=str(_cpu_scale_ready()))
+class TestChannelScaleCpu:
+    DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+    @staticmethod
+    def _make(shape, dtype, layout):
+        B, C, H, W = shape
+        if layout == "slice":                  # a channel slice of a wider NCHW tensor: not dense
+            return torch.randn(B, C + 3, H, W, dtype=dtype)[:, 1:C + 1]
+        if layout == "slice_cl":               # a channel slice of a channels_last tensor
+            return torch.randn(B, C + 3, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last)[:, 2:C + 2]
+        if layout == "permuted":               # (B, C, W, H) storage seen transposed: the generic path
+            return torch.randn(B, C, W, H, dtype=dtype).transpose(2, 3)
+        x = torch.randn(shape, dtype=dtype)
+        return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+    @staticmethod
+    def _tols(dtype):
+        return {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12),
+                torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}[dtype]
+
+    def _check(self, shape, dtype, layout, with_residual, dy_layout=None):
+        x = self._make(shape, dtype, layout)
+        a = torch.rand(shape[:2])
+        r = self._make(shape, dtype, "channels_last" if layout == "nchw" else "nchw") if with_residual else None
+        dy = self._make(shape, dtype, dy_layout or layout)
+        outs = {}
+        for backend in ("cpu", "torch"):
+            xg, ag = x.clone().requires_grad_(), a.clone().requires_grad_()
+            # clone() keeps the strides of a dense x; re-view the non-dense layouts so the kernel sees them
+            if layout in ("slice", "slice_cl", "permuted"):
+                xg = x.detach().requires_grad_()
+            rg = r.clone().requires_grad_() if r is not None else None
+            y = channel_scale(xg, ag, rg, backend=backend)
+            y.backward(dy)
+            outs[backend] = (y, xg.grad, ag.grad, rg.grad if rg is not None else None, xg)
+            xg.grad = None
+        y, dx, da, dr, xg = outs["cpu"]
+        yt, dxt, dat, drt, _ = outs["torch"]
+        # strides: those of torch.empty_like(x) (channels_last stays channels_last)
+        assert y.dtype == x.dtype and dx.dtype == x.dtype and da.dtype == a.dtype
+        assert y.stride() == torch.empty_like(x).stride()
+        # (x.grad is restrided by autograd for a non-dense x: ask the backward op itself)
+        dx_op, _ = torch.ops.fastattn.channel_scale_backward(dy, x, a, "cpu")
+        assert dx_op.stride() == torch.empty_like(x).stride()
+        # float64 math
+        x64, a64, dy64 = x.double(), a.double()[:, :, None, None], dy.double()
+        y64 = x64 * a64 + (r.double() if r is not None else 0)
+        rtol, atol = self._tols(dtype)
+        torch.testing.assert_close(y.double(), y64, rtol=rtol, atol=atol)
+        torch.testing.assert_close(dx.double(), dy64 * a64, rtol=rtol, atol=atol)
+        da64 = (dy64 * x64).sum((2, 3))
+        da_atol = 1e-5 * max(1, shape[2] * shape[3]) ** 0.5     # both sums round in fp32
+        torch.testing.assert_close(da.double(), da64, rtol=1e-5, atol=da_atol)
+        if r is not None:
+            torch.testing.assert_close(dr, dy)
+        # and the torch path, in the same dtype: the same rounding of the same fp32 math
+        torch.testing.assert_close(y, yt, rtol=0, atol=0)
+        torch.testing.assert_close(dx, dxt, rtol=0, atol=0)
+        torch.testing.assert_close(da, dat, rtol=1e-5, atol=2 * da_atol)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice", "slice_cl", "permuted"])
+    @pytest.mark.parametrize("with_residual", [False, True])
+    def test_matches_torch_and_fp64(self, dtype, layout, with_residual):
+        self._check((2, 70, 13, 17), dtype, layout, with_residual)
+
+    @pytest.mark.parametrize("shape", [(1, 70, 13, 17), (3, 5, 1, 1), (1, 1, 7, 7), (2, 600, 9, 9),
+                                       (1, 16, 100, 90), (0, 8, 5, 5), (2, 3, 0, 4)])
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+    def test_odd_shapes(self, shape, layout):
+        self._check(shape, torch.float32, layout, with_residual=True)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("layout,dy_layout", [("channels_last", "nchw"), ("nchw", "channels_last"),
+                                                  ("slice_cl", "nchw")])
+    def test_dy_in_another_layout(self, dtype, layout, dy_layout):
+        self._check((2, 70, 13, 17), dtype, layout, True, dy_layout)
+
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice"])
+    @pytest.mark.parametrize("with_residual", [False, True])
+    def test_gradcheck(self, layout, with_residual):
+        x = self._make((2, 3, 4, 5), torch.float64, layout).detach().requires_grad_()
+        a = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True) if with_residual else None
+        assert torch.autograd.gradcheck(lambda x, a, r: channel_scale(x, a, r, backend="cpu"), (x, a, r))
+
+    def test_opcheck(self):
+        x = torch.randn(2, 3, 4, 5, requires_grad=True)
+        a = torch.rand(2, 3, requires_grad=True)
+        r = torch.randn(2, 3, 4, 5, requires_grad=True)
+        cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        op = torch.ops.fastattn.channel_scale.default
+        torch.library.opcheck(op, (x, a, r, "cpu"))
+        torch.library.opcheck(op, (x, a, None, "cpu"))
+        torch.library.opcheck(op, (cl, a, r, "cpu"))
+        bwd = torch.ops.fastattn.channel_scale_backward.default
+        torch.library.opcheck(bwd, (torch.randn(2, 3, 4, 5), cl.detach(), a.detach(), "cpu"))
+
+    def test_auto_prefers_cpu_and_deterministic_da(self):
+        from fastattn.ops import gate
+
+        x = torch.randn(1, 64, 40, 40).contiguous(memory_format=torch.channels_last)
+        assert _dispatch.resolve("channel_scale", x, "auto", gate.CHECKS) == "cpu"
+        dy, a = torch.randn_like(x), torch.rand(1, 64)
+        da = [torch.ops.fastattn_C.channel_scale_backward(dy, x, a)[1] for _ in range(3)]
+        assert all(torch.equal(da[0], d) for d in da[1:])
+
+    def test_raw_op_checks(self):
+        x = torch.randn(2, 3, 4, 4)
+        with pytest.raises(TypeError, match="argument 'a' must be Float"):
+            torch.ops.fastattn_C.channel_scale(x, torch.rand(2, 3, dtype=torch.float64), None)
+        with pytest.raises(ValueError, match=r"argument 'a' must have shape \(B, C\)"):
+            torch.ops.fastattn_C.channel_scale(x, torch.rand(2, 4), None)
+        with pytest.raises(ValueError, match="argument 'residual' must have the shape"):
+            torch.ops.fastattn_C.channel_scale(x, torch.rand(2, 3), torch.randn(2, 3, 4, 5))
+        with pytest.raises(TypeError, match="argument 'dy' must have the dtype"):
+            torch.ops.fastattn_C.channel_scale_backward(x.half(), x, torch.rand(2, 3))

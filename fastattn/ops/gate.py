@@ -14,9 +14,19 @@ from . import _dispatch
 from ._common import acc_dtype, flat, like
 
 OP = "channel_scale"
-CHECKS = {"triton": _dispatch.triton_reason}
 
 
+def _cpu_reason(t: Tensor) -> str | None:
+    """Why the C++ CPU channel_scale kernels cannot run on t, or None."""
+    why = _dispatch.cpu_ext_reason(t)
+    if why is None and not hasattr(torch.ops.fastattn_C, "channel_scale"):
+        why = "fastattn._C predates the channel_scale CPU kernels (rebuild: pip install --no-build-isolation -e .)"
+    return why
+
+
+# channel_scale's backends; the other ops of this file have no CPU kernel yet (_TRITON_ONLY).
+CHECKS = {"triton": _dispatch.triton_reason, "cpu": _cpu_reason}
+_TRITON_ONLY = {"triton": _dispatch.triton_reason}
 
 
 
@@ -28,6 +38,9 @@ def _channel_scale(x: Tensor, a: Tensor, residual: Tensor | None, backend: str) 
         r = flat(residual) if residual is not None else None
         return like(channel_scale_forward(flat(x), a.float().contiguous(), r), x)
     acc = acc_dtype(x)
+    if backend == "cpu":     # the C++ kernel: any strides, y like torch.empty_like(x)
+        r = residual.to(x.dtype) if residual is not None else None
+        return torch.ops.fastattn_C.channel_scale(x, a.to(acc).contiguous(), r)
     y = x.to(acc) * a.to(acc)[:, :, None, None]
     if residual is not None:
         y = y + residual.to(acc)
@@ -47,6 +60,9 @@ def _channel_scale_backward(dy: Tensor, x: Tensor, a: Tensor, backend: str) -> t
         dx, da = channel_scale_backward(flat(dy), flat(x), a.float().contiguous())
         return like(dx, x), da.to(a.dtype)
     acc = acc_dtype(x)
+    if backend == "cpu":     # the C++ kernel: dx like torch.empty_like(x), da in acc
+        dx, da = torch.ops.fastattn_C.channel_scale_backward(dy.to(x.dtype), x, a.to(acc).contiguous())
+        return dx, da.to(a.dtype)
     dy_acc = dy.to(acc)
     dx = like((dy_acc * a.to(acc)[:, :, None, None]).to(x.dtype), x)
     da = (dy_acc * x.to(acc)).sum(dim=(2, 3)).to(a.dtype)
@@ -79,7 +95,8 @@ def channel_scale(x: Tensor, a: Tensor, residual: Tensor | None = None, *, backe
 
     x: (B, C, H, W) float, NCHW or channels_last; a: (B, C) scale (already activated);
     residual: None or like x. Returns (B, C, H, W) in x's dtype and memory format.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cpu"
+    (the OpenMP C++ kernels of fastattn._C, CPU tensors), "torch".
     """
     from ..reference._checks import check_feature_map, check_same_shape, check_tensor
 
@@ -208,7 +225,7 @@ def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "mul", *,
         raise ValueError(f"{CS_OP}: argument 's' must have shape (B, 1, H, W) = {(B, 1, H, W)}, got {tuple(s.shape)}")
     if mode not in CS_MODES:
         raise ValueError(f"{CS_OP}: argument 'mode' must be one of {CS_MODES}, got {mode!r}")
-    return _channel_spatial_gate(x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, CHECKS))
+    return _channel_spatial_gate(x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, _TRITON_ONLY))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,4 +305,4 @@ def channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, *, backend: str 
         if t.shape != x.shape[:2]:
             raise ValueError(f"{AG_OP}: argument '{name}' must have shape (B, C) = {tuple(x.shape[:2])}, "
                              f"got {tuple(t.shape)}")
-    return _channel_affine_gate(x, alpha, beta, _dispatch.resolve(AG_OP, x, backend, CHECKS))
+    return _channel_affine_gate(x, alpha, beta, _dispatch.resolve(AG_OP, x, backend, _TRITON_ONLY))
