@@ -76,7 +76,8 @@ def run_modules(device: str = "cpu") -> list[dict]:
     """Each fast module in fp32/bf16/fp16 and both layouts against its reference in float64
     (eval mode, forward and input gradient). A row passes when the fast module is at most twice
     as far (L2 norm of the error) from the float64 answer as the reference module run in the
-    same dtype, plus atol times the answer's norm."""
+    same dtype (or as the answer rounded to that dtype, whichever is larger), plus atol times
+    the answer's norm. Weights are seeded per module, so every run checks the same ones."""
     import fastattn
     from fastattn import reference
 
@@ -84,6 +85,7 @@ def run_modules(device: str = "cpu") -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     for name in fastattn.FAST_MODULES:
         kwargs = MODULE_KWARGS.get(name, {"channels": 64})
+        torch.manual_seed(0)        # default inits too: the same weights whatever ran before
         ref64 = getattr(reference, name)(**kwargs)
         _perturb(ref64, gen)
         ref64 = ref64.double().eval().to(device)
@@ -107,8 +109,10 @@ def run_modules(device: str = "cpu") -> list[dict]:
                 fe, be = (y_f - y_w).abs().max().item(), (g_f - g_w).abs().max().item()
                 # Judged on norms: a max() gate (scSE, CBAM, Triplet) flips its branch at near-ties
                 # under rounding, which moves a few gradient entries by O(1) in any 16-bit run.
-                ok = all((f - w).norm() <= 2 * (r - w).norm() + atol * w.norm()
-                         for f, r, w in ((y_f, y_r, y_w), (g_f, g_r, g_w)))
+                # The floor of "the reference's own error" is the error of rounding the answer itself
+                # to the dtype: no implementation in that dtype can do better.
+                ok = all((f - w).norm() <= 2 * max((r - w).norm(), (w.to(dtype).double() - w).norm())
+                         + atol * w.norm() for f, r, w in ((y_f, y_r, y_w), (g_f, g_r, g_w)))
                 rows.append(dict(op=name, backend=getattr(fast, "backend", None) or "auto",
                                  dtype=str(dtype).replace("torch.", ""), layout=layout, fwd_err=fe, bwd_err=be, ok=ok))
     return rows
