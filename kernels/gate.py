@@ -124,14 +124,12 @@ def channel_scale_backward(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -
 # ---------------------------------------------------------------------------------------------
 
 # Modes (constexpr ints): how the channel gate a and the spatial gate s combine.
-MODES = {"mul": 0, "max": 1, "add": 2, "bam": 3, "bam_sum": 4}
+MODES = {"max": 1, "add": 2, "bam": 3, "bam_sum": 4}   # x * a * s is spatial.py's spatial_scale
 
 
 @triton.jit
 def _combine(x, a, s, MODE: tl.constexpr):
-    if MODE == 0:                                   # CBAM: x * a * s
-        y = x * a * s
-    elif MODE == 1:                                 # scSE (official): max(x * a, x * s)
+    if MODE == 1:                                   # scSE (official): max(x * a, x * s)
         y = tl.maximum(x * a, x * s)
     elif MODE == 2:                                 # scSE (paper): x * a + x * s
         y = x * (a + s)
@@ -182,7 +180,6 @@ def _channel_spatial_bwd(
     MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Gradients of y = x * f(a, s), per mode (t the pre-activation of the BAM modes, sg = sigmoid(t)):
-        mul:     dx = dy a s;               da = sum_hw dy x s;           ds = sum_c dy x a
         max:     the larger of x a, x s takes it: dx = dy a, da += dy x (a side) or dx = dy s, ds += dy x
         add:     dx = dy (a + s);           da = sum_hw dy x;             ds = sum_c dy x
         bam:     dx = dy (1 + sg);  dt = dy x sg (1 - sg);  da = sum_hw dt s;  ds = sum_c dt a
@@ -202,11 +199,7 @@ def _channel_spatial_bwd(
     s = tl.load(s_ptr + b * HW + hw, mask=hw_ok, other=0.0)[None, :]
     x = tl.load(x_ptr + b * sxb + c[:, None] * sxc + hw[None, :] * sxhw, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + b * sdb + c[:, None] * sdc + hw[None, :] * sdhw, mask=mask, other=0.0).to(tl.float32)
-    if MODE == 0:
-        dx = dy * a * s
-        ga = dy * x * s
-        gs = dy * x * a
-    elif MODE == 1:
+    if MODE == 1:
         a_wins = x * a >= x * s
         dx = tl.where(a_wins, dy * a, dy * s)
         ga = tl.where(a_wins, dy * x, 0.0)

@@ -9,7 +9,7 @@ from ..ops.gate import channel_affine_gate, channel_scale, channel_spatial_gate
 from ..ops.coord import coord_pool, coord_scale
 from ..ops.pool import channel_pool
 from ..ops.simam import simam
-from ..ops.spatial import spatial_pool, zpool
+from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
 from ..reference._checks import check_feature_map, like_input
 
@@ -117,7 +117,7 @@ class CBAM(reference.CBAM):
         if self.no_spatial:
             return channel_scale(x, a, backend=self.backend)
         s = torch.sigmoid(self.SpatialGate.spatial(spatial_pool(x, a, backend=self.backend)))
-        return channel_spatial_gate(x, a, s, "mul", backend=self.backend)
+        return spatial_scale(x, a, s, backend=self.backend)
 
 
 class TripletAttention(reference.TripletAttention):

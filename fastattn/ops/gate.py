@@ -111,17 +111,15 @@ def channel_scale(x: Tensor, a: Tensor, residual: Tensor | None = None, *, backe
 
 
 # ---------------------------------------------------------------------------------------------
-# channel_spatial_gate: y = x * f(a[b, c], s[b, 0, h, w]) in one pass (CBAM, scSE, BAM)
+# channel_spatial_gate: y = x * f(a[b, c], s[b, 0, h, w]) in one pass (scSE, BAM; CBAM's x * a * s is spatial_scale)
 # ---------------------------------------------------------------------------------------------
 
 CS_OP = "channel_spatial_gate"
-CS_MODES = ("mul", "max", "add", "bam", "bam_sum")
+CS_MODES = ("max", "add", "bam", "bam_sum")   # x * a * s (CBAM) is fastattn.ops.spatial_scale
 
 
 def _combine_torch(x: Tensor, a: Tensor, s: Tensor, mode: str) -> Tensor:
     """The reference math of every mode on (B, C, 1, 1) a and (B, 1, H, W) s."""
-    if mode == "mul":
-        return x * a * s
     if mode == "max":
         return torch.maximum(x * a, x * s)
     if mode == "add":
@@ -165,8 +163,6 @@ def _channel_spatial_gate_backward(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, 
 def _combine_grads_torch(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, mode: str):
     """(dx, da, ds) of every mode, da and ds not yet reduced (shape of x); see the Triton
     backward kernel's docstring for the formulas."""
-    if mode == "mul":
-        return dy * a * s, dy * x * s, dy * x * a
     if mode == "max":
         a_wins = x * a >= x * s
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -201,12 +197,11 @@ def _cs_backward(ctx, dy):
 _channel_spatial_gate.register_autograd(_cs_backward, setup_context=_cs_setup_context)
 
 
-def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "mul", *,
+def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "max", *,
                          backend: str | None = None) -> Tensor:
     """y = x * f(a, s) in one pass over x, with a channel gate a and a spatial gate s.
 
     x: (B, C, H, W), NCHW or channels_last; a: (B, C); s: (B, 1, H, W). Modes:
-      "mul"      x * a * s                      (CBAM: a, s already activated)
       "max"      max(x * a, x * s)              (scSE, official)
       "add"      x * a + x * s                  (scSE, paper)
       "bam"      x * (1 + sigmoid(a * s))       (BAM, official; a, s pre-activation)

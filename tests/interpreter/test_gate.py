@@ -72,7 +72,7 @@ def test_deterministic_da():
     assert torch.equal(grads[0], grads[1])
 
 
-MODES = ["mul", "max", "add", "bam", "bam_sum"]
+MODES = ["max", "add", "bam", "bam_sum"]
 
 
 @pytest.mark.parametrize("mode", MODES)
