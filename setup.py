@@ -2,7 +2,8 @@
 
 C++ CPU kernels are always built (OpenMP, -O3). CUDA kernels are built according to
 FASTATTN_BUILD_CUDA: "auto" (default: when torch has CUDA and nvcc is found), "1" (required:
-fail if impossible), "0" (never). Build with `pip install --no-build-isolation -e .` so the
+fail if impossible), "0" (never). FASTATTN_CPU_ARCH picks -march for the CPU kernels (default
+"native"; "none" for a portable build). Build with `pip install --no-build-isolation -e .` so the
 extension compiles against the torch already installed.
 """
 import glob
@@ -34,15 +35,28 @@ def _want_cuda(torch_mod, cuda_home):
     return mode != "0" and possible
 
 
+def _cpu_arch_flags():
+    """-march for the CPU kernels: FASTATTN_CPU_ARCH (default "native": the vector units of the
+    machine that builds, as a source build runs where it is built; "none" adds no flag, e.g.
+    for a package built on one machine and run on others)."""
+    arch = os.environ.get("FASTATTN_CPU_ARCH", "native").strip()
+    if arch.lower() in ("", "none"):
+        return []
+    return [f"-march={arch}"]
+
+
 def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx = ["-O3", "-std=c++17", *openmp]
-    sources = ["csrc/ops.cpp", *_rel("csrc/cpu/*.cpp")]
+    cxx += _cpu_arch_flags()
+    bind = _rel("csrc/bind/*.cpp")
+    bind_cuda = [p for p in bind if p.endswith("_cuda.cpp")]
+    sources = ["csrc/ops.cpp", *[p for p in bind if p not in bind_cuda], *_rel("csrc/cpu/*.cpp")]
     if _want_cuda(torch, CUDA_HOME):
-        sources += [*_rel("csrc/ops_cuda.cpp"), *_rel("csrc/cuda/*.cu")]
+        sources += [*bind_cuda, *_rel("csrc/cuda/*.cu")]
         return [
             CUDAExtension(
                 "fastattn._C",
@@ -59,7 +73,7 @@ def main():
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        packages=["fastattn", "fastattn.reference", "fastattn.ops", "fastattn.kernels"],
+        packages=["fastattn", "fastattn.reference", "fastattn.ops", "fastattn.modules", "fastattn.kernels"],
         package_dir={"fastattn.kernels": "kernels"},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -9,6 +9,11 @@ namespace fastattn {
 
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
+// Element strides of one (B, C, H, W) tensor.
+struct Strides4 {
+  int64_t b, c, h, w;
+};
+
 // Storage types of the 16-bit formats: plain bit patterns, converted through float.
 struct bf16_t { uint16_t bits; };
 struct fp16_t { uint16_t bits; };

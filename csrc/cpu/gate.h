@@ -7,11 +7,6 @@
 
 namespace fastattn {
 
-// Sizes and element strides of one (B, C, H, W) tensor.
-struct Strides4 {
-  int64_t b, c, h, w;
-};
-
 // y = x * a[b, c] (+ r), math in fp32 (fp64 for fp64). x, r, y share `dtype` and the sizes
 // (B, C, H, W) but each has its own strides; r may be null. `a` is a contiguous (B, C) buffer of
 // the accumulation type: float (double when dtype is Float64).

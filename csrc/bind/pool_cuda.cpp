@@ -1,12 +1,12 @@
-// CUDA registrations of the raw kernels (torch.ops.fastattn_C.*), built only with a CUDA torch.
+// CUDA registrations of the pooling ops (torch.ops.fastattn_C.*), built only with a CUDA torch.
 // Device guard and current stream here; the kernels in csrc/cuda/ see pointers and a stream only.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <limits>
 
-#include "cuda/pool.h"
-#include "ops_common.h"
+#include "../cuda/pool.h"
+#include "common.h"
 
 namespace fastattn {
 namespace {
@@ -21,7 +21,7 @@ at::Tensor channel_mean_cuda_op(const at::Tensor& x) {
   if (B * C == 0) return out;
   if (H * W == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
   const cudaError_t err = channel_mean_cuda(x.data_ptr(), out.data_ptr(), dt, B, C, H, W, x.stride(0), x.stride(1),
-                                            x.stride(2), x.stride(3), at::cuda::getCurrentCUDAStream());
+                                            x.stride(2), x.stride(3), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fastattn::channel_mean: CUDA launch failed for x of shape ", x.sizes(), ": ",
               cudaGetErrorString(err));
   return out;
