@@ -172,7 +172,7 @@ def test_channel_affine_gate_math_gradcheck_opcheck():
 def _cpu_scale_ready():
     from fastattn.ops import gate
 
-    return gate._cpu_reason(torch.empty(0))
+    return gate.CHECKS["cpu"](torch.empty(0))
 
 
 @pytest.mark.skipif(_cpu_scale_ready() is not None, reason=str(_cpu_scale_ready()))

@@ -99,6 +99,41 @@ def cuda_ext_reason(t: torch.Tensor) -> str | None:
     return None
 
 
+def _registered(raw_op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn_C::{raw_op}", key)
+    except RuntimeError:        # no schema: an extension built before the op existed
+        return False
+
+
+def cpu_kernel(*raw_ops: str) -> Callable[[torch.Tensor], str | None]:
+    """The "cpu" check of an op whose C++ kernels are `torch.ops.fastattn_C.<raw_ops>`."""
+
+    def reason(t: torch.Tensor) -> str | None:
+        why = cpu_ext_reason(t)
+        missing = [r for r in raw_ops if not _registered(r, "CPU")]
+        if why is None and missing:
+            why = (f"fastattn._C has no CPU kernel {missing[0]!r} (built from older sources? "
+                   "rebuild: pip install --no-build-isolation -e .)")
+        return why
+
+    return reason
+
+
+def cuda_kernel(*raw_ops: str) -> Callable[[torch.Tensor], str | None]:
+    """The "cuda" check of an op whose CUDA C++ kernels are `torch.ops.fastattn_C.<raw_ops>`."""
+
+    def reason(t: torch.Tensor) -> str | None:
+        why = cuda_ext_reason(t)
+        missing = [r for r in raw_ops if not _registered(r, "CUDA")]
+        if why is None and missing:
+            why = (f"fastattn._C has no CUDA kernel {missing[0]!r} (built from older sources? "
+                   "rebuild: FASTATTN_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
+        return why
+
+    return reason
+
+
 def not_implemented(backend: str) -> Callable[[torch.Tensor], str]:
     return lambda t: f"this op has no {backend} implementation yet"
 

@@ -16,16 +16,9 @@ from ._common import acc_dtype, flat, like
 OP = "channel_scale"
 
 
-def _cpu_reason(t: Tensor) -> str | None:
-    """Why the C++ CPU channel_scale kernels cannot run on t, or None."""
-    why = _dispatch.cpu_ext_reason(t)
-    if why is None and not hasattr(torch.ops.fastattn_C, "channel_scale"):
-        why = "fastattn._C predates the channel_scale CPU kernels (rebuild: pip install --no-build-isolation -e .)"
-    return why
-
-
 # channel_scale's backends; the other ops of this file have no CPU kernel yet (_TRITON_ONLY).
-CHECKS = {"triton": _dispatch.triton_reason, "cpu": _cpu_reason}
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cpu": _dispatch.cpu_kernel("channel_scale", "channel_scale_backward")}
 _TRITON_ONLY = {"triton": _dispatch.triton_reason}
 
 
