@@ -99,6 +99,7 @@ def cuda_ext_reason(t: torch.Tensor) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result     # a registry lookup: constant while a graph is traced
 def _registered(raw_op: str, key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn_C::{raw_op}", key)
