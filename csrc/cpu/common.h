@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fastattn {
 
@@ -88,5 +89,31 @@ template <> inline fp16_t from_float<fp16_t>(float f) {
   v += 0x0FFFu + ((v >> 13) & 1u);
   return fp16_t{static_cast<uint16_t>(sign | (v >> 13))};
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the kernel families
+// ---------------------------------------------------------------------------------------------
+
+// The math type of storage type T: double for double, float for float / fp16 / bf16.
+template <typename T>
+using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+// Store an accumulator value as T (from_float takes a float: fp64 needs from_double).
+template <typename T>
+inline T store(acc_t<T> v) {
+  if constexpr (std::is_same<T, double>::value) return v;
+  else return from_float<T>(v);
+}
+
+// Long sums run in fp32 over chunks of kChunk elements (vectorised) folded into a double total:
+// one fp32 accumulator stops growing at 2^24 when adding ones.
+constexpr int64_t kChunk = 4096;
+
+// Layout tests on element strides: each H x W plane contiguous (NCHW and its channel slices), or
+// channels contiguous (channels_last).
+inline bool plane_contiguous(const Strides4& s, int64_t H, int64_t W) {
+  return (s.w == 1 || W == 1) && (s.h == W || H == 1);
+}
+inline bool channels_contiguous(const Strides4& s, int64_t C) { return s.c == 1 || C == 1; }
 
 }  // namespace fastattn

@@ -11,26 +11,8 @@
 namespace fastattn {
 namespace {
 
-template <typename T>
-using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
-
-// fp32 partial sums over at most kChunk elements, folded into a double total.
-constexpr int64_t kChunk = 4096;
 // Elements of one work item of the channels-contiguous paths (pixels x C).
 constexpr int64_t kPixelWork = 16384;
-
-// Store an accumulator value as T (from_float takes a float: fp64 needs from_double).
-template <typename T>
-inline T store(acc_t<T> v) {
-  if constexpr (std::is_same<T, double>::value) return v;
-  else return from_float<T>(v);
-}
-
-inline bool plane_contiguous(const Strides4& s, int64_t H, int64_t W) {
-  return (s.w == 1 || W == 1) && (s.h == W || H == 1);
-}
-
-inline bool channels_contiguous(const Strides4& s, int64_t C) { return s.c == 1 || C == 1; }
 
 // ---------------------------------------------------------------------------------------------
 // forward

@@ -7,14 +7,6 @@
 namespace fastattn {
 namespace {
 
-template <typename T>
-using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
-
-// Partial sums run in fp32 over chunks of kChunk elements (fast, vectorised) and are added into
-// a double total, so a sum over a huge plane keeps its precision (one fp32 accumulator stops
-// growing at 2^24 when adding ones).
-constexpr int64_t kChunk = 4096;
-
 // H x W plane contiguous (NCHW, or a channel slice of it): one reduction per (b, c), each a
 // unit-stride loop the compiler vectorises.
 template <typename T>
