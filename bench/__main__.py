@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -33,7 +34,8 @@ def _names(values: Optional[list[str]]) -> Optional[list[str]]:
     """--x a,b --x c -> [a, b, c]; None when the option was not given."""
     if values is None:
         return None
-    return [v.strip() for chunk in values for v in chunk.split(",") if v.strip()]
+    # commas inside brackets belong to a name: channel_pool[mean,max]
+    return [v.strip() for chunk in values for v in re.split(r",(?![^\[]*\])", chunk) if v.strip()]
 
 
 def _pick(given: list[str], known: Sequence[str], what: str) -> list[str]:
@@ -72,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
                    help="modules (comma-separated, or all): any fastattn.reference class or variant; "
                         "default: fastattn.FAST_MODULES and the e2e set")
     p.add_argument("--provider", action="append", metavar="NAMES",
-                   help="eager, compile, fastattn (every fastattn backend), fastattn-triton, fastattn-cuda")
+                   help="eager, compile, fastattn (every fastattn backend), fastattn-cpu, fastattn-triton, fastattn-cuda")
     p.add_argument("--dtype", action="append", metavar="NAMES",
                    help="fp32, bf16, fp16 (default: what the device computes natively)")
     p.add_argument("--layout", action="append", metavar="NAMES", help="nchw, channels_last")

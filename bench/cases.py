@@ -16,6 +16,7 @@ import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 import fastattn
 import fastattn.reference as ref
@@ -111,13 +112,9 @@ class Case:
 # ---- ops ---------------------------------------------------------------------------------------
 
 
-def _op_backends(op_module) -> Callable[[torch.Tensor], set]:
-    """Backends of an op module that declares CHECKS (as fastattn/ops/gate.py does)."""
-    return lambda x: set(getattr(op_module, "CHECKS", {}))
-
-
 def _op(name: str, fast: Callable, eager: Callable, input_shapes, output_shapes, bwd_reads,
-        backends) -> Case:
+        backends=None) -> Case:
+    # backends=None: a trial call under the provider's backend tells (an op without it raises).
     return Case("op", name, input_shapes, output_shapes, bwd_reads,
                 lambda shape, device, dtype: Built(eager, fast), backends)
 
@@ -129,7 +126,7 @@ def _ops_module(stem: str):
 def _channel_scale() -> Case:
     m = _ops_module("gate")
     return _op("channel_scale", m.channel_scale, lambda x, a: x * a[:, :, None, None],
-               lambda s: [s, s[:2]], lambda s: [s], (0, 1), _op_backends(m))
+               lambda s: [s, s[:2]], lambda s: [s], (0, 1))
 
 
 def _channel_mean() -> Case:
@@ -142,15 +139,14 @@ def _channel_pool() -> Case:
     m = _ops_module("pool")
     return _op("channel_pool[mean,max]", lambda x: m.channel_pool(x, ("mean", "max")),
                lambda x: (x.mean(dim=(2, 3)), x.amax(dim=(2, 3))),
-               lambda s: [s], lambda s: [s[:2], s[:2]], (), _op_backends(m))
+               lambda s: [s], lambda s: [s[:2], s[:2]], ())
 
 
 def _channel_affine_gate() -> Case:
     m = _ops_module("gate")
     return _op("channel_affine_gate", m.channel_affine_gate,
                lambda x, al, be: x * torch.sigmoid(al[:, :, None, None] * x + be[:, :, None, None]),
-               lambda s: [s, s[:2], s[:2]], lambda s: [s], (0, 1, 2),
-               lambda x: set(m._TRITON_ONLY))   # gate.py's CHECKS are channel_scale's (it has a CPU kernel)
+               lambda s: [s, s[:2], s[:2]], lambda s: [s], (0, 1, 2))
 
 
 def _spatial_pool() -> Case:
@@ -161,30 +157,118 @@ def _spatial_pool() -> Case:
         return torch.cat([xa.amax(dim=1, keepdim=True), xa.mean(dim=1, keepdim=True)], dim=1)
 
     return _op("spatial_pool", m.spatial_pool, eager,
-               lambda s: [s, s[:2]], lambda s: [(s[0], 2, s[2], s[3])], (0, 1), _op_backends(m))
+               lambda s: [s, s[:2]], lambda s: [(s[0], 2, s[2], s[3])], (0, 1))
 
 
 def _spatial_scale() -> Case:
     m = _ops_module("spatial")
     return _op("spatial_scale", m.spatial_scale, lambda x, a, sp: x * a[:, :, None, None] * sp,
-               lambda s: [s, s[:2], (s[0], 1, s[2], s[3])], lambda s: [s], (0, 1, 2), _op_backends(m))
+               lambda s: [s, s[:2], (s[0], 1, s[2], s[3])], lambda s: [s], (0, 1, 2))
 
 
 def _coord_pool() -> Case:
     m = _ops_module("coord")
     return _op("coord_pool", m.coord_pool, lambda x: (x.mean(dim=3), x.mean(dim=2)),
-               lambda s: [s], lambda s: [s[:3], (*s[:2], s[3])], (), _op_backends(m))
+               lambda s: [s], lambda s: [s[:3], (*s[:2], s[3])], ())
 
 
 def _coord_scale() -> Case:
     m = _ops_module("coord")
     return _op("coord_scale", m.coord_scale, lambda x, ah, aw: x * ah[:, :, :, None] * aw[:, :, None, :],
-               lambda s: [s, s[:3], (*s[:2], s[3])], lambda s: [s], (0, 1, 2), _op_backends(m))
+               lambda s: [s, s[:3], (*s[:2], s[3])], lambda s: [s], (0, 1, 2))
 
 
 def _simam() -> Case:
     m = _ops_module("simam")
-    return _op("simam", m.simam, ref.SimAM(1e-4), lambda s: [s], lambda s: [s], (0,), _op_backends(m))
+    return _op("simam", m.simam, ref.SimAM(1e-4), lambda s: [s], lambda s: [s], (0,))
+
+
+def _channel_pool_std() -> Case:
+    m = _ops_module("pool")
+    return _op("channel_pool[mean,std]", lambda x: m.channel_pool(x, ("mean", "std")),
+               lambda x: (x.mean(dim=(2, 3)), (x.var(dim=(2, 3)) + 1e-5).sqrt()),
+               lambda s: [s], lambda s: [s[:2], s[:2]], (0,))
+
+
+def _dct_pool() -> Case:
+    m = _ops_module("pool")
+    return _op("dct_pool", m.dct_pool, lambda x, w: (x * w).sum(dim=(2, 3)),
+               lambda s: [s, s[1:]], lambda s: [s[:2]], (0, 1))
+
+
+PYRAMID = (1, 2, 4)     # SpatialPyramidAttention's levels
+
+
+def _bin_mean() -> Case:
+    m = _ops_module("bins")
+
+    def eager(x):
+        return torch.cat([F.adaptive_avg_pool2d(x, n).flatten(2) for n in PYRAMID], dim=2)
+
+    return _op("bin_mean[1,2,4]", lambda x: m.bin_mean(x, PYRAMID, mode="adaptive"), eager,
+               lambda s: [s], lambda s: [(*s[:2], sum(n * n for n in PYRAMID))], ())
+
+
+def _zpool() -> Case:
+    m = _ops_module("spatial")
+
+    def eager(x):      # Triplet's cw branch: permute, then max and mean over the new dim 1
+        xp = x.permute(0, 2, 1, 3)
+        return torch.cat([xp.amax(dim=1, keepdim=True), xp.mean(dim=1, keepdim=True)], dim=1)
+
+    return _op("zpool[dim=2]", lambda x: m.zpool(x, 2), eager,
+               lambda s: [s], lambda s: [(s[0], 2, s[1], s[3])], (0,))
+
+
+def _channel_spatial_gate(mode: str) -> Callable[[], Case]:
+    def factory() -> Case:
+        m = _ops_module("gate")
+
+        def eager(x, a, sp):
+            a = a[:, :, None, None]
+            if mode == "add":
+                return x * a + x * sp
+            return x * (1 + torch.sigmoid(a * sp))
+
+        return _op(f"channel_spatial_gate[{mode}]", lambda x, a, sp: m.channel_spatial_gate(x, a, sp, mode), eager,
+                   lambda s: [s, s[:2], (s[0], 1, s[2], s[3])], lambda s: [s], (0, 1, 2))
+    return factory
+
+
+def _sge_groups(c: int) -> int:
+    return _largest_divisor(c, min(64, max(1, c // 4)))
+
+
+def _sge_gate() -> Case:
+    m = _ops_module("group")
+
+    def eager(x, weight, bias, eps=1e-5):     # SpatialGroupEnhance after its parameters
+        B, C, H, W = x.shape
+        g = weight.shape[1]
+        xg = x.reshape(B * g, C // g, H, W)
+        xn = (xg * xg.mean(dim=(2, 3), keepdim=True)).sum(dim=1).reshape(B * g, H * W)
+        t = (xn - xn.mean(dim=1, keepdim=True)) / (xn.std(dim=1, keepdim=True) + eps)
+        t = t.reshape(B, g, H, W) * weight + bias
+        return (xg * torch.sigmoid(t.reshape(B * g, 1, H, W))).reshape(B, C, H, W)
+
+    def fast(x, weight, bias):
+        return m.sge_gate(x, weight, bias, weight.shape[1])
+
+    groups = lambda s: (1, _sge_groups(s[1]), 1, 1)     # noqa: E731
+    return _op("sge_gate", fast, eager, lambda s: [s, groups(s), groups(s)], lambda s: [s], (0, 1, 2))
+
+
+SK_BRANCHES = 2
+
+
+def _branch_softmax_sum() -> Case:
+    m = _ops_module("branch")
+
+    def eager(feats, logits):
+        return (feats * torch.softmax(logits, dim=1)[..., None, None]).sum(dim=1)
+
+    return _op("branch_softmax_sum", m.branch_softmax_sum, eager,
+               lambda s: [(s[0], SK_BRANCHES, *s[1:]), (s[0], SK_BRANCHES, s[1])], lambda s: [s], (0, 1))
 
 
 # name -> factory; a factory that raises ImportError / AttributeError (op not there) is skipped.
@@ -200,6 +284,14 @@ OPS: dict[str, Callable[[], Case]] = {
     "coord_pool": _coord_pool,
     "coord_scale": _coord_scale,
     "simam": _simam,
+    "channel_pool[mean,std]": _channel_pool_std,
+    "dct_pool": _dct_pool,
+    "bin_mean[1,2,4]": _bin_mean,
+    "zpool[dim=2]": _zpool,
+    "channel_spatial_gate[add]": _channel_spatial_gate("add"),
+    "channel_spatial_gate[bam]": _channel_spatial_gate("bam"),
+    "sge_gate": _sge_gate,
+    "branch_softmax_sum": _branch_softmax_sum,
 }
 
 
@@ -217,7 +309,7 @@ MODULE_KWARGS: dict[str, Callable[[int, int, int], dict]] = {
     "CBAM": lambda c, h, w: dict(channels=c, reduction=16),
     "CoordinateAttention": lambda c, h, w: dict(channels=c, reduction=32),
     "SimAM": lambda c, h, w: dict(e_lambda=1e-4),
-    "SpatialGroupEnhance": lambda c, h, w: dict(groups=_largest_divisor(c, min(64, max(1, c // 4)))),
+    "SpatialGroupEnhance": lambda c, h, w: dict(groups=_sge_groups(c)),
     "MultiSpectralAttention": lambda c, h, w: dict(  # FcaNet: the DCT grid is the map (at least 7x7)
         channels=c, dct_h=max(7, h), dct_w=max(7, w),
         freq_sel_method=next(f"top{n}" for n in (16, 8, 4, 2, 1) if c % n == 0)),

@@ -1,9 +1,10 @@
 """Microbenchmarks: each case (op or module) x shape x dtype x layout x provider x mode.
 
 Providers: `eager` (the reference), `compile` (torch.compile of the reference, default mode,
-static shapes, a fresh compile per configuration) and fastattn: on the CPU `fastattn` (backend
-"auto": the C++ kernels where an op has them, else PyTorch), on CUDA `fastattn-triton` and
-`fastattn-cuda` (skipped, with the reason, where the backend is missing or not implemented).
+static shapes, a fresh compile per configuration) and fastattn with an explicit backend: on the
+CPU `fastattn-cpu` (the C++ kernels of fastattn._C), on CUDA `fastattn-triton` and
+`fastattn-cuda` (skipped, with the reason, where the backend is missing or not implemented: never
+timed on a silent PyTorch fallback).
 
 Modes: `forward` (inference: no_grad, eval), `backward` (backward only, through graphs recorded
 once per input buffer, retain_graph), `forward+backward` (a training step of the case: train
@@ -39,13 +40,15 @@ class Provider:
 
 def providers(device: str) -> list[Provider]:
     fast = ([Provider("fastattn-triton", "triton"), Provider("fastattn-cuda", "cuda")]
-            if torch.device(device).type == "cuda" else [Provider("fastattn", "auto")])
+            if torch.device(device).type == "cuda" else [Provider("fastattn-cpu", "cpu")])
     return [Provider("eager"), Provider("compile"), *fast]
 
 
 # Device-level reasons a backend cannot run (fastattn.ops._dispatch), before any op is asked.
-# ("auto", the CPU provider, always runs: the C++ kernels where an op has them, else PyTorch.)
-DEVICE_REASONS = {"triton": _dispatch.triton_reason, "cuda": _dispatch.cuda_ext_reason}
+# Each fastattn provider names its backend explicitly: a case whose op lacks that backend is
+# skipped with the reason, never timed on a silent PyTorch fallback.
+DEVICE_REASONS = {"triton": _dispatch.triton_reason, "cuda": _dispatch.cuda_ext_reason,
+                  "cpu": _dispatch.cpu_ext_reason}
 
 
 @dataclasses.dataclass
@@ -95,7 +98,7 @@ def _fast_reason(provider: Provider, case: Case, x: torch.Tensor) -> Optional[st
     why = check(x) if check else None
     if why:
         return why
-    if case.backends is not None and provider.backend != "auto":
+    if case.backends is not None:
         have = case.backends(x)
         if provider.backend not in have:
             has = ", ".join(sorted(have)) or "torch only"

@@ -147,7 +147,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     rows = harness.read_rows(out)
     assert [r["kind"] for r in rows] == ["copy"] + ["op"] * 4 + ["module"] * 4
     assert {(r["name"], r["provider"], r["mode"]) for r in rows[1:]} == {
-        (n, p, m) for n in ("channel_scale", "SqueezeExcite") for p in ("eager", "fastattn")
+        (n, p, m) for n in ("channel_scale", "SqueezeExcite") for p in ("eager", "fastattn-cpu")
         for m in ("forward", "forward+backward")}
     for r in rows[1:]:
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["pct_roofline"] > 0 and r["shape"] == "2x16x8x8"
