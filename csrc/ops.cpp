@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "cpu/stream.h"
+
 TORCH_LIBRARY(fastattn_C, m) {}
 
 namespace {
@@ -23,6 +25,7 @@ pybind11::dict build_info() {
 #else
   d["cuda"] = false;
 #endif
+  d["llc_bytes"] = fastattn::llc_bytes();     // outputs of 2x this are written with streaming stores
   d["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                std::to_string(TORCH_VERSION_PATCH);
 #if defined(__clang__)

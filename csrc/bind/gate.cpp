@@ -34,7 +34,7 @@ DType check_scale_args(const char* op, const at::Tensor& x, const at::Tensor& a,
 at::Tensor channel_scale(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& residual) {
   const at::Tensor* r = residual.has_value() ? &*residual : nullptr;
   const DType dt = check_scale_args("channel_scale", x, a, r, "residual");
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   if (y.numel() == 0) return y;
   const Strides4 sr = r ? strides4(*r) : Strides4{0, 0, 0, 0};
   channel_scale_forward_cpu(x.data_ptr(), a.data_ptr(), r ? r->data_ptr() : nullptr, y.data_ptr(), dt, x.size(0),
@@ -46,7 +46,7 @@ at::Tensor channel_scale(const at::Tensor& x, const at::Tensor& a, const std::op
 std::tuple<at::Tensor, at::Tensor> channel_scale_backward(const at::Tensor& dy, const at::Tensor& x,
                                                           const at::Tensor& a) {
   const DType dt = check_scale_args("channel_scale_backward", x, a, &dy, "dy");
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   at::Tensor da = at::zeros({x.size(0), x.size(1)}, a.options());
   if (dx.numel() == 0) return {dx, da};          // an empty plane sums to zero
   channel_scale_backward_cpu(dy.data_ptr(), x.data_ptr(), a.data_ptr(), dx.data_ptr(), da.data_ptr(), dt, x.size(0),

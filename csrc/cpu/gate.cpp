@@ -3,6 +3,7 @@
 // inputs, fp64 for fp64; three layouts: H x W plane contiguous (NCHW and its channel slices),
 // channels contiguous (channels_last), anything else (generic, correct, not fast).
 #include "gate.h"
+#include "stream.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -22,21 +23,39 @@ template <typename T, bool kRes>
 void fwd_plane(const T* x, const acc_t<T>* a, const T* r, T* y, int64_t B, int64_t C, int64_t HW,
                Strides4 sx, Strides4 sr, Strides4 sy) {
   using A = acc_t<T>;
-#pragma omp parallel for schedule(static)
-  for (int64_t bc = 0; bc < B * C; ++bc) {
-    const int64_t b = bc / C, c = bc % C;
-    const T* px = x + b * sx.b + c * sx.c;
-    T* py = y + b * sy.b + c * sy.c;
-    const A s = a[bc];
-    if (kRes) {
-      const T* pr = r + b * sr.b + c * sr.c;
+  // fp32 outputs far larger than the cache: streaming stores (no read of y before its write)
+  const bool stream = std::is_same<T, float>::value && stream_output(B * C * HW * int64_t(sizeof(T)));
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      const T* px = x + b * sx.b + c * sx.c;
+      T* py = y + b * sy.b + c * sy.c;
+      const T* pr = kRes ? r + b * sr.b + c * sr.c : nullptr;
+      const A s = a[bc];
+      if constexpr (std::is_same<T, float>::value) {
+        if (stream) {
+          const vfloat vs = vbroadcast(s);
+          if constexpr (kRes)
+            stream_row_f32(py, HW, [&](int64_t i) { return vfma(vload(px + i), vs, vload(pr + i)); },
+                           [&](int64_t i) { return px[i] * s + pr[i]; });
+          else
+            stream_row_f32(py, HW, [&](int64_t i) { return vmul(vload(px + i), vs); },
+                           [&](int64_t i) { return px[i] * s; });
+          continue;
+        }
+      }
+      if (kRes) {
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i)
-        py[i] = store<T>(static_cast<A>(to_float(px[i])) * s + static_cast<A>(to_float(pr[i])));
-    } else {
+        for (int64_t i = 0; i < HW; ++i)
+          py[i] = store<T>(static_cast<A>(to_float(px[i])) * s + static_cast<A>(to_float(pr[i])));
+      } else {
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) py[i] = store<T>(static_cast<A>(to_float(px[i])) * s);
+        for (int64_t i = 0; i < HW; ++i) py[i] = store<T>(static_cast<A>(to_float(px[i])) * s);
+      }
     }
+    if (stream) stream_fence();
   }
 }
 

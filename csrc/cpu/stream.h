@@ -1,0 +1,108 @@
+// Streaming (non-temporal) stores for outputs larger than the last-level cache.
+//
+// A normal store first reads the destination line into the cache (read for ownership), so
+// writing an output costs a read and a write of memory. When the output is far larger than the
+// cache, nothing of it would still be cached for the next op anyway: a streaming store skips the
+// read, which makes a one-read-one-write pass move 2 units of memory traffic instead of 3.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+#include <unistd.h>
+
+namespace fastattn {
+
+// The native float vector of the build (AVX-512 or AVX) and the few operations the streaming
+// loops need; without AVX, a one-lane stand-in (kVecWidth = 0: the streaming body never runs).
+#if defined(__AVX512F__)
+using vfloat = __m512;
+constexpr int64_t kVecWidth = 16;
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vfloat vbroadcast(float v) { return _mm512_set1_ps(v); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstream(float* p, vfloat v) { _mm512_stream_ps(p, v); }
+#elif defined(__AVX__)
+using vfloat = __m256;
+constexpr int64_t kVecWidth = 8;
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vfloat vbroadcast(float v) { return _mm256_set1_ps(v); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+#if defined(__FMA__)
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
+#endif
+inline void vstream(float* p, vfloat v) { _mm256_stream_ps(p, v); }
+#else
+struct vfloat { float v; };
+constexpr int64_t kVecWidth = 0;
+inline vfloat vload(const float* p) { return {*p}; }
+inline vfloat vbroadcast(float v) { return {v}; }
+inline vfloat vmul(vfloat a, vfloat b) { return {a.v * b.v}; }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return {a.v * b.v + c.v}; }
+inline void vstream(float* p, vfloat v) { *p = v.v; }
+#endif
+
+// Bytes of the last-level cache of this CPU: sysfs (what lscpu reports), else sysconf (which on
+// some VMs reports the host's total), else 32 MiB.
+inline int64_t llc_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      int level = 0;
+      std::string size;
+      if (!(level_file >> level) || !(size_file >> size) || level < 2 || size.empty()) continue;
+      int64_t v = std::atoll(size.c_str());
+      const char unit = size.back();
+      if (unit == 'K') v <<= 10;
+      else if (unit == 'M') v <<= 20;
+      if (v > best) best = v;
+    }
+    long v = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (best <= 0) v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    if (best <= 0 && v > 0) best = v;
+    return best > 0 ? best : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+// Whether an output of `bytes` should be written with streaming stores: at least twice the
+// last-level cache (smaller outputs are likely still cached when the next op reads them).
+inline bool stream_output(int64_t bytes) { return bytes >= 2 * llc_bytes(); }
+
+// y[i] = f(i) for i in [0, n) over float with streaming stores: a scalar head up to the 64-byte
+// alignment of y, a streaming body of kVecWidth lanes, a scalar tail. `vec(i)` returns lanes
+// i .. i + kVecWidth - 1 as a vfloat, `one(i)` lane i. Call stream_fence() once per thread after.
+template <typename VecFn, typename OneFn>
+inline void stream_row_f32(float* __restrict__ y, int64_t n, VecFn vec, OneFn one) {
+  int64_t i = 0;
+  if constexpr (kVecWidth > 0) {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(y);
+    int64_t head = addr % sizeof(float) ? n : static_cast<int64_t>(((64 - addr % 64) % 64) / sizeof(float));
+    head = head < n ? head : n;
+    for (; i < head; ++i) y[i] = one(i);
+    for (; i + kVecWidth <= n; i += kVecWidth) vstream(y + i, vec(i));
+  }
+  for (; i < n; ++i) y[i] = one(i);
+}
+
+// Orders the streaming stores of this thread before later loads/stores (call once per thread,
+// e.g. at the end of the parallel region, before the output is handed back).
+inline void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace fastattn
