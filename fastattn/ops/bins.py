@@ -4,7 +4,7 @@
   every grid, grid after grid, each grid's bins row-major. mode "adaptive" gives the bins of
   `F.adaptive_avg_pool2d(x, n)` for each size n in levels (SpatialPyramidAttention's pyramid);
   mode "tiles" gives those of `F.avg_pool2d(x, k, k, ceil_mode=True)` (TiledSqueezeExcite).
-  Backends "triton" and "torch" (the PyTorch pools, concatenated).
+  Backends "triton", "cuda" (CUDA C++), "cpu" (OpenMP C++) and "torch" (the PyTorch pools, concatenated).
 
 Its backward is a separate custom op (`fastattn::bin_mean_backward`) so that torch.compile and
 torch.export see the whole training step; the Triton kernels live in fastattn.kernels.bins and are
@@ -26,7 +26,9 @@ __all__ = ["bin_mean", "bin_grid"]
 
 BIN_MEAN = "bin_mean"
 MODES = ("adaptive", "tiles")
-CHECKS = {"triton": _dispatch.triton_reason}
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cuda": _dispatch.cuda_kernel("bin_mean", "bin_mean_backward"),
+          "cpu": _dispatch.cpu_kernel("bin_mean", "bin_mean_backward")}
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -122,6 +124,8 @@ def _pool_torch(x: Tensor, level: int, mode: str) -> Tensor:
 @torch.library.custom_op("fastattn::bin_mean", mutates_args=(),
                          schema="(Tensor x, int[] levels, str mode, str backend) -> Tensor")
 def _bin_mean(x: Tensor, levels: list[int], mode: str, backend: str) -> Tensor:
+    if backend in ("cpu", "cuda"):     # the bin geometry is built (and cached on CUDA) in C++
+        return torch.ops.fastattn_C.bin_mean(x, list(levels), mode)
     B, C, H, W = x.shape
     levels = tuple(levels)
     acc = _acc(x.dtype)
@@ -151,6 +155,8 @@ def _bin_mean_backward(dy: Tensor, size: list[int], levels: list[int], mode: str
                        backend: str) -> Tensor:
     # dx (size, dy's dtype, channels_last or NCHW): dx[b, c, h, w] = sum over the bins n holding
     # (h, w) of dy[b, c, n] / area(n).
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastattn_C.bin_mean_backward(dy, list(size), list(levels), mode, channels_last)
     B, C, H, W = size
     levels = tuple(levels)
     acc = _acc(dy.dtype)
@@ -230,7 +236,8 @@ def bin_mean(x: Tensor, levels: Sequence[int], *, mode: str, backend: str | None
         tiles, the border ones clipped and averaged over their clipped area.
     Differentiable in x: dx[b, c, h, w] = sum over the bins holding (h, w) of dy[b, c, bin] / area(bin).
     Autograd saves nothing of x (only its shape and layout).
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda" (CUDA C++
+    kernels), "cpu" (OpenMP C++ kernels), "torch".
     """
     check_feature_map(BIN_MEAN, x)
     if mode not in MODES:

@@ -2,9 +2,9 @@
 
 - `channel_mean` (`fastattn::channel_mean`): global average pool, C++ CPU / CUDA C++ kernels.
 - `channel_pool` (`fastattn::channel_pool`): any of mean, max, std (SRM's style pooling) of every
-  plane in one read of x; backend "triton" or "torch" (mean alone on CPU: the C++ kernel).
+  plane in one read of x; backends "triton", "cuda" (CUDA C++), "cpu" (OpenMP C++), "torch".
 - `dct_pool` (`fastattn::dct_pool`): y[b, c] = sum_{h, w} x[b, c, h, w] * weight[c, h, w], FcaNet's
-  multi-spectral pool, differentiable in x and weight; backend "triton" or "torch".
+  multi-spectral pool, differentiable in x and weight; backends "triton", "cuda", "cpu", "torch".
 
 Each has its backward as a separate custom op (`fastattn::<name>_backward`) so that torch.compile
 and torch.export see the whole training step; the Triton kernels live in fastattn.kernels.pool and
@@ -83,7 +83,13 @@ def channel_mean(x: Tensor) -> Tensor:
 POOL_KINDS = ("mean", "max", "std")
 CHANNEL_POOL = "channel_pool"
 DCT_POOL = "dct_pool"
-CHECKS = {"triton": _dispatch.triton_reason}
+# channel_pool's backends (CHECKS, the name bench/ reads) and dct_pool's.
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cuda": _dispatch.cuda_kernel("channel_pool", "channel_pool_backward"),
+          "cpu": _dispatch.cpu_kernel("channel_pool", "channel_pool_backward")}
+DCT_CHECKS = {"triton": _dispatch.triton_reason,
+              "cuda": _dispatch.cuda_kernel("dct_pool", "dct_pool_backward"),
+              "cpu": _dispatch.cpu_kernel("dct_pool", "dct_pool_backward")}
 
 
 
@@ -103,6 +109,8 @@ def _channel_pool(x: Tensor, kinds: list[str], eps: float, backend: str) -> list
     # Returns the pooled (B, C) tensors in the order of kinds, in x's dtype, then what the
     # backward needs: the int64 argmax when "max" is pooled, the mean and std in the accumulation
     # dtype (fp32; fp64 for fp64 x) when "std" is. channel_pool() hands back the first len(kinds).
+    if backend in ("cpu", "cuda"):     # the C++ / CUDA C++ kernels return exactly these outputs
+        return list(torch.ops.fastattn_C.channel_pool(x, list(kinds), eps))
     with_max, with_std = "max" in kinds, "std" in kinds
     if backend == "triton":
         from fastattn.kernels.pool import channel_pool_forward
@@ -146,6 +154,9 @@ def _channel_pool_backward(dmean: Tensor | None, dmax: Tensor | None, dstd: Tens
     # dx (size, in the dtype of the given gradients, channels_last or NCHW) from the gradients of
     # the pooled (B, C) statistics; a None gradient is a statistic not pooled (or without gradient).
     # dmax needs argmax; dstd needs x and the forward mean and std (accumulation dtype).
+    if backend in ("cpu", "cuda"):     # a, k and the argmax gradient folded in the kernel
+        return torch.ops.fastattn_C.channel_pool_backward(dmean, dmax, dstd, argmax, x, mean, std, list(size),
+                                                          channels_last)
     grads = [g for g in (dmean, dmax, dstd) if g is not None]
     B, C, H, W = size
     HW = H * W
@@ -195,7 +206,7 @@ def _channel_pool_setup(ctx, inputs, output):
 
 def _channel_pool_bwd(ctx, grads):
     argmax, x, mean, std = ctx.saved_tensors
-    if argmax is not None:
+    if argmax is not None and ctx.backend not in ("cpu", "cuda"):     # the kernels read int32 as well
         argmax = argmax.to(torch.int64)
     g = dict(zip(ctx.kinds, grads))                  # grads of the pooled outputs (the rest are aux)
     dmean, dmax, dstd = g.get("mean"), g.get("max"), g.get("std")
@@ -228,7 +239,8 @@ def channel_pool(x: Tensor, kinds: Sequence[str], eps: float = 1e-5, *,
       - "std":  sqrt(unbiased variance over H x W + eps), as SRM's style pooling (needs H * W >= 2).
     Differentiable in x. Autograd saves the argmax (B, C) for "max" (int32 when H * W < 2**31), and x with the fp32
     mean and std (B, C) for "std"; nothing for "mean".
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda" (CUDA C++
+    kernels), "cpu" (OpenMP C++ kernels), "torch".
     """
     check_feature_map(CHANNEL_POOL, x)
     if isinstance(kinds, str) or not isinstance(kinds, Sequence):
@@ -258,6 +270,8 @@ def channel_pool(x: Tensor, kinds: Sequence[str], eps: float = 1e-5, *,
 
 @torch.library.custom_op("fastattn::dct_pool", mutates_args=())
 def _dct_pool(x: Tensor, weight: Tensor, backend: str) -> Tensor:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastattn_C.dct_pool(x, weight)
     if backend == "triton":
         from fastattn.kernels.pool import dct_pool_forward
 
@@ -276,6 +290,8 @@ def _dct_pool_backward(dy: Tensor, weight: Tensor, x: Tensor | None, size: Seque
                        need_dx: bool, backend: str) -> list[Tensor]:
     # [dx] if need_dx (size, dy's dtype, channels_last or NCHW), then [dweight] if x is given
     # (weight's shape, dtype and strides): dx = dy[b, c] * weight[c], dweight = sum_b dy[b, c] * x[b, c].
+    if backend in ("cpu", "cuda"):
+        return list(torch.ops.fastattn_C.dct_pool_backward(dy, weight, x, list(size), channels_last, need_dx))
     acc = acc_dtype(dy.dtype)
     dx = torch.empty(size, dtype=dy.dtype, device=dy.device, memory_format=_format(channels_last)) if need_dx else None
     dw = torch.empty_like(weight) if x is not None else None
@@ -332,7 +348,8 @@ def dct_pool(x: Tensor, weight: Tensor, *, backend: str | None = None) -> Tensor
     for fp64 x). Differentiable in x (dx = dy[b, c] * weight[c, h, w]) and in weight
     (dweight = sum_b dy[b, c] * x[b, c], deterministic). Autograd saves weight, and x only when
     weight needs a gradient.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda" (CUDA C++
+    kernels), "cpu" (OpenMP C++ kernels), "torch".
     """
     check_feature_map(DCT_POOL, x)
     check_tensor(DCT_POOL, "weight", weight, dim=3, shape_hint="(C, H, W)")
@@ -341,4 +358,4 @@ def dct_pool(x: Tensor, weight: Tensor, *, backend: str | None = None) -> Tensor
                          f"got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"{DCT_POOL}: argument 'weight' must be on x's device {x.device}, got {weight.device}")
-    return _dct_pool(x, weight, _dispatch.resolve(DCT_POOL, x, backend, CHECKS))
+    return _dct_pool(x, weight, _dispatch.resolve(DCT_POOL, x, backend, DCT_CHECKS))

@@ -1,0 +1,461 @@
+// Bin means on the CPU. One read of x sums it over the elementary cells of the bins (see bins.h),
+// row by row: NCHW rows are added into a row accumulator (unit stride) and cut into column
+// groups when their row group ends; channels_last pixels are added into per-cell channel vectors
+// (unit stride over channels). fp32 runs are folded into double every kChunk values per
+// accumulator; bin sums come from the cell sums in double. The backward writes each cell's
+// gradient (the sum of dy / area over the bins holding it) into every position of the cell.
+// Work splits (rows of a plane) depend on the shape alone and are merged in order: deterministic.
+#include "bins.h"
+
+#include <algorithm>
+#include <utility>
+
+namespace fastattn {
+
+// ---------------------------------------------------------------------------------------------
+// geometry
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+using Span = std::pair<int64_t, int64_t>;  // [start, end)
+
+std::vector<Span> axis_bins(int64_t size, int64_t level, bool tiles) {
+  std::vector<Span> bins;
+  if (tiles) {  // ceil-mode tiles of `level`, the last one clipped
+    for (int64_t s = 0; s < size; s += level) bins.emplace_back(s, std::min(size, s + level));
+  } else {      // adaptive: [floor(i * size / n), ceil((i + 1) * size / n))
+    for (int64_t i = 0; i < level; ++i) bins.emplace_back(i * size / level, ((i + 1) * size + level - 1) / level);
+  }
+  return bins;
+}
+
+// Sorted distinct edges of all bins along one axis, and the group of each position.
+void axis_groups(int64_t size, const std::vector<std::vector<Span>>& bins, std::vector<int64_t>* edge,
+                 std::vector<int64_t>* group) {
+  edge->assign({0, size});
+  for (const auto& level : bins)
+    for (const Span& s : level) edge->push_back(s.first), edge->push_back(s.second);
+  std::sort(edge->begin(), edge->end());
+  edge->erase(std::unique(edge->begin(), edge->end()), edge->end());
+  group->assign(static_cast<size_t>(size), 0);
+  for (size_t g = 0; g + 1 < edge->size(); ++g)
+    for (int64_t p = (*edge)[g]; p < (*edge)[g + 1]; ++p) (*group)[p] = static_cast<int64_t>(g);
+}
+
+}  // namespace
+
+std::vector<int64_t> bin_geometry_table(int64_t H, int64_t W, const int64_t* levels, int64_t n_levels, bool tiles) {
+  std::vector<std::vector<Span>> rows, cols;
+  for (int64_t l = 0; l < n_levels; ++l) {
+    rows.push_back(axis_bins(H, levels[l], tiles));
+    cols.push_back(axis_bins(W, levels[l], tiles));
+  }
+  std::vector<int64_t> row_edge, col_edge, row_group, col_group;
+  axis_groups(H, rows, &row_edge, &row_group);
+  axis_groups(W, cols, &col_edge, &col_group);
+  const int64_t gh = static_cast<int64_t>(row_edge.size()) - 1, gw = static_cast<int64_t>(col_edge.size()) - 1;
+  std::vector<int64_t> bin_cells;
+  for (int64_t l = 0; l < n_levels; ++l)
+    for (const Span& r : rows[l])
+      for (const Span& c : cols[l])
+        bin_cells.insert(bin_cells.end(), {row_group[r.first], row_group[r.second - 1] + 1, col_group[c.first],
+                                           col_group[c.second - 1] + 1});
+  const int64_t N = static_cast<int64_t>(bin_cells.size()) / 4, cells = gh * gw;
+  std::vector<int64_t> cell_ptr(static_cast<size_t>(cells + 1), 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t r = bin_cells[4 * n]; r < bin_cells[4 * n + 1]; ++r)
+      for (int64_t c = bin_cells[4 * n + 2]; c < bin_cells[4 * n + 3]; ++c) ++cell_ptr[r * gw + c + 1];
+  for (int64_t i = 0; i < cells; ++i) cell_ptr[i + 1] += cell_ptr[i];
+  const int64_t M = cell_ptr[cells];
+  std::vector<int64_t> cell_bins(static_cast<size_t>(M)), fill(cell_ptr.begin(), cell_ptr.end() - 1);
+  for (int64_t n = 0; n < N; ++n)   // bins in increasing order: each cell's list comes out sorted
+    for (int64_t r = bin_cells[4 * n]; r < bin_cells[4 * n + 1]; ++r)
+      for (int64_t c = bin_cells[4 * n + 2]; c < bin_cells[4 * n + 3]; ++c) cell_bins[fill[r * gw + c]++] = n;
+  std::vector<int64_t> t = {H, W, gh, gw, N, M};
+  for (const auto* v : {&row_edge, &col_edge, &row_group, &col_group, &bin_cells, &cell_ptr, &cell_bins})
+    t.insert(t.end(), v->begin(), v->end());
+  return t;
+}
+
+namespace {
+
+// Split the work when B * C (or B * channel blocks) alone gives fewer jobs than this.
+constexpr int64_t kMinJobs = 64;
+constexpr int64_t kMinSeg = 4 * kChunk;   // NCHW: positions per row split at least
+constexpr int64_t kMinPixels = 64;        // channels_last: pixels per row split at least
+constexpr int64_t kMaxBlock = 1024;       // channels_last: channels per job at most
+constexpr int64_t kCellBudget = 1 << 15;  // channels_last: cells x channels of one job's accumulators
+
+template <typename T>
+inline acc_t<T> ld(const T& v) {
+  return static_cast<acc_t<T>>(to_float(v));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t area(const BinGeometry& g, int64_t n) {
+  const int64_t* bc = g.bin_cells + 4 * n;
+  return (g.row_edge[bc[1]] - g.row_edge[bc[0]]) * (g.col_edge[bc[3]] - g.col_edge[bc[2]]);
+}
+
+// Rows per split of a plane: enough jobs when `jobs` alone is small, at least min_len positions
+// per split. Returns the rows of one split (the last may be shorter).
+inline int64_t split_rows(int64_t jobs, int64_t H, int64_t W, int64_t min_len) {
+  int64_t s = std::max<int64_t>(1, ceil_div(kMinJobs, std::max<int64_t>(jobs, 1)));
+  s = std::max<int64_t>(1, std::min({s, (H * W) / min_len, H}));
+  return ceil_div(H, s);
+}
+
+// channels_last channel blocks: equal widths (multiples of 16) such that the job's per-cell
+// double accumulators stay within kCellBudget (at least 16 channels).
+inline int64_t cell_block_width(int64_t C, int64_t cells, int64_t* n_blocks) {
+  const int64_t cap = std::max<int64_t>(16, std::min(kMaxBlock, kCellBudget / std::max<int64_t>(cells, 1) / 16 * 16));
+  const int64_t n = std::max<int64_t>(1, ceil_div(C, cap));
+  *n_blocks = n;
+  return std::max<int64_t>(16, ceil_div(ceil_div(C, n), 16) * 16);
+}
+
+// Rows of fp32 accumulation before folding into double: about kChunk values per accumulator.
+inline int64_t fold_rows(int64_t W) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(W, 1)); }
+
+// bins of one plane from its cell sums (double) -> out[0..N) as T
+template <typename T>
+void cells_to_bins(const double* cs, T* out, const BinGeometry& g) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const int64_t* bc = g.bin_cells + 4 * n;
+    double s = 0;
+    for (int64_t r = bc[0]; r < bc[1]; ++r)
+      for (int64_t c = bc[2]; c < bc[3]; ++c) s += cs[r * g.gw + c];
+    out[n] = from_double<T>(s / static_cast<double>(area(g, n)));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+
+// NCHW: jobs of (plane, row split).
+template <typename T>
+void fwd_plane(const T* x, T* out, int64_t B, int64_t C, Strides4 sx, const BinGeometry& g) {
+  using A = acc_t<T>;
+  const int64_t H = g.H, W = g.W, BC = B * C, cells = g.gh * g.gw;
+  const int64_t R = split_rows(BC, H, W, kMinSeg);
+  const int64_t S = ceil_div(H, R);
+  const int64_t F = fold_rows(W);
+  std::vector<double> partial(S > 1 ? static_cast<size_t>(BC * S * cells) : 0);
+#pragma omp parallel
+  {
+    std::vector<A> vrow(static_cast<size_t>(W));
+    std::vector<double> vcs(static_cast<size_t>(cells));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < BC * S; ++job) {
+      const int64_t bc = job / S, s = job % S;
+      const T* p = x + (bc / C) * sx.b + (bc % C) * sx.c;
+      const int64_t r0 = s * R, r1 = std::min(H, r0 + R);
+      A* __restrict__ row = vrow.data();
+      double* cs = S == 1 ? vcs.data() : partial.data() + job * cells;
+      std::fill(cs, cs + cells, 0.0);
+      auto flush = [&](int64_t grp) {
+        double* cg = cs + grp * g.gw;
+        for (int64_t j = 0; j < g.gw; ++j) {
+          double t = 0;
+          for (int64_t w = g.col_edge[j]; w < g.col_edge[j + 1]; ++w) t += static_cast<double>(row[w]);
+          cg[j] += t;
+        }
+        std::fill(row, row + W, A(0));
+      };
+      for (int64_t h = r0; h < r1;) {
+        const int64_t grp = g.row_group[h], gend = std::min(r1, g.row_edge[grp + 1]);
+        std::fill(row, row + W, A(0));
+        int64_t n = 0;
+        for (; h < gend; ++h) {
+          const T* __restrict__ px = p + h * W;   // plane contiguous: (h, w) at h * W + w
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) row[w] += ld(px[w]);
+          if (++n == F) n = 0, flush(grp);
+        }
+        if (n) flush(grp);
+      }
+      if (S == 1) cells_to_bins(cs, out + bc * g.N, g);
+    }
+  }
+  if (S > 1) {
+#pragma omp parallel
+    {
+      std::vector<double> vcs(static_cast<size_t>(cells));
+#pragma omp for schedule(static)
+      for (int64_t bc = 0; bc < BC; ++bc) {
+        double* cs = vcs.data();
+        std::fill(cs, cs + cells, 0.0);
+        for (int64_t s = 0; s < S; ++s) {
+          const double* ps = partial.data() + (bc * S + s) * cells;
+          for (int64_t i = 0; i < cells; ++i) cs[i] += ps[i];
+        }
+        cells_to_bins(cs, out + bc * g.N, g);
+      }
+    }
+  }
+}
+
+// channels_last: bins of a channel block from its (cells x block) double sums.
+template <typename T>
+void cells_to_bins_block(const double* ct, int64_t kB, int64_t n, T* out, const BinGeometry& g, double* tmp) {
+  for (int64_t b = 0; b < g.N; ++b) {
+    const int64_t* bc = g.bin_cells + 4 * b;
+    std::fill(tmp, tmp + n, 0.0);
+    for (int64_t r = bc[0]; r < bc[1]; ++r)
+      for (int64_t c = bc[2]; c < bc[3]; ++c) {
+        const double* src = ct + (r * g.gw + c) * kB;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) tmp[k] += src[k];
+      }
+    const double a = static_cast<double>(area(g, b));
+    for (int64_t k = 0; k < n; ++k) out[k * g.N + b] = from_double<T>(tmp[k] / a);
+  }
+}
+
+// channels_last: jobs of (sample, channel block, row split); each pixel's channel vector is added
+// to its cell's accumulator (the cells of the current row group), folded into double per group.
+template <typename T>
+void fwd_channels(const T* x, T* out, int64_t B, int64_t C, Strides4 sx, const BinGeometry& g) {
+  using A = acc_t<T>;
+  const int64_t H = g.H, W = g.W, cells = g.gh * g.gw;
+  int64_t nC;
+  const int64_t kB = cell_block_width(C, cells, &nC);
+  const int64_t R = split_rows(B * nC, H, W, kMinPixels);
+  const int64_t S = ceil_div(H, R);
+  const int64_t F = fold_rows(W);
+  std::vector<double> partial(S > 1 ? static_cast<size_t>(B * S * cells * C) : 0);
+#pragma omp parallel
+  {
+    std::vector<A> vacc(static_cast<size_t>(g.gw * kB));
+    std::vector<double> vtot(static_cast<size_t>(cells * kB)), vtmp(static_cast<size_t>(kB));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < B * nC * S; ++job) {
+      const int64_t s = job % S, bcb = job / S;
+      const int64_t b = bcb / nC, c0 = (bcb % nC) * kB;
+      const int64_t n = std::min(kB, C - c0);
+      const int64_t r0 = s * R, r1 = std::min(H, r0 + R);
+      A* __restrict__ acc = vacc.data();
+      double* __restrict__ tot = vtot.data();
+      std::fill(tot, tot + cells * kB, 0.0);
+      auto flush = [&](int64_t grp) {
+        for (int64_t j = 0; j < g.gw; ++j) {
+          double* dst = tot + (grp * g.gw + j) * kB;
+          A* src = acc + j * kB;
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) dst[k] += static_cast<double>(src[k]);
+        }
+        std::fill(acc, acc + g.gw * kB, A(0));
+      };
+      const T* xb = x + b * sx.b + c0;
+      for (int64_t h = r0; h < r1;) {
+        const int64_t grp = g.row_group[h], gend = std::min(r1, g.row_edge[grp + 1]);
+        std::fill(acc, acc + g.gw * kB, A(0));
+        int64_t nr = 0;
+        for (; h < gend; ++h) {
+          for (int64_t w = 0; w < W; ++w) {
+            const T* __restrict__ px = xb + h * sx.h + w * sx.w;
+            A* __restrict__ a = acc + g.col_group[w] * kB;
+#pragma omp simd
+            for (int64_t k = 0; k < n; ++k) a[k] += ld(px[k]);
+          }
+          if (++nr == F) nr = 0, flush(grp);
+        }
+        if (nr) flush(grp);
+      }
+      if (S == 1) {
+        cells_to_bins_block(tot, kB, n, out + (b * C + c0) * g.N, g, vtmp.data());
+      } else {
+        for (int64_t i = 0; i < cells; ++i)
+          std::copy(tot + i * kB, tot + i * kB + n, partial.data() + ((b * S + s) * cells + i) * C + c0);
+      }
+    }
+  }
+  if (S > 1) {
+#pragma omp parallel
+    {
+      std::vector<double> vtot(static_cast<size_t>(cells * kB)), vtmp(static_cast<size_t>(kB));
+#pragma omp for schedule(static)
+      for (int64_t bcb = 0; bcb < B * nC; ++bcb) {
+        const int64_t b = bcb / nC, c0 = (bcb % nC) * kB;
+        const int64_t n = std::min(kB, C - c0);
+        double* tot = vtot.data();
+        std::fill(tot, tot + cells * kB, 0.0);
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t i = 0; i < cells; ++i) {
+            const double* src = partial.data() + ((b * S + s) * cells + i) * C + c0;
+            for (int64_t k = 0; k < n; ++k) tot[i * kB + k] += src[k];
+          }
+        cells_to_bins_block(tot, kB, n, out + (b * C + c0) * g.N, g, vtmp.data());
+      }
+    }
+  }
+}
+
+// Any other strides: one plane per job, double sums per cell.
+template <typename T>
+void fwd_generic(const T* x, T* out, int64_t B, int64_t C, Strides4 sx, const BinGeometry& g) {
+  const int64_t cells = g.gh * g.gw;
+#pragma omp parallel
+  {
+    std::vector<double> vcs(static_cast<size_t>(cells));
+#pragma omp for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const T* p = x + (bc / C) * sx.b + (bc % C) * sx.c;
+      double* cs = vcs.data();
+      std::fill(cs, cs + cells, 0.0);
+      for (int64_t h = 0; h < g.H; ++h) {
+        double* row = cs + g.row_group[h] * g.gw;
+        for (int64_t w = 0; w < g.W; ++w) row[g.col_group[w]] += static_cast<double>(ld(p[h * sx.h + w * sx.w]));
+      }
+      cells_to_bins(cs, out + bc * g.N, g);
+    }
+  }
+}
+
+template <typename T>
+void fwd_typed(const T* x, T* out, int64_t B, int64_t C, Strides4 sx, const BinGeometry& g) {
+  if (B * C == 0 || g.N == 0) return;
+  if (plane_contiguous(sx, g.H, g.W)) return fwd_plane(x, out, B, C, sx, g);
+  if (channels_contiguous(sx, C)) return fwd_channels(x, out, B, C, sx, g);
+  fwd_generic(x, out, B, C, sx, g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------
+
+// The gradient of every cell of one plane: sum over the bins holding it of dy / area, summed in
+// increasing bin order (double), stored as T.
+template <typename T>
+void cell_grads(const acc_t<T>* dy, T* out, double* tmp, const BinGeometry& g) {
+  const int64_t cells = g.gh * g.gw;
+  std::fill(tmp, tmp + cells, 0.0);
+  for (int64_t n = 0; n < g.N; ++n) {
+    const int64_t* bc = g.bin_cells + 4 * n;
+    const double v = static_cast<double>(dy[n]) / static_cast<double>(area(g, n));
+    for (int64_t r = bc[0]; r < bc[1]; ++r)
+      for (int64_t c = bc[2]; c < bc[3]; ++c) tmp[r * g.gw + c] += v;
+  }
+  for (int64_t i = 0; i < cells; ++i) out[i] = from_double<T>(tmp[i]);
+}
+
+// NCHW: jobs of (plane, row split): one row pattern per row group, copied into each of its rows.
+template <typename T>
+void bwd_plane(const acc_t<T>* dy, T* dx, int64_t B, int64_t C, Strides4 sdx, const BinGeometry& g) {
+  const int64_t H = g.H, W = g.W, BC = B * C, cells = g.gh * g.gw;
+  const int64_t R = split_rows(BC, H, W, kMinSeg);
+  const int64_t S = ceil_div(H, R);
+#pragma omp parallel
+  {
+    std::vector<T> vcell(static_cast<size_t>(cells)), vrow(static_cast<size_t>(W));
+    std::vector<double> vtmp(static_cast<size_t>(cells));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < BC * S; ++job) {
+      const int64_t bc = job / S, s = job % S;
+      T* p = dx + (bc / C) * sdx.b + (bc % C) * sdx.c;
+      const int64_t r0 = s * R, r1 = std::min(H, r0 + R);
+      T* cell = vcell.data();
+      T* row = vrow.data();
+      cell_grads<T>(dy + bc * g.N, cell, vtmp.data(), g);
+      for (int64_t h = r0; h < r1;) {
+        const int64_t grp = g.row_group[h], gend = std::min(r1, g.row_edge[grp + 1]);
+        const T* cg = cell + grp * g.gw;
+        for (int64_t w = 0; w < W; ++w) row[w] = cg[g.col_group[w]];
+        for (; h < gend; ++h) std::copy(row, row + W, p + h * W);
+      }
+    }
+  }
+}
+
+// channels_last: jobs of (sample, channel block, row split): each pixel gets its cell's vector.
+template <typename T>
+void bwd_channels(const acc_t<T>* dy, T* dx, int64_t B, int64_t C, Strides4 sdx, const BinGeometry& g) {
+  const int64_t H = g.H, W = g.W, cells = g.gh * g.gw;
+  int64_t nC;
+  const int64_t kB = cell_block_width(C, cells, &nC);
+  const int64_t R = split_rows(B * nC, H, W, kMinPixels);
+  const int64_t S = ceil_div(H, R);
+#pragma omp parallel
+  {
+    std::vector<T> vcell(static_cast<size_t>(cells * kB)), vone(static_cast<size_t>(cells));
+    std::vector<double> vtmp(static_cast<size_t>(cells));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < B * nC * S; ++job) {
+      const int64_t s = job % S, bcb = job / S;
+      const int64_t b = bcb / nC, c0 = (bcb % nC) * kB;
+      const int64_t n = std::min(kB, C - c0);
+      const int64_t r0 = s * R, r1 = std::min(H, r0 + R);
+      T* cell = vcell.data();
+      for (int64_t k = 0; k < n; ++k) {     // (cells x block) table, channel-minor
+        cell_grads<T>(dy + (b * C + c0 + k) * g.N, vone.data(), vtmp.data(), g);
+        for (int64_t i = 0; i < cells; ++i) cell[i * kB + k] = vone[i];
+      }
+      T* xb = dx + b * sdx.b + c0;
+      for (int64_t h = r0; h < r1; ++h) {
+        const T* cg = cell + g.row_group[h] * g.gw * kB;
+        for (int64_t w = 0; w < W; ++w) {
+          const T* src = cg + g.col_group[w] * kB;
+          std::copy(src, src + n, xb + h * sdx.h + w * sdx.w);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void bwd_generic(const acc_t<T>* dy, T* dx, int64_t B, int64_t C, Strides4 sdx, const BinGeometry& g) {
+  const int64_t cells = g.gh * g.gw;
+#pragma omp parallel
+  {
+    std::vector<T> vcell(static_cast<size_t>(cells));
+    std::vector<double> vtmp(static_cast<size_t>(cells));
+#pragma omp for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      T* p = dx + (bc / C) * sdx.b + (bc % C) * sdx.c;
+      cell_grads<T>(dy + bc * g.N, vcell.data(), vtmp.data(), g);
+      for (int64_t h = 0; h < g.H; ++h) {
+        const T* cg = vcell.data() + g.row_group[h] * g.gw;
+        for (int64_t w = 0; w < g.W; ++w) p[h * sdx.h + w * sdx.w] = cg[g.col_group[w]];
+      }
+    }
+  }
+}
+
+template <typename T>
+void bwd_typed(const acc_t<T>* dy, T* dx, int64_t B, int64_t C, Strides4 sdx, const BinGeometry& g) {
+  if (B * C * g.H * g.W == 0) return;
+  if (plane_contiguous(sdx, g.H, g.W)) return bwd_plane(dy, dx, B, C, sdx, g);
+  if (channels_contiguous(sdx, C)) return bwd_channels(dy, dx, B, C, sdx, g);
+  bwd_generic(dy, dx, B, C, sdx, g);
+}
+
+}  // namespace
+
+#define FA_TYPES(M) M(Float32, float) M(Float64, double) M(Float16, fp16_t) M(BFloat16, bf16_t)
+
+void bin_mean_forward_cpu(const void* x, void* out, DType dtype, int64_t B, int64_t C, Strides4 sx,
+                          const BinGeometry& g) {
+  switch (dtype) {
+#define FA_CASE(TAG, T) \
+  case DType::TAG: return fwd_typed(static_cast<const T*>(x), static_cast<T*>(out), B, C, sx, g);
+    FA_TYPES(FA_CASE)
+#undef FA_CASE
+  }
+}
+
+void bin_mean_backward_cpu(const void* dy, void* dx, DType dtype, int64_t B, int64_t C, Strides4 sdx,
+                           const BinGeometry& g) {
+  switch (dtype) {
+#define FA_CASE(TAG, T) \
+  case DType::TAG: return bwd_typed(static_cast<const acc_t<T>*>(dy), static_cast<T*>(dx), B, C, sdx, g);
+    FA_TYPES(FA_CASE)
+#undef FA_CASE
+  }
+}
+
+#undef FA_TYPES
+
+}  // namespace fastattn
