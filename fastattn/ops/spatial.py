@@ -6,6 +6,9 @@
 - `zpool(x, dim)`: Triplet attention's Z-pool over dim 1, 2 or 3, in the layout the official
   code pools after its permutes (no permuted copy of x is made).
 
+Backends: "triton" (kernels/spatial.py), "cpu" and "cuda" (the C++ / CUDA kernels of fastattn._C:
+csrc/cpu/spatial.cpp, csrc/cuda/spatial.cu, one pass over x per op and direction), "torch".
+
 Max ties (measure zero on random inputs): the forward keeps the FIRST channel reaching the
 max (as torch.argmax) and the backward sends the whole max gradient to it, where torch.amax's
 own backward would split it evenly among the tied channels.
@@ -18,8 +21,17 @@ from torch import Tensor
 from . import _dispatch
 from ._common import acc_dtype
 
-CHECKS = {"triton": _dispatch.triton_reason}
+# One set of raw kernels serves the family (zpool is the pool over another dim): every op needs all four.
+_RAW = ("spatial_pool", "spatial_pool_backward", "spatial_scale", "spatial_scale_backward")
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cpu": _dispatch.cpu_kernel(*_RAW),
+          "cuda": _dispatch.cuda_kernel(*_RAW)}
+_NATIVE = ("cpu", "cuda")      # the C++ / CUDA kernels of fastattn._C (torch.ops.fastattn_C)
 
+
+def _acc(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A small operand (a, s) as the native kernels take it: x's accumulation dtype, contiguous."""
+    return None if t is None else t.to(acc_dtype(x)).contiguous()
 
 
 def _pool_format(x: Tensor) -> torch.memory_format:
@@ -72,6 +84,8 @@ def _pool_backward_torch(dy: Tensor, xv: Tensor, a: Tensor | None, idx: Tensor, 
 
 @torch.library.custom_op("fastattn::spatial_pool", mutates_args=())
 def _spatial_pool(x: Tensor, a: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
+    if backend in _NATIVE:
+        return torch.ops.fastattn_C.spatial_pool(x, _acc(a, x), 1)
     y = _pool_out(x, _pool_format(x))
     if backend == "triton":
         from fastattn.kernels.spatial import spatial_pool_forward
@@ -89,6 +103,9 @@ def _(x, a, backend):
 @torch.library.custom_op("fastattn::spatial_pool_backward", mutates_args=())
 def _spatial_pool_backward(dy: Tensor, x: Tensor, a: Tensor | None, idx: Tensor, backend: str
                            ) -> tuple[Tensor, Tensor]:
+    if backend in _NATIVE:
+        dx, da = torch.ops.fastattn_C.spatial_pool_backward(dy.to(x.dtype), x, _acc(a, x), idx.contiguous(), 1)
+        return dx, (da.to(a.dtype) if a is not None else x.new_empty(0))
     dx = torch.empty_like(x)
     if backend == "triton":
         from fastattn.kernels.spatial import spatial_pool_backward
@@ -132,7 +149,8 @@ def spatial_pool(x: Tensor, a: Tensor | None = None, *, backend: str | None = No
     Backward: dx = a * g and da = sum_hw x * g with g = dy_mean / C + dy_max at the argmax
     channel. Autograd saves x, a (the inputs) and the argmax channel per pixel (int32, B*H*W);
     ties: the first channel reaching the max gets the whole max gradient.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cpu" (the
+    OpenMP C++ kernels of fastattn._C, CPU tensors), "cuda" (its CUDA C++ kernels), "torch".
     """
     op = "spatial_pool"
     _check_x(op, x, 1)
@@ -153,6 +171,8 @@ def _zpool_format(x: Tensor, dim: int) -> torch.memory_format:
 
 @torch.library.custom_op("fastattn::zpool", mutates_args=())
 def _zpool(x: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
+    if backend in _NATIVE:
+        return torch.ops.fastattn_C.spatial_pool(x, None, dim)
     xv = _zview(x, dim)
     y = _pool_out(xv, _zpool_format(x, dim))
     if backend == "triton":
@@ -171,6 +191,8 @@ def _(x, dim, backend):
 
 @torch.library.custom_op("fastattn::zpool_backward", mutates_args=())
 def _zpool_backward(dy: Tensor, x: Tensor, idx: Tensor, dim: int, backend: str) -> Tensor:
+    if backend in _NATIVE:
+        return torch.ops.fastattn_C.spatial_pool_backward(dy.to(x.dtype), x, None, idx.contiguous(), dim)[0]
     dx = torch.empty_like(x)
     if backend == "triton":
         from fastattn.kernels.spatial import spatial_pool_backward
@@ -213,7 +235,7 @@ def zpool(x: Tensor, dim: int, *, backend: str | None = None) -> Tensor:
     kernels read x through the permuted strides. Backward: dx = dy_mean / n + dy_max at the
     argmax (n = x.shape[dim]); autograd saves x (the input) and the argmax (int32) per output
     pixel; ties: the first index reaching the max gets the whole max gradient.
-    backend: None (the process default), "auto", "triton", "torch".
+    backend: None (the process default), "auto", "triton", "cpu", "cuda", "torch".
     """
     op = "zpool"
     if isinstance(dim, bool) or not isinstance(dim, int) or dim not in (1, 2, 3):
@@ -230,6 +252,8 @@ def zpool(x: Tensor, dim: int, *, backend: str | None = None) -> Tensor:
 
 @torch.library.custom_op("fastattn::spatial_scale", mutates_args=())
 def _spatial_scale(x: Tensor, a: Tensor | None, s: Tensor, backend: str) -> Tensor:
+    if backend in _NATIVE:
+        return torch.ops.fastattn_C.spatial_scale(x, _acc(a, x), _acc(s, x))
     if backend == "triton":
         from fastattn.kernels.spatial import spatial_scale_forward
 
@@ -248,6 +272,9 @@ def _(x, a, s, backend):
 @torch.library.custom_op("fastattn::spatial_scale_backward", mutates_args=())
 def _spatial_scale_backward(dy: Tensor, x: Tensor, a: Tensor | None, s: Tensor, backend: str
                             ) -> tuple[Tensor, Tensor, Tensor]:
+    if backend in _NATIVE:
+        dx, da, ds = torch.ops.fastattn_C.spatial_scale_backward(dy.to(x.dtype), x, _acc(a, x), _acc(s, x))
+        return dx, (da.to(a.dtype) if a is not None else x.new_empty(0)), ds.to(s.dtype)
     if backend == "triton":
         from fastattn.kernels.spatial import spatial_scale_backward
 
@@ -303,7 +330,8 @@ def spatial_scale(x: Tensor, a: Tensor | None, s: Tensor, *, backend: str | None
     block), writes dx, and writes partial rows of da (one per pixel block) and of ds (one per
     channel split), summed on the host in a fixed order: deterministic, no atomics. ds comes back
     contiguous. Autograd saves x, a and s (the inputs; nothing new).
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cpu" (the
+    OpenMP C++ kernels of fastattn._C, CPU tensors), "cuda" (its CUDA C++ kernels), "torch".
     """
     op = "spatial_scale"
     _check_x(op, x, None)
