@@ -8,7 +8,8 @@
 //
 // Numerics: fp32 math for 16/32-bit types (fp64 for fp64). The moments are computed per chunk of
 // kChunk elements in two sweeps (chunk mean, then squared deviations from it: no cancellation of
-// sum(x^2) - n mu^2 when |mu| >> std), and chunks are merged in double (Chan et al.).
+// sum(x^2) - n mu^2 when |mu| >> std), about a shift (the segment's first value), and chunks are
+// merged in double (Chan et al.). The gate subtracts mu as fp32 hi + lo.
 #include "simam.h"
 
 #include <algorithm>
@@ -94,38 +95,70 @@ inline void bwd_const(double A, double Bs, double r, double n, double& dS, doubl
   shift = 2.0 * r * A / n;
 }
 
+// A plane's constants in the math type. mu is carried as hi + lo and xc = (x - hi) - lo: rounding
+// mu to fp32 alone would cost y up to |x| s'(.) 2 xc r ulp(mu), large when |mu| >> std.
+template <typename A>
+struct Consts {
+  A mh, ml, r, dS, shift;
+};
+
+template <typename A>
+inline Consts<A> consts_of(const GateConst& g) {
+  const A hi = static_cast<A>(g.mu);
+  return {hi, static_cast<A>(g.mu - static_cast<double>(hi)), static_cast<A>(g.r), A(0), A(0)};
+}
+
+template <typename A>
+inline void set_bwd_consts(Consts<A>& k, double ta, double tb, double r, double n) {
+  double dS, shift;
+  bwd_const(ta, tb, r, n, dS, shift);
+  k.dS = static_cast<A>(dS);
+  k.shift = static_cast<A>(shift);
+}
+
+// The moments of `count` consecutive segments, merged in order.
+inline Moments merged(const Moments* parts, int64_t count) {
+  Moments m = parts[0];
+  for (int64_t s = 1; s < count; ++s) merge(m, parts[s].n, parts[s].mean, parts[s].m2);
+  return m;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plane-contiguous sweeps (NCHW): a plane is a unit-stride run of n elements
 // ---------------------------------------------------------------------------------------------
 
+// Moments of p[i0, i1) about a shift K = p[i0] (x - K is exact for x near K, so a chunk's mean
+// keeps the bits an fp32 sum of values ~|mu| would lose), chunk by chunk, merged in double.
 template <typename T>
 Moments moments_run(const T* __restrict__ p, int64_t i0, int64_t i1) {
   using A = acc_t<T>;
+  const A K = static_cast<A>(to_float(p[i0]));
   Moments m;
   for (int64_t j0 = i0; j0 < i1; j0 += kChunk) {
     const int64_t j1 = std::min(i1, j0 + kChunk);
     A s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = j0; i < j1; ++i) s += static_cast<A>(to_float(p[i]));
-    const A cm = s / static_cast<A>(j1 - j0);
+    for (int64_t i = j0; i < j1; ++i) s += static_cast<A>(to_float(p[i])) - K;
+    const A cm = s / static_cast<A>(j1 - j0);      // chunk mean - K
     A q = 0;
 #pragma omp simd reduction(+ : q)
     for (int64_t i = j0; i < j1; ++i) {
-      const A d = static_cast<A>(to_float(p[i])) - cm;
+      const A d = (static_cast<A>(to_float(p[i])) - K) - cm;
       q += d * d;
     }
-    merge(m, static_cast<double>(j1 - j0), static_cast<double>(cm), static_cast<double>(q));
+    merge(m, static_cast<double>(j1 - j0), static_cast<double>(K) + static_cast<double>(cm), static_cast<double>(q));
   }
   return m;
 }
 
 template <typename T>
-void gate_run(const T* __restrict__ px, T* __restrict__ py, int64_t i0, int64_t i1, acc_t<T> mu, acc_t<T> r) {
+void gate_run(const T* __restrict__ px, T* __restrict__ py, int64_t i0, int64_t i1, acc_t<T> mh, acc_t<T> ml,
+              acc_t<T> r) {
   using A = acc_t<T>;
 #pragma omp simd
   for (int64_t i = i0; i < i1; ++i) {
     const A v = static_cast<A>(to_float(px[i]));
-    const A xc = v - mu;
+    const A xc = (v - mh) - ml;
     const A s = A(1) / (A(1) + exp_neg(xc * xc * r + A(0.5)));
     py[i] = store<T>(v * s);
   }
@@ -133,8 +166,8 @@ void gate_run(const T* __restrict__ px, T* __restrict__ py, int64_t i0, int64_t 
 
 // (A, Bs) of the elements [i0, i1): fp32 per chunk, folded into double.
 template <typename T>
-void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, int64_t i1, acc_t<T> mu, acc_t<T> r,
-              double& ta, double& tb) {
+void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, int64_t i1, acc_t<T> mh, acc_t<T> ml,
+              acc_t<T> r, double& ta, double& tb) {
   using A = acc_t<T>;
   ta = 0;
   tb = 0;
@@ -145,7 +178,7 @@ void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, i
     for (int64_t i = j0; i < j1; ++i) {
       const A v = static_cast<A>(to_float(px[i]));
       const A g = static_cast<A>(to_float(pdy[i]));
-      const A xc = v - mu;
+      const A xc = (v - mh) - ml;
       const A d = xc * xc;
       const A t = exp_neg(d * r + A(0.5));
       const A s = A(1) / (A(1) + t);
@@ -160,13 +193,13 @@ void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, i
 
 template <typename T>
 void dx_run(const T* __restrict__ pdy, const T* __restrict__ px, T* __restrict__ pdx, int64_t i0, int64_t i1,
-            acc_t<T> mu, acc_t<T> r, acc_t<T> dS, acc_t<T> shift) {
+            acc_t<T> mh, acc_t<T> ml, acc_t<T> r, acc_t<T> dS, acc_t<T> shift) {
   using A = acc_t<T>;
 #pragma omp simd
   for (int64_t i = i0; i < i1; ++i) {
     const A v = static_cast<A>(to_float(px[i]));
     const A g = static_cast<A>(to_float(pdy[i]));
-    const A xc = v - mu;
+    const A xc = (v - mh) - ml;
     const A d = xc * xc;
     const A t = exp_neg(d * r + A(0.5));
     const A s = A(1) / (A(1) + t);
@@ -185,8 +218,8 @@ void fwd_plane(const T* x, T* y, int64_t B, int64_t C, int64_t n, double lambda,
     for (int64_t bc = 0; bc < BC; ++bc) {
       const int64_t b = bc / C, c = bc % C;
       const T* px = x + b * sx.b + c * sx.c;
-      const GateConst k = gate_const(moments_run(px, 0, n), lambda);
-      gate_run(px, y + b * sy.b + c * sy.c, 0, n, static_cast<A>(k.mu), static_cast<A>(k.r));
+      const Consts<A> k = consts_of<A>(gate_const(moments_run(px, 0, n), lambda));
+      gate_run(px, y + b * sy.b + c * sy.c, 0, n, k.mh, k.ml, k.r);
     }
     return;
   }
@@ -196,18 +229,14 @@ void fwd_plane(const T* x, T* y, int64_t B, int64_t C, int64_t n, double lambda,
     const int64_t bc = job / sp.n, i0 = (job % sp.n) * sp.len_per;
     parts[job] = moments_run(x + (bc / C) * sx.b + (bc % C) * sx.c, i0, std::min(n, i0 + sp.len_per));
   }
-  std::vector<GateConst> k(static_cast<size_t>(BC));
-  for (int64_t bc = 0; bc < BC; ++bc) {
-    Moments m = parts[bc * sp.n];
-    for (int64_t s = 1; s < sp.n; ++s) merge(m, parts[bc * sp.n + s].n, parts[bc * sp.n + s].mean, parts[bc * sp.n + s].m2);
-    k[bc] = gate_const(m, lambda);
-  }
+  std::vector<Consts<A>> k(static_cast<size_t>(BC));
+  for (int64_t bc = 0; bc < BC; ++bc) k[bc] = consts_of<A>(gate_const(merged(parts.data() + bc * sp.n, sp.n), lambda));
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < BC * sp.n; ++job) {
     const int64_t bc = job / sp.n, i0 = (job % sp.n) * sp.len_per;
     const int64_t b = bc / C, c = bc % C;
-    gate_run(x + b * sx.b + c * sx.c, y + b * sy.b + c * sy.c, i0, std::min(n, i0 + sp.len_per),
-             static_cast<A>(k[bc].mu), static_cast<A>(k[bc].r));
+    gate_run(x + b * sx.b + c * sx.c, y + b * sy.b + c * sy.c, i0, std::min(n, i0 + sp.len_per), k[bc].mh, k[bc].ml,
+             k[bc].r);
   }
 }
 
@@ -217,18 +246,19 @@ void bwd_plane(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t n, 
   using A = acc_t<T>;
   const int64_t BC = B * C;
   const Split sp = split_axis(BC, n, kMinSegment);
+  const double nd = static_cast<double>(n);
   if (sp.n == 1) {
 #pragma omp parallel for schedule(static)
     for (int64_t bc = 0; bc < BC; ++bc) {
       const int64_t b = bc / C, c = bc % C;
       const T* px = x + b * sx.b + c * sx.c;
       const T* pdy = dy + b * sdy.b + c * sdy.c;
-      const GateConst k = gate_const(moments_run(px, 0, n), lambda);
-      const A mu = static_cast<A>(k.mu), r = static_cast<A>(k.r);
-      double ta, tb, dS, shift;
-      sums_run(pdy, px, 0, n, mu, r, ta, tb);
-      bwd_const(ta, tb, k.r, static_cast<double>(n), dS, shift);
-      dx_run(pdy, px, dx + b * sdx.b + c * sdx.c, 0, n, mu, r, static_cast<A>(dS), static_cast<A>(shift));
+      const GateConst g = gate_const(moments_run(px, 0, n), lambda);
+      Consts<A> k = consts_of<A>(g);
+      double ta, tb;
+      sums_run(pdy, px, 0, n, k.mh, k.ml, k.r, ta, tb);
+      set_bwd_consts(k, ta, tb, g.r, nd);
+      dx_run(pdy, px, dx + b * sdx.b + c * sdx.c, 0, n, k.mh, k.ml, k.r, k.dS, k.shift);
     }
     return;
   }
@@ -239,36 +269,35 @@ void bwd_plane(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t n, 
     const int64_t bc = job / sp.n, i0 = (job % sp.n) * sp.len_per;
     parts[job] = moments_run(x + (bc / C) * sx.b + (bc % C) * sx.c, i0, std::min(n, i0 + sp.len_per));
   }
-  std::vector<GateConst> k(static_cast<size_t>(BC));
+  std::vector<GateConst> g(static_cast<size_t>(BC));
+  std::vector<Consts<A>> k(static_cast<size_t>(BC));
   for (int64_t bc = 0; bc < BC; ++bc) {
-    Moments m = parts[bc * sp.n];
-    for (int64_t s = 1; s < sp.n; ++s) merge(m, parts[bc * sp.n + s].n, parts[bc * sp.n + s].mean, parts[bc * sp.n + s].m2);
-    k[bc] = gate_const(m, lambda);
+    g[bc] = gate_const(merged(parts.data() + bc * sp.n, sp.n), lambda);
+    k[bc] = consts_of<A>(g[bc]);
   }
   std::vector<double> sa(static_cast<size_t>(jobs)), sb(static_cast<size_t>(jobs));
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < jobs; ++job) {
     const int64_t bc = job / sp.n, i0 = (job % sp.n) * sp.len_per;
     const int64_t b = bc / C, c = bc % C;
-    sums_run(dy + b * sdy.b + c * sdy.c, x + b * sx.b + c * sx.c, i0, std::min(n, i0 + sp.len_per),
-             static_cast<A>(k[bc].mu), static_cast<A>(k[bc].r), sa[job], sb[job]);
+    sums_run(dy + b * sdy.b + c * sdy.c, x + b * sx.b + c * sx.c, i0, std::min(n, i0 + sp.len_per), k[bc].mh,
+             k[bc].ml, k[bc].r, sa[job], sb[job]);
   }
-  std::vector<double> dS(static_cast<size_t>(BC)), shift(static_cast<size_t>(BC));
   for (int64_t bc = 0; bc < BC; ++bc) {
     double ta = 0, tb = 0;
     for (int64_t s = 0; s < sp.n; ++s) {
       ta += sa[bc * sp.n + s];
       tb += sb[bc * sp.n + s];
     }
-    bwd_const(ta, tb, k[bc].r, static_cast<double>(n), dS[bc], shift[bc]);
+    set_bwd_consts(k[bc], ta, tb, g[bc].r, nd);
   }
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < jobs; ++job) {
     const int64_t bc = job / sp.n, i0 = (job % sp.n) * sp.len_per;
     const int64_t b = bc / C, c = bc % C;
+    const Consts<A>& q = k[bc];
     dx_run(dy + b * sdy.b + c * sdy.c, x + b * sx.b + c * sx.c, dx + b * sdx.b + c * sdx.c, i0,
-           std::min(n, i0 + sp.len_per), static_cast<A>(k[bc].mu), static_cast<A>(k[bc].r), static_cast<A>(dS[bc]),
-           static_cast<A>(shift[bc]));
+           std::min(n, i0 + sp.len_per), q.mh, q.ml, q.r, q.dS, q.shift);
   }
 }
 
@@ -291,13 +320,14 @@ inline Blocks channel_blocks(int64_t B, int64_t C, int64_t HW, int64_t elem_byte
   return {ceil_div(C, width), width};
 }
 
-// Per-channel moments of pixels [p0, p1): chunks of P pixels (P nb <= kChunk elements) swept twice,
-// merged in double. cs, cq: scratch of nb accumulators.
+// Per-channel moments of pixels [p0, p1) about the shift K = pixel p0 (as moments_run): chunks of
+// P pixels (P nb <= kChunk elements) swept twice, merged in double. cs, cq: scratch of nb.
 template <typename T>
 void moments_channels(const T* base, int64_t ps, int64_t nb, int64_t p0, int64_t p1, acc_t<T>* __restrict__ cs,
                       acc_t<T>* __restrict__ cq, Moments* mom) {
   using A = acc_t<T>;
   const int64_t P = std::max<int64_t>(1, kChunk / nb);
+  const T* __restrict__ k0 = base + p0 * ps;
   for (int64_t c = 0; c < nb; ++c) mom[c] = Moments{};
   for (int64_t j0 = p0; j0 < p1; j0 += P) {
     const int64_t j1 = std::min(p1, j0 + P);
@@ -306,7 +336,7 @@ void moments_channels(const T* base, int64_t ps, int64_t nb, int64_t p0, int64_t
     for (int64_t j = j0; j < j1; ++j) {
       const T* __restrict__ px = base + j * ps;
 #pragma omp simd
-      for (int64_t c = 0; c < nb; ++c) cs[c] += static_cast<A>(to_float(px[c]));
+      for (int64_t c = 0; c < nb; ++c) cs[c] += static_cast<A>(to_float(px[c])) - static_cast<A>(to_float(k0[c]));
     }
 #pragma omp simd
     for (int64_t c = 0; c < nb; ++c) cs[c] /= cnt;
@@ -315,18 +345,19 @@ void moments_channels(const T* base, int64_t ps, int64_t nb, int64_t p0, int64_t
       const T* __restrict__ px = base + j * ps;
 #pragma omp simd
       for (int64_t c = 0; c < nb; ++c) {
-        const A d = static_cast<A>(to_float(px[c])) - cs[c];
+        const A d = (static_cast<A>(to_float(px[c])) - static_cast<A>(to_float(k0[c]))) - cs[c];
         cq[c] += d * d;
       }
     }
     for (int64_t c = 0; c < nb; ++c)
-      merge(mom[c], static_cast<double>(j1 - j0), static_cast<double>(cs[c]), static_cast<double>(cq[c]));
+      merge(mom[c], static_cast<double>(j1 - j0),
+            static_cast<double>(to_float(k0[c])) + static_cast<double>(cs[c]), static_cast<double>(cq[c]));
   }
 }
 
 template <typename T>
 void gate_channels(const T* xb, int64_t xps, T* yb, int64_t yps, int64_t nb, int64_t p0, int64_t p1,
-                   const acc_t<T>* __restrict__ mu, const acc_t<T>* __restrict__ r) {
+                   const acc_t<T>* __restrict__ mh, const acc_t<T>* __restrict__ ml, const acc_t<T>* __restrict__ r) {
   using A = acc_t<T>;
   for (int64_t j = p0; j < p1; ++j) {
     const T* __restrict__ px = xb + j * xps;
@@ -334,7 +365,7 @@ void gate_channels(const T* xb, int64_t xps, T* yb, int64_t yps, int64_t nb, int
 #pragma omp simd
     for (int64_t c = 0; c < nb; ++c) {
       const A v = static_cast<A>(to_float(px[c]));
-      const A xc = v - mu[c];
+      const A xc = (v - mh[c]) - ml[c];
       const A s = A(1) / (A(1) + exp_neg(xc * xc * r[c] + A(0.5)));
       py[c] = store<T>(v * s);
     }
@@ -344,7 +375,7 @@ void gate_channels(const T* xb, int64_t xps, T* yb, int64_t yps, int64_t nb, int
 // Per-channel (A, Bs) of pixels [p0, p1) into ta, tb: fp32 per chunk (sa, sb), folded into double.
 template <typename T>
 void sums_channels(const T* dyb, int64_t dyps, const T* xb, int64_t xps, int64_t nb, int64_t p0, int64_t p1,
-                   const acc_t<T>* __restrict__ mu, const acc_t<T>* __restrict__ r, acc_t<T>* __restrict__ sa,
+                   const acc_t<T>* __restrict__ mh, const acc_t<T>* __restrict__ ml, const acc_t<T>* __restrict__ r, acc_t<T>* __restrict__ sa,
                    acc_t<T>* __restrict__ sb, double* ta, double* tb) {
   using A = acc_t<T>;
   const int64_t P = std::max<int64_t>(1, kChunk / nb);
@@ -361,7 +392,7 @@ void sums_channels(const T* dyb, int64_t dyps, const T* xb, int64_t xps, int64_t
       for (int64_t c = 0; c < nb; ++c) {
         const A v = static_cast<A>(to_float(px[c]));
         const A g = static_cast<A>(to_float(pdy[c]));
-        const A xc = v - mu[c];
+        const A xc = (v - mh[c]) - ml[c];
         const A d = xc * xc;
         const A t = exp_neg(d * r[c] + A(0.5));
         const A s = A(1) / (A(1) + t);
@@ -379,7 +410,7 @@ void sums_channels(const T* dyb, int64_t dyps, const T* xb, int64_t xps, int64_t
 
 template <typename T>
 void dx_channels(const T* dyb, int64_t dyps, const T* xb, int64_t xps, T* dxb, int64_t dxps, int64_t nb, int64_t p0,
-                 int64_t p1, const acc_t<T>* __restrict__ mu, const acc_t<T>* __restrict__ r,
+                 int64_t p1, const acc_t<T>* __restrict__ mh, const acc_t<T>* __restrict__ ml, const acc_t<T>* __restrict__ r,
                  const acc_t<T>* __restrict__ dS, const acc_t<T>* __restrict__ shift) {
   using A = acc_t<T>;
   for (int64_t j = p0; j < p1; ++j) {
@@ -390,7 +421,7 @@ void dx_channels(const T* dyb, int64_t dyps, const T* xb, int64_t xps, T* dxb, i
     for (int64_t c = 0; c < nb; ++c) {
       const A v = static_cast<A>(to_float(px[c]));
       const A g = static_cast<A>(to_float(pdy[c]));
-      const A xc = v - mu[c];
+      const A xc = (v - mh[c]) - ml[c];
       const A d = xc * xc;
       const A t = exp_neg(d * r[c] + A(0.5));
       const A s = A(1) / (A(1) + t);
@@ -405,6 +436,18 @@ struct FlatStrides {
   int64_t b, p;
 };
 
+// Per-channel constants of units of CB channels, structure of arrays (unit-stride inner loops).
+template <typename A>
+struct ConstRows {
+  std::vector<A> mh, ml, r, dS, shift;
+  explicit ConstRows(size_t n) : mh(n), ml(n), r(n), dS(n), shift(n) {}
+  void set(int64_t i, const Consts<A>& k) {
+    mh[i] = k.mh;
+    ml[i] = k.ml;
+    r[i] = k.r;
+  }
+};
+
 template <typename T>
 void fwd_channels(const T* x, T* y, int64_t B, int64_t C, int64_t HW, double lambda, FlatStrides sx,
                   FlatStrides sy) {
@@ -413,10 +456,10 @@ void fwd_channels(const T* x, T* y, int64_t B, int64_t C, int64_t HW, double lam
   const int64_t units = B * blk.n, CB = blk.width;
   const Split sp = split_axis(units, HW, ceil_div(kMinSegment, CB));
   const int64_t jobs = units * sp.n;
-  // one segment: each job keeps its moments local; several: the segments' moments are merged first
-  std::vector<Moments> parts(sp.n > 1 ? static_cast<size_t>(jobs * CB) : 0);
-  std::vector<A> kmu(sp.n > 1 ? static_cast<size_t>(units * CB) : 0), kr(kmu.size());
+  // One segment: a job's moments stay local. Several: the segments' moments are merged first.
+  ConstRows<A> k(sp.n > 1 ? static_cast<size_t>(units * CB) : 0);
   if (sp.n > 1) {
+    std::vector<Moments> parts(static_cast<size_t>(jobs * CB));
 #pragma omp parallel
     {
       std::vector<A> cs(static_cast<size_t>(CB)), cq(static_cast<size_t>(CB));
@@ -428,43 +471,31 @@ void fwd_channels(const T* x, T* y, int64_t B, int64_t C, int64_t HW, double lam
                          parts.data() + job * CB);
       }
     }
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t nb = std::min(CB, C - (u % blk.n) * CB);
-      for (int64_t c = 0; c < nb; ++c) {
-        Moments m = parts[(u * sp.n) * CB + c];
-        for (int64_t s = 1; s < sp.n; ++s) {
-          const Moments& q = parts[(u * sp.n + s) * CB + c];
-          merge(m, q.n, q.mean, q.m2);
-        }
-        const GateConst k = gate_const(m, lambda);
-        kmu[u * CB + c] = static_cast<A>(k.mu);
-        kr[u * CB + c] = static_cast<A>(k.r);
+    std::vector<Moments> seg(static_cast<size_t>(sp.n));
+    for (int64_t u = 0; u < units; ++u)
+      for (int64_t c = 0; c < std::min(CB, C - (u % blk.n) * CB); ++c) {
+        for (int64_t s = 0; s < sp.n; ++s) seg[s] = parts[(u * sp.n + s) * CB + c];
+        k.set(u * CB + c, consts_of<A>(gate_const(merged(seg.data(), sp.n), lambda)));
       }
-    }
   }
 #pragma omp parallel
   {
-    std::vector<A> cs(static_cast<size_t>(CB)), cq(static_cast<size_t>(CB)), mu(static_cast<size_t>(CB)),
-        r(static_cast<size_t>(CB));
+    std::vector<A> cs(static_cast<size_t>(CB)), cq(static_cast<size_t>(CB));
     std::vector<Moments> mom(static_cast<size_t>(CB));
+    ConstRows<A> local(sp.n == 1 ? static_cast<size_t>(CB) : 0);
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) {
       const int64_t u = job / sp.n, p0 = (job % sp.n) * sp.len_per, p1 = std::min(HW, p0 + sp.len_per);
       const int64_t b = u / blk.n, c0 = (u % blk.n) * CB, nb = std::min(CB, C - c0);
       const T* xb = x + b * sx.b + c0;
-      const A* pmu = kmu.data() + u * CB;
-      const A* pr = kr.data() + u * CB;
+      ConstRows<A>& q = sp.n == 1 ? local : k;
+      const int64_t off = sp.n == 1 ? 0 : u * CB;
       if (sp.n == 1) {
         moments_channels(xb, sx.p, nb, p0, p1, cs.data(), cq.data(), mom.data());
-        for (int64_t c = 0; c < nb; ++c) {
-          const GateConst k = gate_const(mom[c], lambda);
-          mu[c] = static_cast<A>(k.mu);
-          r[c] = static_cast<A>(k.r);
-        }
-        pmu = mu.data();
-        pr = r.data();
+        for (int64_t c = 0; c < nb; ++c) local.set(c, consts_of<A>(gate_const(mom[c], lambda)));
       }
-      gate_channels(xb, sx.p, y + b * sy.b + c0, sy.p, nb, p0, p1, pmu, pr);
+      gate_channels(xb, sx.p, y + b * sy.b + c0, sy.p, nb, p0, p1, q.mh.data() + off, q.ml.data() + off,
+                    q.r.data() + off);
     }
   }
 }
@@ -481,10 +512,12 @@ void bwd_channels(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t 
   if (sp.n == 1) {
 #pragma omp parallel
     {
-      std::vector<A> s1(static_cast<size_t>(CB)), s2(static_cast<size_t>(CB)), mu(static_cast<size_t>(CB)),
-          r(static_cast<size_t>(CB)), dS(static_cast<size_t>(CB)), shift(static_cast<size_t>(CB));
-      std::vector<double> ta(static_cast<size_t>(CB)), tb(static_cast<size_t>(CB)), rd(static_cast<size_t>(CB));
+      std::vector<A> s1(static_cast<size_t>(CB)), s2(static_cast<size_t>(CB));
+      std::vector<double> ta(static_cast<size_t>(CB)), tb(static_cast<size_t>(CB));
       std::vector<Moments> mom(static_cast<size_t>(CB));
+      std::vector<Consts<A>> kc(static_cast<size_t>(CB));
+      std::vector<double> rd(static_cast<size_t>(CB));
+      ConstRows<A> q(static_cast<size_t>(CB));
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u) {
         const int64_t b = u / blk.n, c0 = (u % blk.n) * CB, nb = std::min(CB, C - c0);
@@ -492,30 +525,29 @@ void bwd_channels(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t 
         const T* dyb = dy + b * sdy.b + c0;
         moments_channels(xb, sx.p, nb, 0, HW, s1.data(), s2.data(), mom.data());
         for (int64_t c = 0; c < nb; ++c) {
-          const GateConst k = gate_const(mom[c], lambda);
-          mu[c] = static_cast<A>(k.mu);
-          r[c] = static_cast<A>(k.r);
-          rd[c] = k.r;
+          const GateConst g = gate_const(mom[c], lambda);
+          kc[c] = consts_of<A>(g);
+          rd[c] = g.r;
+          q.set(c, kc[c]);
         }
-        sums_channels(dyb, sdy.p, xb, sx.p, nb, 0, HW, mu.data(), r.data(), s1.data(), s2.data(), ta.data(),
-                      tb.data());
+        sums_channels(dyb, sdy.p, xb, sx.p, nb, 0, HW, q.mh.data(), q.ml.data(), q.r.data(), s1.data(), s2.data(),
+                      ta.data(), tb.data());
         for (int64_t c = 0; c < nb; ++c) {
-          double d_s, sh;
-          bwd_const(ta[c], tb[c], rd[c], n, d_s, sh);
-          dS[c] = static_cast<A>(d_s);
-          shift[c] = static_cast<A>(sh);
+          set_bwd_consts(kc[c], ta[c], tb[c], rd[c], n);
+          q.dS[c] = kc[c].dS;
+          q.shift[c] = kc[c].shift;
         }
-        dx_channels(dyb, sdy.p, xb, sx.p, dx + b * sdx.b + c0, sdx.p, nb, 0, HW, mu.data(), r.data(), dS.data(),
-                    shift.data());
+        dx_channels(dyb, sdy.p, xb, sx.p, dx + b * sdx.b + c0, sdx.p, nb, 0, HW, q.mh.data(), q.ml.data(),
+                    q.r.data(), q.dS.data(), q.shift.data());
       }
     }
     return;
   }
-  // Segments: moments per job, merged; sums per job, added; then dx.
+  // Segments: moments per job, merged in order; sums per job, added in order; then dx.
   std::vector<Moments> parts(static_cast<size_t>(jobs * CB));
   std::vector<double> pa(static_cast<size_t>(jobs * CB)), pb(static_cast<size_t>(jobs * CB));
-  std::vector<A> kmu(static_cast<size_t>(units * CB)), kr(kmu.size()), kdS(kmu.size()), kshift(kmu.size());
-  std::vector<double> krd(kmu.size());
+  ConstRows<A> q(static_cast<size_t>(units * CB));
+  std::vector<double> rd(static_cast<size_t>(units * CB));
 #pragma omp parallel
   {
     std::vector<A> s1(static_cast<size_t>(CB)), s2(static_cast<size_t>(CB));
@@ -527,20 +559,14 @@ void bwd_channels(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t 
                        parts.data() + job * CB);
     }
   }
-  for (int64_t u = 0; u < units; ++u) {
-    const int64_t nb = std::min(CB, C - (u % blk.n) * CB);
-    for (int64_t c = 0; c < nb; ++c) {
-      Moments m = parts[(u * sp.n) * CB + c];
-      for (int64_t s = 1; s < sp.n; ++s) {
-        const Moments& q = parts[(u * sp.n + s) * CB + c];
-        merge(m, q.n, q.mean, q.m2);
-      }
-      const GateConst k = gate_const(m, lambda);
-      kmu[u * CB + c] = static_cast<A>(k.mu);
-      kr[u * CB + c] = static_cast<A>(k.r);
-      krd[u * CB + c] = k.r;
+  std::vector<Moments> seg(static_cast<size_t>(sp.n));
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t c = 0; c < std::min(CB, C - (u % blk.n) * CB); ++c) {
+      for (int64_t s = 0; s < sp.n; ++s) seg[s] = parts[(u * sp.n + s) * CB + c];
+      const GateConst g = gate_const(merged(seg.data(), sp.n), lambda);
+      q.set(u * CB + c, consts_of<A>(g));
+      rd[u * CB + c] = g.r;
     }
-  }
 #pragma omp parallel
   {
     std::vector<A> s1(static_cast<size_t>(CB)), s2(static_cast<size_t>(CB));
@@ -548,31 +574,32 @@ void bwd_channels(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t 
     for (int64_t job = 0; job < jobs; ++job) {
       const int64_t u = job / sp.n, p0 = (job % sp.n) * sp.len_per;
       const int64_t b = u / blk.n, c0 = (u % blk.n) * CB, nb = std::min(CB, C - c0);
+      const int64_t off = u * CB;
       sums_channels(dy + b * sdy.b + c0, sdy.p, x + b * sx.b + c0, sx.p, nb, p0, std::min(HW, p0 + sp.len_per),
-                    kmu.data() + u * CB, kr.data() + u * CB, s1.data(), s2.data(), pa.data() + job * CB,
-                    pb.data() + job * CB);
+                    q.mh.data() + off, q.ml.data() + off, q.r.data() + off, s1.data(), s2.data(),
+                    pa.data() + job * CB, pb.data() + job * CB);
     }
   }
-  for (int64_t u = 0; u < units; ++u) {
-    const int64_t nb = std::min(CB, C - (u % blk.n) * CB);
-    for (int64_t c = 0; c < nb; ++c) {
-      double ta = 0, tb = 0, d_s, sh;
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t c = 0; c < std::min(CB, C - (u % blk.n) * CB); ++c) {
+      double ta = 0, tb = 0;
       for (int64_t s = 0; s < sp.n; ++s) {
         ta += pa[(u * sp.n + s) * CB + c];
         tb += pb[(u * sp.n + s) * CB + c];
       }
-      bwd_const(ta, tb, krd[u * CB + c], n, d_s, sh);
-      kdS[u * CB + c] = static_cast<A>(d_s);
-      kshift[u * CB + c] = static_cast<A>(sh);
+      Consts<A> kc{};
+      set_bwd_consts(kc, ta, tb, rd[u * CB + c], n);
+      q.dS[u * CB + c] = kc.dS;
+      q.shift[u * CB + c] = kc.shift;
     }
-  }
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < jobs; ++job) {
     const int64_t u = job / sp.n, p0 = (job % sp.n) * sp.len_per;
     const int64_t b = u / blk.n, c0 = (u % blk.n) * CB, nb = std::min(CB, C - c0);
+    const int64_t off = u * CB;
     dx_channels(dy + b * sdy.b + c0, sdy.p, x + b * sx.b + c0, sx.p, dx + b * sdx.b + c0, sdx.p, nb, p0,
-                std::min(HW, p0 + sp.len_per), kmu.data() + u * CB, kr.data() + u * CB, kdS.data() + u * CB,
-                kshift.data() + u * CB);
+                std::min(HW, p0 + sp.len_per), q.mh.data() + off, q.ml.data() + off, q.r.data() + off,
+                q.dS.data() + off, q.shift.data() + off);
   }
 }
 
@@ -606,12 +633,12 @@ void fwd_generic(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W, d
     const int64_t b = bc / C, c = bc % C;
     const T* px = x + b * sx.b + c * sx.c;
     T* py = y + b * sy.b + c * sy.c;
-    const GateConst g = generic_stats(px, H, W, sx, lambda);
-    const A mu = static_cast<A>(g.mu), r = static_cast<A>(g.r);
+    const Consts<A> k = consts_of<A>(generic_stats(px, H, W, sx, lambda));
+    const A mh = k.mh, ml = k.ml, r = k.r;
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         const A v = static_cast<A>(to_float(px[h * sx.h + w * sx.w]));
-        const A xc = v - mu;
+        const A xc = (v - mh) - ml;
         const A s = A(1) / (A(1) + exp_neg(xc * xc * r + A(0.5)));
         py[h * sy.h + w * sy.w] = store<T>(v * s);
       }
@@ -628,14 +655,15 @@ void bwd_generic(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t H
     const T* px = x + b * sx.b + c * sx.c;
     const T* pdy = dy + b * sdy.b + c * sdy.c;
     T* pdx = dx + b * sdx.b + c * sdx.c;
-    const GateConst k = generic_stats(px, H, W, sx, lambda);
-    const A mu = static_cast<A>(k.mu), r = static_cast<A>(k.r);
+    const GateConst kg = generic_stats(px, H, W, sx, lambda);
+    const Consts<A> k = consts_of<A>(kg);
+    const A mh = k.mh, ml = k.ml, r = k.r;
     double ta = 0, tb = 0, dS, shift;
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         const A v = static_cast<A>(to_float(px[h * sx.h + w * sx.w]));
         const A g = static_cast<A>(to_float(pdy[h * sdy.h + w * sdy.w]));
-        const A xc = v - mu;
+        const A xc = (v - mh) - ml;
         const A d = xc * xc;
         const A t = exp_neg(d * r + A(0.5));
         const A s = A(1) / (A(1) + t);
@@ -643,13 +671,13 @@ void bwd_generic(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t H
         ta += static_cast<double>(e * xc);
         tb += static_cast<double>(e * d);
       }
-    bwd_const(ta, tb, k.r, static_cast<double>(H * W), dS, shift);
+    bwd_const(ta, tb, kg.r, static_cast<double>(H * W), dS, shift);
     const A dSa = static_cast<A>(dS), sha = static_cast<A>(shift);
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         const A v = static_cast<A>(to_float(px[h * sx.h + w * sx.w]));
         const A g = static_cast<A>(to_float(pdy[h * sdy.h + w * sdy.w]));
-        const A xc = v - mu;
+        const A xc = (v - mh) - ml;
         const A d = xc * xc;
         const A t = exp_neg(d * r + A(0.5));
         const A s = A(1) / (A(1) + t);
