@@ -243,3 +243,239 @@ def test_triton_on_cuda(shape, layout, dtype):
     for got, want, name, s in zip(res["triton"], res["torch"], ("x_h", "x_w", "y", "dx", "da_h", "da_w"),
                                   (1, 1, 1, 1, W ** 0.5, H ** 0.5)):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * s, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ kernels: backend "cpu" (OpenMP, fastattn._C) and, marked gpu, backend "cuda"
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_ready(backend):
+    import importlib
+
+    return importlib.import_module("fastattn.ops.coord").CHECKS[backend](
+        torch.empty(0, device="cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"))
+
+
+KTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+class _CoordKernelTests:
+    """Every check of the C++ kernels, run on `device` with `backend` by the subclasses below."""
+
+    device = "cpu"
+    backend = "cpu"
+    DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    LAYOUTS = ["nchw", "channels_last", "slice", "slice_cl", "permuted", "crop"]
+
+    def _make(self, shape, dtype, layout, g):
+        B, C, H, W = shape
+
+        def rnd(*s):
+            return torch.randn(*s, generator=g, dtype=torch.float64).to(self.device, dtype)
+
+        if layout == "slice":          # a channel slice of a wider NCHW tensor: not dense
+            return rnd(B, C + 3, H, W)[:, 1:C + 1]
+        if layout == "slice_cl":       # a channel slice of a channels_last tensor
+            return rnd(B, C + 3, H, W).contiguous(memory_format=torch.channels_last)[:, 2:C + 2]
+        if layout == "permuted":       # (B, C, W, H) storage seen transposed: unit stride along H
+            return rnd(B, C, W, H).transpose(2, 3)
+        if layout == "crop":           # a spatial crop: rows of W unit stride, H stride W + 3
+            return rnd(B, C, H + 2, W + 3)[:, :, 1:H + 1, 2:W + 2]
+        x = rnd(B, C, H, W)
+        return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+    def _grads(self, x, ah, aw, dxh, dxw, dy, backend):
+        """(x_h, x_w, dx of the pool, y, dx, da_h, da_w of the scale) with `backend`."""
+        xg = x.detach().requires_grad_()
+        xh, xw = coord_pool(xg, backend=backend)
+        (dx_pool,) = torch.autograd.grad([xh, xw], [xg], [dxh, dxw])
+        ahg, awg = ah.detach().clone().requires_grad_(), aw.detach().clone().requires_grad_()
+        y = coord_scale(xg, ahg, awg, backend=backend)
+        dx, dah, daw = torch.autograd.grad([y], [xg, ahg, awg], [dy])
+        return xh, xw, dx_pool, y, dx, dah, daw
+
+    def _check(self, shape, dtype, layout, dy_layout=None, seed=0):
+        B, C, H, W = shape
+        g = torch.Generator().manual_seed(seed)
+        x = self._make(shape, dtype, layout, g)
+        ah = torch.rand(B, C, H, generator=g, dtype=torch.float64).to(self.device, dtype)
+        aw = torch.rand(B, C, W, generator=g, dtype=torch.float64).to(self.device, dtype)
+        dxh = torch.randn(B, C, H, generator=g, dtype=torch.float64).to(self.device, dtype)
+        dxw = torch.randn(B, C, W, generator=g, dtype=torch.float64).to(self.device, dtype)
+        if dy_layout == "expanded":    # what y.sum().backward() gives: every stride 0
+            dy = torch.ones((), device=self.device, dtype=dtype).expand(shape)
+        else:
+            dy = self._make(shape, dtype, dy_layout or layout, g)
+        got = self._grads(x, ah, aw, dxh, dxw, dy, self.backend)
+        ref = self._grads(x, ah, aw, dxh, dxw, dy, "torch")
+
+        # layouts and dtypes: means contiguous in x's dtype; y and dx with torch.empty_like(x)'s strides
+        xh, xw, _, y, _, dah, daw = got
+        assert xh.dtype == xw.dtype == y.dtype == dtype and dah.dtype == daw.dtype == dtype
+        assert xh.is_contiguous() and xw.is_contiguous()
+        assert y.stride() == torch.empty_like(x).stride()
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        dxp = torch.ops.fastattn.coord_pool_backward(dxh, dxw, cl, self.backend)
+        assert dxp.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        dxs = torch.ops.fastattn.coord_scale_backward(dy, x, ah, aw, self.backend)[0]
+        assert dxs.stride() == torch.empty_like(x).stride()
+
+        # float64 math
+        x64, ah64, aw64 = x.double(), ah.double()[:, :, :, None], aw.double()[:, :, None, :]
+        dy64 = dy.double()
+        want = (x64.mean(3), x64.mean(2), dxh.double()[:, :, :, None] / W + dxw.double()[:, :, None, :] / H,
+                x64 * aw64 * ah64, dy64 * aw64 * ah64, (dy64 * x64 * aw64).sum(3), (dy64 * x64 * ah64).sum(2))
+        names = ("x_h", "x_w", "dx (pool)", "y", "dx (scale)", "da_h", "da_w")
+        sums = (W, H, 1, 1, 1, W, H)       # terms per output: the reductions may round more
+        tol = KTOL[dtype]
+        for name, a, r, t, n in zip(names, got, ref, want, sums):
+            scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+            atol = tol * scale * (n ** 0.5 if dtype in (torch.float32, torch.float64) else 1)
+            torch.testing.assert_close(a.double(), t, rtol=tol, atol=atol,
+                                       msg=lambda m: f"{self.backend} {layout} {dtype} {name} vs float64: {m}")
+            # no further from float64 than the torch backend in the same dtype (x2), plus an ulp
+            if t.numel():
+                err, err_ref = (a.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+                assert err <= 2 * err_ref + 2 * ULP[dtype] * scale * n ** 0.5, \
+                    f"{self.backend} {layout} {dtype} {name}: error {err:.3g}, torch backend's {err_ref:.3g}"
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_matches_float64_and_torch(self, dtype, layout):
+        self._check((2, 70, 13, 17), dtype, layout)
+
+    @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 1, 1), (1, 1, 7, 7), (2, 17, 1, 33), (2, 17, 33, 1),
+                                       (2, 600, 9, 9), (1, 16, 100, 90), (1, 3, 4200, 3), (1, 2, 3, 4200),
+                                       (4, 33, 56, 56)], ids=str)
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+    def test_odd_shapes(self, shape, layout):
+        """1 x 1 maps, odd H and W, C not a multiple of 16, row segments (few planes), more than
+        kChunk rows (partial column sums) and columns (folded row sums)."""
+        self._check(shape, torch.float32, layout)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)
+    @pytest.mark.parametrize("layout,dy_layout", [("channels_last", "nchw"), ("nchw", "channels_last"),
+                                                  ("slice_cl", "permuted"), ("nchw", "expanded"),
+                                                  ("channels_last", "expanded")])
+    def test_dy_in_another_layout(self, dtype, layout, dy_layout):
+        self._check((2, 70, 13, 17), dtype, layout, dy_layout)
+
+    @pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 0, 4, 4), (2, 3, 0, 4), (2, 3, 4, 0)], ids=str)
+    def test_empty(self, shape):
+        B, C, H, W = shape
+        x = torch.randn(shape, device=self.device, requires_grad=True)
+        ah = torch.rand(B, C, H, device=self.device, requires_grad=True)
+        aw = torch.rand(B, C, W, device=self.device, requires_grad=True)
+        xh, xw = coord_pool(x, backend=self.backend)
+        txh, txw = coord_pool(x, backend="torch")     # a mean over nothing is NaN, as in torch
+        torch.testing.assert_close(xh, txh, equal_nan=True)
+        torch.testing.assert_close(xw, txw, equal_nan=True)
+        y = coord_scale(x, ah, aw, backend=self.backend)
+        (y.sum() + xh.nansum() + xw.nansum()).backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        assert ah.grad.shape == ah.shape and not ah.grad.any() and not aw.grad.any()
+
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice", "permuted"])
+    def test_gradcheck(self, layout):
+        g = torch.Generator().manual_seed(3)
+        x = self._make((2, 3, 4, 5), torch.float64, layout, g).detach().requires_grad_()
+        ah = torch.rand(2, 3, 4, generator=g, dtype=torch.float64).to(self.device).requires_grad_()
+        aw = torch.rand(2, 3, 5, generator=g, dtype=torch.float64).to(self.device).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: coord_pool(t, backend=self.backend), (x,))
+        assert torch.autograd.gradcheck(lambda *t: coord_scale(*t, backend=self.backend), (x, ah, aw))
+
+    def test_opcheck(self):
+        d = self.device
+        x = torch.randn(2, 3, 4, 5, device=d, requires_grad=True)
+        cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        ah, aw = torch.rand(2, 3, 4, device=d, requires_grad=True), torch.rand(2, 3, 5, device=d, requires_grad=True)
+        for xx in (x, cl):
+            torch.library.opcheck(torch.ops.fastattn.coord_pool.default, (xx, self.backend))
+            torch.library.opcheck(torch.ops.fastattn.coord_scale.default, (xx, ah, aw, self.backend))
+            torch.library.opcheck(torch.ops.fastattn.coord_scale_backward.default,
+                                  (torch.randn(2, 3, 4, 5, device=d), xx.detach(), ah.detach(), aw.detach(),
+                                   self.backend))
+        for channels_last in (False, True):
+            torch.library.opcheck(torch.ops.fastattn.coord_pool_backward.default,
+                                  (torch.randn(2, 3, 4, device=d), torch.randn(2, 3, 5, device=d), channels_last,
+                                   self.backend))
+
+    def test_deterministic(self):
+        """The reductions (x_w; da_h, da_w) are bitwise repeatable, also across thread counts."""
+        g = torch.Generator().manual_seed(4)
+        for layout, shape in (("nchw", (1, 3, 300, 40)), ("channels_last", (1, 64, 90, 30)),
+                              ("channels_last", (2, 8, 4500, 2))):
+            x = self._make(shape, torch.float32, layout, g)
+            dy = self._make(shape, torch.float32, layout, g)
+            B, C, H, W = shape
+            ah, aw = torch.rand(B, C, H, device=self.device), torch.rand(B, C, W, device=self.device)
+            runs = []
+            for threads in (1, 2, 3, 1):
+                old = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    runs.append(torch.ops.fastattn_C.coord_pool(x) + torch.ops.fastattn_C.coord_scale_backward(
+                        dy, x, ah, aw))
+                finally:
+                    torch.set_num_threads(old)
+            for r in runs[1:]:
+                for a, b in zip(runs[0], r):
+                    assert torch.equal(a, b)
+
+    def test_auto_backend(self):
+        import importlib
+
+        coord = importlib.import_module("fastattn.ops.coord")
+        x = torch.randn(1, 4, 5, 6, device=self.device)
+        want = "cpu" if self.device == "cpu" else "triton"        # CUDA tensors: Triton first, then "cuda"
+        if self.device == "cpu" or _dispatch.triton_reason(x) is None:
+            assert _dispatch.resolve("coord_pool", x, "auto", coord.CHECKS) == want
+
+    def test_raw_op_checks(self):
+        d, op = self.device, torch.ops.fastattn_C
+        x = torch.randn(2, 3, 4, 5, device=d)
+        ah, aw = torch.rand(2, 3, 4, device=d), torch.rand(2, 3, 5, device=d)
+        with pytest.raises(ValueError, match=r"coord_pool: argument 'x' must be 4-D"):
+            op.coord_pool(x[0])
+        with pytest.raises(TypeError, match=r"coord_pool: argument 'x' must be float32, float64, float16 or bf"):
+            op.coord_pool(x.int())
+        with pytest.raises(TypeError, match=r"coord_scale: argument 'a_h' must be Float, got Double"):
+            op.coord_scale(x, ah.double(), aw)
+        with pytest.raises(ValueError, match=r"coord_scale: argument 'a_w' must have shape \(B, C, W\) = \(2, 3, 5\)"):
+            op.coord_scale(x, ah, aw[:, :, :4])
+        with pytest.raises(ValueError, match=r"coord_scale: argument 'a_h' must be contiguous"):
+            op.coord_scale(x, torch.rand(2, 4, 3, device=d).transpose(1, 2), aw)
+        with pytest.raises(TypeError, match=r"coord_scale_backward: argument 'dy' must have the dtype of 'x'"):
+            op.coord_scale_backward(x.double(), x, ah, aw)
+        with pytest.raises(ValueError, match=r"coord_scale_backward: argument 'dy' must have the shape of 'x'"):
+            op.coord_scale_backward(x[:, :2], x, ah, aw)
+        with pytest.raises(ValueError, match=r"coord_pool_backward: argument 'dxw' must have shape \(B, C, W\)"):
+            op.coord_pool_backward(ah, aw[:1], False)
+        with pytest.raises(TypeError, match=r"coord_pool_backward: argument 'dxw' must be Float"):
+            op.coord_pool_backward(ah, aw.half(), False)
+
+
+@pytest.mark.skipif(_kernel_ready("cpu") is not None, reason=str(_kernel_ready("cpu")))
+class TestCoordCpu(_CoordKernelTests):
+    device = "cpu"
+    backend = "cpu"
+
+
+@pytest.mark.gpu
+class TestCoordCuda(_CoordKernelTests):
+    device = "cuda"
+    backend = "cuda"
+
+    def test_kernels_are_built(self):
+        assert _kernel_ready("cuda") is None, _kernel_ready("cuda")
+
+    def test_large_batch_grid(self):
+        """B * C beyond 65535 blocks: the big dimension is on grid axis x."""
+        self._check((70000, 1, 2, 3), torch.float32, "nchw")
+        self._check((3, 40000, 2, 3), torch.float32, "channels_last")
+
+    def test_gates_on_another_device(self):
+        x = torch.randn(2, 3, 4, 5, device="cuda")
+        with pytest.raises(RuntimeError, match=r"coord_scale: .*'a_h'"):
+            torch.ops.fastattn_C.coord_scale(x, torch.rand(2, 3, 4), torch.rand(2, 3, 5, device="cuda"))

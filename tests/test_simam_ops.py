@@ -143,8 +143,8 @@ def test_explicit_backend_that_cannot_run_says_why():
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(RuntimeError, match=r"simam: backend='triton' cannot run here: .*(CUDA tensors|not installed)"):
         simam(x, backend="triton")
-    with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run here"):
-        simam(x, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"simam: backend='cuda' cannot run here: .*CUDA tensors"):
+        simam(x, backend="cuda")
     with pytest.raises(ValueError, match=r"argument 'backend' must be one of"):
         simam(x, backend="fast")
 
@@ -180,3 +180,206 @@ def test_triton_on_cuda(shape, layout, dtype):
     for got, want, name in zip(res["triton"], res["torch"], ("y", "dx")):
         scale = want.abs().max().item()
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ kernels: backend "cpu" (OpenMP, fastattn._C) and, marked gpu, backend "cuda"
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_ready(backend):
+    import importlib
+
+    return importlib.import_module("fastattn.ops.simam").CHECKS[backend](
+        torch.empty(0, device="cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"))
+
+
+KTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+class _SimamKernelTests:
+    """Every check of the C++ kernels, run on `device` with `backend` by the subclasses below."""
+
+    device = "cpu"
+    backend = "cpu"
+    DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    LAYOUTS = ["nchw", "channels_last", "slice", "slice_cl", "permuted", "crop"]
+
+    def _make(self, shape, dtype, layout, g, mean=0.0, std=1.0):
+        B, C, H, W = shape
+
+        def rnd(*s):
+            return (torch.randn(*s, generator=g, dtype=torch.float64) * std + mean).to(self.device, dtype)
+
+        if layout == "slice":          # a channel slice of a wider NCHW tensor: not dense
+            return rnd(B, C + 3, H, W)[:, 1:C + 1]
+        if layout == "slice_cl":       # a channel slice of a channels_last tensor
+            return rnd(B, C + 3, H, W).contiguous(memory_format=torch.channels_last)[:, 2:C + 2]
+        if layout == "permuted":       # (B, C, W, H) storage seen transposed
+            return rnd(B, C, W, H).transpose(2, 3)
+        if layout == "crop":           # a spatial crop: H x W does not flatten
+            return rnd(B, C, H + 2, W + 3)[:, :, 1:H + 1, 2:W + 2]
+        x = rnd(B, C, H, W)
+        return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+    def _run(self, x, dy, e_lambda, backend):
+        xg = x.detach().requires_grad_()
+        y = simam(xg, e_lambda, backend=backend)
+        (dx,) = torch.autograd.grad([y], [xg], [dy])
+        return y, dx
+
+    def _check(self, shape, dtype, layout, dy_layout=None, e_lambda=1e-4, mean=0.0, std=1.0, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = self._make(shape, dtype, layout, g, mean, std)
+        if dy_layout == "expanded":    # what y.sum().backward() gives: every stride 0
+            dy = torch.ones((), device=self.device, dtype=dtype).expand(shape)
+        else:
+            dy = self._make(shape, dtype, dy_layout or layout, g)
+        got = self._run(x, dy, e_lambda, self.backend)
+        ref = self._run(x, dy, e_lambda, "torch")
+        assert got[0].dtype == got[1].dtype == dtype
+        assert got[0].stride() == torch.empty_like(x).stride()
+        dx_op = torch.ops.fastattn.simam_backward(dy, x, e_lambda, self.backend)
+        assert dx_op.stride() == torch.empty_like(x).stride()
+        # float64: the reference module (autograd for dx)
+        x64 = x.double().requires_grad_()
+        y64 = SimAM(e_lambda)(x64)
+        (dx64,) = torch.autograd.grad([y64], [x64], [dy.double()])
+        tol = KTOL[dtype]
+        for name, a, r, t in zip(("y", "dx"), got, ref, (y64.detach(), dx64)):
+            scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+            torch.testing.assert_close(a.double(), t, rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"{self.backend} {layout} {dtype} {name} vs float64: {m}")
+            # no further from float64 than the torch backend in the same dtype (x2), plus an ulp
+            if t.numel():
+                err, err_ref = (a.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+                assert err <= 2 * err_ref + 2 * ULP[dtype] * scale, \
+                    f"{self.backend} {layout} {dtype} {name}: error {err:.3g}, torch backend's {err_ref:.3g}"
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_matches_float64_and_torch(self, dtype, layout):
+        self._check((2, 70, 13, 17), dtype, layout)
+
+    @pytest.mark.parametrize("shape", [(2, 3, 1, 2), (1, 2, 6, 1), (1, 1, 7, 7), (2, 17, 1, 33), (2, 600, 9, 9),
+                                       (1, 3, 100, 90), (1, 2, 70, 70), (1, 16, 100, 90), (4, 33, 56, 56)], ids=str)
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+    @pytest.mark.parametrize("e_lambda", [1e-4, 0.5])
+    def test_odd_shapes(self, shape, layout, e_lambda):
+        """The smallest planes, odd H and W, C not a multiple of 16, channel blocks, planes of more
+        than kChunk elements (merged chunk moments), pixel segments (few planes or blocks)."""
+        self._check(shape, torch.float32, layout, e_lambda=e_lambda)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+    @pytest.mark.parametrize("shape", [(2, 40, 9, 11), (1, 2, 90, 90)], ids=str)
+    def test_large_mean(self, dtype, layout, shape):
+        """|mean| >> std: the moments are taken about chunk means, no sum(x^2) - n mu^2 cancellation."""
+        self._check(shape, dtype, layout, mean=300.0, std=0.5, e_lambda=0.1)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)
+    @pytest.mark.parametrize("layout,dy_layout", [("channels_last", "nchw"), ("nchw", "channels_last"),
+                                                  ("nchw", "expanded"), ("channels_last", "expanded")])
+    def test_dy_in_another_layout(self, dtype, layout, dy_layout):
+        self._check((2, 70, 13, 17), dtype, layout, dy_layout)
+
+    @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5)], ids=str)
+    def test_empty(self, shape):
+        x = torch.randn(shape, device=self.device, requires_grad=True)
+        y = simam(x, backend=self.backend)
+        y.sum().backward()
+        assert y.shape == shape and x.grad.shape == shape
+
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice", "crop"])
+    @pytest.mark.parametrize("e_lambda", [1e-4, 0.5])
+    def test_gradcheck(self, layout, e_lambda):
+        g = torch.Generator().manual_seed(1)
+        x = self._make((2, 3, 4, 5), torch.float64, layout, g).detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: simam(t, e_lambda, backend=self.backend), (x,))
+
+    def test_gradcheck_smallest_plane(self):
+        x = torch.randn(2, 3, 1, 2, dtype=torch.float64, device=self.device, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: simam(t, 0.1, backend=self.backend), (x,))
+
+    def test_opcheck(self):
+        d = self.device
+        x = torch.randn(2, 3, 4, 5, device=d, requires_grad=True)
+        cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        for xx in (x, cl):
+            torch.library.opcheck(torch.ops.fastattn.simam.default, (xx, 1e-4, self.backend))
+            torch.library.opcheck(torch.ops.fastattn.simam_backward.default,
+                                  (torch.randn(2, 3, 4, 5, device=d), xx.detach(), 0.1, self.backend))
+        torch.library.opcheck(torch.ops.fastattn.simam_backward.default,
+                              (torch.randn(2, 3, 4, 5, device=d), cl.detach(), 0.1, self.backend))
+
+    def test_deterministic(self):
+        """Bitwise repeatable, also across thread counts (segmented planes merge in a fixed order)."""
+        g = torch.Generator().manual_seed(4)
+        for layout, shape in (("nchw", (1, 3, 100, 90)), ("channels_last", (1, 16, 100, 90)),
+                              ("channels_last", (2, 300, 9, 9))):
+            x = self._make(shape, torch.float32, layout, g)
+            dy = self._make(shape, torch.float32, layout, g)
+            runs = []
+            for threads in (1, 2, 3, 1):
+                old = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    runs.append((torch.ops.fastattn_C.simam(x, 0.1), torch.ops.fastattn_C.simam_backward(dy, x, 0.1)))
+                finally:
+                    torch.set_num_threads(old)
+            for r in runs[1:]:
+                assert torch.equal(runs[0][0], r[0]) and torch.equal(runs[0][1], r[1])
+
+    def test_auto_backend(self):
+        import importlib
+
+        sm = importlib.import_module("fastattn.ops.simam")
+        x = torch.randn(1, 4, 5, 6, device=self.device)
+        want = "cpu" if self.device == "cpu" else "triton"        # CUDA tensors: Triton first, then "cuda"
+        if self.device == "cpu" or _dispatch.triton_reason(x) is None:
+            assert _dispatch.resolve("simam", x, "auto", sm.CHECKS) == want
+
+    def test_raw_op_checks(self):
+        d, op = self.device, torch.ops.fastattn_C
+        x = torch.randn(2, 3, 4, 5, device=d)
+        with pytest.raises(ValueError, match=r"simam: argument 'x' must be 4-D"):
+            op.simam(x[0], 0.1)
+        with pytest.raises(TypeError, match=r"simam: argument 'x' must be float32, float64, float16 or bfloat16"):
+            op.simam(x.int(), 0.1)
+        with pytest.raises(ValueError, match=r"simam: argument 'x' must have at least 2 spatial positions"):
+            op.simam(x[:, :, :1, :1], 0.1)
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=r"simam: argument 'e_lambda' must be a positive float"):
+                op.simam(x, bad)
+        with pytest.raises(ValueError, match=r"simam_backward: argument 'dy' must have the shape of 'x'"):
+            op.simam_backward(x[:1], x, 0.1)
+        with pytest.raises(TypeError, match=r"simam_backward: argument 'dy' must have the dtype of 'x'"):
+            op.simam_backward(x.double(), x, 0.1)
+
+
+@pytest.mark.skipif(_kernel_ready("cpu") is not None, reason=str(_kernel_ready("cpu")))
+class TestSimamCpu(_SimamKernelTests):
+    device = "cpu"
+    backend = "cpu"
+
+
+@pytest.mark.gpu
+class TestSimamCuda(_SimamKernelTests):
+    device = "cuda"
+    backend = "cuda"
+
+    def test_kernels_are_built(self):
+        assert _kernel_ready("cuda") is None, _kernel_ready("cuda")
+
+    @pytest.mark.parametrize("shape", [(8, 256, 56, 56), (32, 512, 7, 7), (2, 64, 112, 112), (1, 4, 300, 300),
+                                       (70000, 1, 2, 3)], ids=str)
+    @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)
+    def test_large_shapes(self, shape, layout, dtype):
+        """ResNet-like maps (register-held planes), planes walked in tiles, B * C beyond 65535."""
+        self._check(shape, dtype, layout)
+
+    def test_dy_on_another_device(self):
+        x = torch.randn(2, 3, 4, 5, device="cuda")
+        with pytest.raises(RuntimeError, match=r"simam_backward: .*'dy'"):
+            torch.ops.fastattn_C.simam_backward(torch.randn(2, 3, 4, 5), x, 0.1)

@@ -15,10 +15,11 @@ from torch import Tensor
 from . import _dispatch
 from ._common import acc_dtype, flat, like
 
-CHECKS = {"triton": _dispatch.triton_reason}
-
-
-
+# Both ops share their backends: the C++ kernels of fastattn._C (CPU and CUDA) and Triton.
+_RAW = ("coord_pool", "coord_pool_backward", "coord_scale", "coord_scale_backward")
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cuda": _dispatch.cuda_kernel(*_RAW),
+          "cpu": _dispatch.cpu_kernel(*_RAW)}
 
 
 # --------------------------------------------------------------------------- coord_pool
@@ -29,6 +30,8 @@ def _coord_pool(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         from fastattn.kernels.coord import coord_pool_forward
 
         return coord_pool_forward(x)          # any strides: the kernel walks x with its four strides
+    if backend in ("cpu", "cuda"):           # the C++ kernels: any strides, contiguous means in x's dtype
+        return torch.ops.fastattn_C.coord_pool(x)
     acc = acc_dtype(x.dtype)
     # contiguous outputs whatever x's layout (a channels_last x gives permuted means)
     return x.mean(dim=3, dtype=acc).to(x.dtype).contiguous(), x.mean(dim=2, dtype=acc).to(x.dtype).contiguous()
@@ -47,6 +50,8 @@ def _coord_pool_backward(dxh: Tensor, dxw: Tensor, channels_last: bool, backend:
         from fastattn.kernels.coord import coord_pool_backward
 
         return coord_pool_backward(dxh, dxw, fmt)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastattn_C.coord_pool_backward(dxh, dxw.to(dxh.dtype), channels_last)
     B, C, H = dxh.shape
     W = dxw.shape[2]
     acc = acc_dtype(dxh.dtype)
@@ -84,7 +89,8 @@ def coord_pool(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor
     x: (B, C, H, W) float, any layout. Returns (x_h, x_w): x_h (B, C, H) = mean over W,
     x_w (B, C, W) = mean over H, contiguous, in x's dtype (accumulated in fp32, fp64 for fp64).
     Backward: dx[b, c, h, w] = dx_h[b, c, h] / W + dx_w[b, c, w] / H, in x's memory format.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda"
+    (the CUDA C++ kernels), "cpu" (the OpenMP C++ kernels, CPU tensors), "torch".
     """
     from ..reference._checks import check_feature_map
 
@@ -101,6 +107,8 @@ def _coord_scale(x: Tensor, a_h: Tensor, a_w: Tensor, backend: str) -> Tensor:
 
         return like(coord_scale_forward(flat(x), a_h, a_w), x)    # a copy only for a copied exotic view
     acc = acc_dtype(x.dtype)
+    if backend in ("cpu", "cuda"):           # the C++ kernels: any strides, y like torch.empty_like(x)
+        return torch.ops.fastattn_C.coord_scale(x, a_h.to(acc).contiguous(), a_w.to(acc).contiguous())
     y = x.to(acc) * a_w.to(acc)[:, :, None, :] * a_h.to(acc)[:, :, :, None]
     return like(y, x)
 
@@ -118,6 +126,10 @@ def _coord_scale_backward(dy: Tensor, x: Tensor, a_h: Tensor, a_w: Tensor,
 
         return coord_scale_backward(dy, x, a_h, a_w)     # any strides: walked with four strides
     acc = acc_dtype(x.dtype)
+    if backend in ("cpu", "cuda"):           # the C++ kernels: dx like torch.empty_like(x), gates' grads in acc
+        dx, dah, daw = torch.ops.fastattn_C.coord_scale_backward(
+            dy.to(x.dtype), x, a_h.to(acc).contiguous(), a_w.to(acc).contiguous())
+        return dx, dah.to(a_h.dtype), daw.to(a_w.dtype)
     g = dy.to(acc)
     ah, aw = a_h.to(acc)[:, :, :, None], a_w.to(acc)[:, :, None, :]
     dx = like(g * aw * ah, x)
@@ -150,11 +162,13 @@ _coord_scale.register_autograd(_scale_backward, setup_context=_scale_setup_conte
 def coord_scale(x: Tensor, a_h: Tensor, a_w: Tensor, *, backend: str | None = None) -> Tensor:
     """y = x * a_h[:, :, :, None] * a_w[:, :, None, :], the gate of coordinate attention, in one pass.
 
-    x: (B, C, H, W) float, NCHW or channels_last (other views are copied); a_h: (B, C, H) and
+    x: (B, C, H, W) float, NCHW or channels_last (other views: the Triton backend copies them, the
+    C++ kernels walk them with their strides); a_h: (B, C, H) and
     a_w: (B, C, W), already activated, any float dtype. Returns (B, C, H, W) in x's dtype and
     memory format, computed in fp32 (fp64 for fp64 x). Backward: dx = dy * a_h * a_w,
     da_h = sum_w dy * x * a_w, da_w = sum_h dy * x * a_h (deterministic); saves x, a_h, a_w.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda"
+    (the CUDA C++ kernels), "cpu" (the OpenMP C++ kernels, CPU tensors), "torch".
     """
     from ..reference._checks import check_feature_map, check_tensor
 

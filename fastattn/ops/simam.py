@@ -15,10 +15,9 @@ from . import _dispatch
 from ._common import acc_dtype, flat, like
 
 OP = "simam"
-CHECKS = {"triton": _dispatch.triton_reason}
-
-
-
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cuda": _dispatch.cuda_kernel("simam", "simam_backward"),
+          "cpu": _dispatch.cpu_kernel("simam", "simam_backward")}
 
 
 def _gate_terms(x: Tensor, e_lambda: float):
@@ -37,6 +36,8 @@ def _simam(x: Tensor, e_lambda: float, backend: str) -> Tensor:
         from fastattn.kernels.simam import simam_forward
 
         return like(simam_forward(flat(x), e_lambda), x)      # a copy only for a copied exotic view
+    if backend in ("cpu", "cuda"):           # the C++ kernels: any strides, y like torch.empty_like(x)
+        return torch.ops.fastattn_C.simam(x, e_lambda)
     x32, _, _, _, s = _gate_terms(x, e_lambda)
     return like(x32 * s, x)
 
@@ -52,6 +53,8 @@ def _simam_backward(dy: Tensor, x: Tensor, e_lambda: float, backend: str) -> Ten
         from fastattn.kernels.simam import simam_backward
 
         return like(simam_backward(flat(dy), flat(x), e_lambda), x)
+    if backend in ("cpu", "cuda"):           # statistics recomputed from x; dx like torch.empty_like(x)
+        return torch.ops.fastattn_C.simam_backward(dy.to(x.dtype), x, e_lambda)
     # dx = g s + 2 xc (e r + dS) - 2 r A / n,  e = g x s (1 - s),  A = sum(e xc),
     # dS = -4 r^2 sum(e d) / (n - 1)   (derivation: kernels/simam.py, _simam_bwd)
     x32, xc, d, r, s = _gate_terms(x, e_lambda)
@@ -89,9 +92,11 @@ def simam(x: Tensor, e_lambda: float = 1e-4, *, backend: str | None = None) -> T
 
     Per (b, c) plane with n = H * W >= 2: mu = mean(x), d = (x - mu)^2, v = sum(d) / (n - 1),
     y = x * sigmoid(d / (4 (v + e_lambda)) + 0.5). x: float, NCHW or channels_last (other
-    views are copied); the result has x's dtype and memory format, computed in fp32 (fp64 for
-    fp64 x). e_lambda > 0. Backward recomputes the statistics from x (the only tensor saved).
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    views: the Triton backend copies them, the C++ kernels walk them with their strides); the
+    result has x's dtype and memory format, computed in fp32 (fp64 for fp64 x). e_lambda > 0.
+    Backward recomputes the statistics from x (the only tensor saved).
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda"
+    (the CUDA C++ kernels), "cpu" (the OpenMP C++ kernels, CPU tensors), "torch".
     """
     from ..reference._checks import check_feature_map
 

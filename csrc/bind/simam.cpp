@@ -1,0 +1,60 @@
+// torch.ops.fastattn_C SimAM ops: schemas and CPU registrations (kernels in csrc/cpu/simam.cpp).
+// The CUDA registrations of the same schemas are in simam_cuda.cpp.
+#include <cmath>
+
+#include "../cpu/simam.h"
+#include "common.h"
+
+namespace fastattn {
+namespace {
+
+DType check_simam_x(const char* op, const at::Tensor& x, double e_lambda) {
+  check_feature_map(x, op);
+  TORCH_CHECK(x.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got 'x' on ", x.device());
+  const DType dt = dtype_tag(x, op, "x");
+  TORCH_CHECK_VALUE(x.numel() == 0 || x.size(2) * x.size(3) >= 2, "fastattn::", op,
+                    ": argument 'x' must have at least 2 spatial positions (H*W >= 2), got H=", x.size(2),
+                    ", W=", x.size(3));
+  TORCH_CHECK_VALUE(std::isfinite(e_lambda) && e_lambda > 0, "fastattn::", op,
+                    ": argument 'e_lambda' must be a positive float, got ", e_lambda);
+  return dt;
+}
+
+// y = SimAM(x), with the strides of torch.empty_like(x).
+at::Tensor simam(const at::Tensor& x, double e_lambda) {
+  const DType dt = check_simam_x("simam", x, e_lambda);
+  at::Tensor y = at::empty_like(x);
+  if (y.numel() == 0) return y;
+  simam_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), e_lambda,
+                    strides4(x), strides4(y));
+  return y;
+}
+
+// dx (like torch.empty_like(x)) from dy and x; the statistics are recomputed from x.
+at::Tensor simam_backward(const at::Tensor& dy, const at::Tensor& x, double e_lambda) {
+  const char* op = "simam_backward";
+  const DType dt = check_simam_x(op, x, e_lambda);
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastattn::", op, ": argument 'dy' must have the shape of 'x' ",
+                    x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op,
+                   ": argument 'dy' must have the dtype of 'x' (", x.scalar_type(), "), got ", dy.scalar_type());
+  TORCH_CHECK(dy.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got 'dy' on ", dy.device());
+  at::Tensor dx = at::empty_like(x);
+  if (dx.numel() == 0) return dx;
+  simam_backward_cpu(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3),
+                     e_lambda, strides4(dy), strides4(x), strides4(dx));
+  return dx;
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
+  m.def("simam(Tensor x, float e_lambda) -> Tensor");
+  m.def("simam_backward(Tensor dy, Tensor x, float e_lambda) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
+  m.impl("simam", &fastattn::simam);
+  m.impl("simam_backward", &fastattn::simam_backward);
+}

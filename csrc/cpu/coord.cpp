@@ -1,0 +1,621 @@
+// Coordinate attention: directional means and the two-axis scale, forward and backward.
+// Every op is one pass over the (B, C, H, W) map. fp32 math for 16/32-bit inputs, fp64 for fp64.
+// Three layouts: H x W plane contiguous (NCHW and its channel slices: rows of W are unit stride),
+// channels contiguous (channels_last: rows of C are unit stride), anything else (generic: correct,
+// not fast). Sums along H are split into row segments when (b, c) or b alone gives too few jobs;
+// the segments' partial sums are added in segment order, so results do not depend on the thread
+// count.
+#include "coord.h"
+
+#include <algorithm>
+#include <initializer_list>
+#include <vector>
+
+namespace fastattn {
+namespace {
+
+constexpr int64_t kMinJobs = 64;         // parallel jobs wanted before a plane is split into row segments
+constexpr int64_t kMinSegment = 4096;    // elements: no row segment smaller than this
+constexpr int64_t kPixelWork = 16384;    // elements per job of the element-wise channels-contiguous paths
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The row-walking paths need unit-stride rows of W only (any h stride: spatial crops qualify).
+inline bool rows_contiguous(const Strides4& s, int64_t W) { return s.w == 1 || W == 1; }
+
+// An axis of `len` items cut into `n` pieces of `len_per` (the last may be shorter).
+struct Split {
+  int64_t n, len_per;
+};
+
+// Cut an axis so that jobs * pieces reaches kMinJobs (pieces of at least min_len items) and no
+// piece exceeds max_len. Depends on the shape only.
+inline Split split_axis(int64_t jobs, int64_t len, int64_t min_len, int64_t max_len) {
+  int64_t n = jobs >= kMinJobs ? 1 : ceil_div(kMinJobs, std::max<int64_t>(jobs, 1));
+  n = std::min(n, std::max<int64_t>(1, len / std::max<int64_t>(1, min_len)));
+  n = std::max(n, ceil_div(len, std::max<int64_t>(1, max_len)));
+  n = std::max<int64_t>(1, std::min(n, len));
+  const int64_t per = ceil_div(len, n);
+  return {ceil_div(len, per), per};
+}
+
+// The small (B, C, L) gate or gradient rows as (B, L, C) rows of the accumulation type, so that the
+// channels-contiguous paths read them with unit stride; `scale` divides (means) or is 1.
+template <typename S, typename A>
+void transpose_rows(const S* src, A* dst, int64_t B, int64_t C, int64_t L, A scale) {
+#pragma omp parallel for schedule(static)
+  for (int64_t bl = 0; bl < B * L; ++bl) {
+    const int64_t b = bl / L, l = bl % L;
+    const S* s = src + b * C * L + l;
+    A* d = dst + bl * C;
+    for (int64_t c = 0; c < C; ++c) d[c] = static_cast<A>(to_float(s[c * L])) / scale;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// coord_pool forward
+// ---------------------------------------------------------------------------------------------
+
+// Sum of row[0, n) (unit stride), also added element-wise into col: fp32 chunks folded into double.
+template <typename T>
+inline double row_sum_into(const T* __restrict__ row, int64_t n, acc_t<T>* __restrict__ col) {
+  using A = acc_t<T>;
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    A acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = i0; i < i1; ++i) {
+      const A v = static_cast<A>(to_float(row[i]));
+      acc += v;
+      col[i] += v;
+    }
+    total += static_cast<double>(acc);
+  }
+  return total;
+}
+
+// One job = (b, c, a segment of at most kChunk rows): row sums complete, column sums partial.
+template <typename T>
+void pool_fwd_plane(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
+  using A = acc_t<T>;
+  const int64_t BC = B * C;
+  const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), kChunk);
+  std::vector<double> partial(sp.n > 1 ? static_cast<size_t>(BC * sp.n * W) : 0);
+#pragma omp parallel
+  {
+    std::vector<A> col(static_cast<size_t>(W));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < BC * sp.n; ++job) {
+      const int64_t bc = job / sp.n, part = job % sp.n;
+      const int64_t b = bc / C, c = bc % C;
+      const int64_t h0 = part * sp.len_per, h1 = std::min(H, h0 + sp.len_per);
+      const T* p = x + b * sx.b + c * sx.c;
+      std::fill(col.begin(), col.end(), A(0));
+      for (int64_t h = h0; h < h1; ++h)
+        xh[bc * H + h] = store<T>(static_cast<A>(row_sum_into(p + h * sx.h, W, col.data()) / W));
+      if (sp.n == 1) {
+        for (int64_t w = 0; w < W; ++w) xw[bc * W + w] = store<T>(static_cast<A>(static_cast<double>(col[w]) / H));
+      } else {
+        double* pp = partial.data() + (bc * sp.n + part) * W;
+        for (int64_t w = 0; w < W; ++w) pp[w] = col[w];
+      }
+    }
+  }
+  if (sp.n > 1) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bc = 0; bc < BC; ++bc)
+      for (int64_t w = 0; w < W; ++w) {
+        double t = 0;
+        for (int64_t s = 0; s < sp.n; ++s) t += partial[(bc * sp.n + s) * W + w];
+        xw[bc * W + w] = store<T>(static_cast<A>(t / H));
+      }
+  }
+}
+
+// One job = (b, a segment of at most kChunk rows); inner loops run along the channel rows.
+template <typename T>
+void pool_fwd_channels(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
+  using A = acc_t<T>;
+  const Split sp = split_axis(B, H, ceil_div(kMinSegment, W * C), kChunk);
+  const int64_t WC = W * C;
+  std::vector<double> partial(sp.n > 1 ? static_cast<size_t>(B * sp.n * WC) : 0);
+#pragma omp parallel
+  {
+    std::vector<A> col(static_cast<size_t>(WC)), racc(static_cast<size_t>(C));
+    std::vector<double> rtot(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < B * sp.n; ++job) {
+      const int64_t b = job / sp.n, part = job % sp.n;
+      const int64_t h0 = part * sp.len_per, h1 = std::min(H, h0 + sp.len_per);
+      std::fill(col.begin(), col.end(), A(0));
+      for (int64_t h = h0; h < h1; ++h) {
+        std::fill(rtot.begin(), rtot.end(), 0.0);
+        for (int64_t w0 = 0; w0 < W; w0 += kChunk) {
+          const int64_t w1 = std::min(W, w0 + kChunk);
+          A* __restrict__ ra = racc.data();
+          std::fill(racc.begin(), racc.end(), A(0));
+          for (int64_t w = w0; w < w1; ++w) {
+            const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w;
+            A* __restrict__ cw = col.data() + w * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const A v = static_cast<A>(to_float(px[c]));
+              ra[c] += v;
+              cw[c] += v;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) rtot[c] += static_cast<double>(ra[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) xh[(b * C + c) * H + h] = store<T>(static_cast<A>(rtot[c] / W));
+      }
+      if (sp.n == 1) {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t w = 0; w < W; ++w)
+            xw[(b * C + c) * W + w] = store<T>(static_cast<A>(static_cast<double>(col[w * C + c]) / H));
+      } else {
+        double* pp = partial.data() + (b * sp.n + part) * WC;
+        for (int64_t i = 0; i < WC; ++i) pp[i] = col[i];
+      }
+    }
+  }
+  if (sp.n > 1) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      for (int64_t w = 0; w < W; ++w) {
+        double t = 0;
+        for (int64_t s = 0; s < sp.n; ++s) t += partial[(b * sp.n + s) * WC + w * C + c];
+        xw[bc * W + w] = store<T>(static_cast<A>(t / H));
+      }
+    }
+  }
+}
+
+template <typename T>
+void pool_fwd_generic(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
+  using A = acc_t<T>;
+#pragma omp parallel
+  {
+    std::vector<double> col(static_cast<size_t>(W));
+#pragma omp for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const T* p = x + (bc / C) * sx.b + (bc % C) * sx.c;
+      std::fill(col.begin(), col.end(), 0.0);
+      for (int64_t h = 0; h < H; ++h) {
+        double rs = 0;
+        for (int64_t w = 0; w < W; ++w) {
+          const double v = static_cast<double>(to_float(p[h * sx.h + w * sx.w]));
+          rs += v;
+          col[w] += v;
+        }
+        xh[bc * H + h] = store<T>(static_cast<A>(rs / W));
+      }
+      for (int64_t w = 0; w < W; ++w) xw[bc * W + w] = store<T>(static_cast<A>(col[w] / H));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// coord_pool backward: dx = gh / W + gw / H (a write-only pass)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void pool_bwd_plane(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+  using A = acc_t<T>;
+  const int64_t BC = B * C;
+  const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), H);
+#pragma omp parallel
+  {
+    std::vector<A> gwv(static_cast<size_t>(W));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < BC * sp.n; ++job) {
+      const int64_t bc = job / sp.n, part = job % sp.n;
+      const int64_t h0 = part * sp.len_per, h1 = std::min(H, h0 + sp.len_per);
+      for (int64_t w = 0; w < W; ++w) gwv[w] = static_cast<A>(to_float(gw[bc * W + w])) / static_cast<A>(H);
+      T* p = dx + (bc / C) * s.b + (bc % C) * s.c;
+      const A* __restrict__ gv = gwv.data();
+      for (int64_t h = h0; h < h1; ++h) {
+        const A a = static_cast<A>(to_float(gh[bc * H + h])) / static_cast<A>(W);
+        T* __restrict__ row = p + h * s.h;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) row[w] = store<T>(a + gv[w]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void pool_bwd_channels(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+  using A = acc_t<T>;
+  std::vector<A> ghT(static_cast<size_t>(B * H * C)), gwT(static_cast<size_t>(B * W * C));
+  transpose_rows(gh, ghT.data(), B, C, H, static_cast<A>(W));
+  transpose_rows(gw, gwT.data(), B, C, W, static_cast<A>(H));
+  const int64_t HW = H * W;
+  const int64_t P = std::max<int64_t>(1, kPixelWork / C);
+  const int64_t nblk = ceil_div(HW, P);
+#pragma omp parallel for schedule(static)
+  for (int64_t job = 0; job < B * nblk; ++job) {
+    const int64_t b = job / nblk, i0 = (job % nblk) * P, i1 = std::min(HW, i0 + P);
+    int64_t h = i0 / W, w = i0 % W;
+    for (int64_t i = i0; i < i1; ++i) {
+      T* __restrict__ p = dx + b * s.b + h * s.h + w * s.w;
+      const A* __restrict__ a = ghT.data() + (b * H + h) * C;
+      const A* __restrict__ g = gwT.data() + (b * W + w) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) p[c] = store<T>(a[c] + g[c]);
+      if (++w == W) {
+        w = 0;
+        ++h;
+      }
+    }
+  }
+}
+
+template <typename T>
+void pool_bwd_generic(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+  using A = acc_t<T>;
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * C; ++bc) {
+    T* p = dx + (bc / C) * s.b + (bc % C) * s.c;
+    for (int64_t h = 0; h < H; ++h) {
+      const A a = static_cast<A>(to_float(gh[bc * H + h])) / static_cast<A>(W);
+      for (int64_t w = 0; w < W; ++w)
+        p[h * s.h + w * s.w] = store<T>(a + static_cast<A>(to_float(gw[bc * W + w])) / static_cast<A>(H));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// coord_scale forward: y = x * aw * ah
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void scale_fwd_plane(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H,
+                     int64_t W, Strides4 sx, Strides4 sy) {
+  using A = acc_t<T>;
+  const int64_t BC = B * C;
+  const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), H);
+#pragma omp parallel for schedule(static)
+  for (int64_t job = 0; job < BC * sp.n; ++job) {
+    const int64_t bc = job / sp.n, part = job % sp.n;
+    const int64_t b = bc / C, c = bc % C;
+    const int64_t h0 = part * sp.len_per, h1 = std::min(H, h0 + sp.len_per);
+    const A* __restrict__ paw = aw + bc * W;
+    for (int64_t h = h0; h < h1; ++h) {
+      const A s = ah[bc * H + h];
+      const T* __restrict__ px = x + b * sx.b + c * sx.c + h * sx.h;
+      T* __restrict__ py = y + b * sy.b + c * sy.c + h * sy.h;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) py[w] = store<T>(static_cast<A>(to_float(px[w])) * paw[w] * s);
+    }
+  }
+}
+
+template <typename T>
+void scale_fwd_channels(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H,
+                        int64_t W, Strides4 sx, Strides4 sy) {
+  using A = acc_t<T>;
+  std::vector<A> ahT(static_cast<size_t>(B * H * C)), awT(static_cast<size_t>(B * W * C));
+  transpose_rows(ah, ahT.data(), B, C, H, A(1));
+  transpose_rows(aw, awT.data(), B, C, W, A(1));
+  const int64_t HW = H * W;
+  const int64_t P = std::max<int64_t>(1, kPixelWork / C);
+  const int64_t nblk = ceil_div(HW, P);
+#pragma omp parallel for schedule(static)
+  for (int64_t job = 0; job < B * nblk; ++job) {
+    const int64_t b = job / nblk, i0 = (job % nblk) * P, i1 = std::min(HW, i0 + P);
+    int64_t h = i0 / W, w = i0 % W;
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w;
+      T* __restrict__ py = y + b * sy.b + h * sy.h + w * sy.w;
+      const A* __restrict__ a_h = ahT.data() + (b * H + h) * C;
+      const A* __restrict__ a_w = awT.data() + (b * W + w) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) py[c] = store<T>(static_cast<A>(to_float(px[c])) * a_w[c] * a_h[c]);
+      if (++w == W) {
+        w = 0;
+        ++h;
+      }
+    }
+  }
+}
+
+template <typename T>
+void scale_fwd_generic(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H,
+                       int64_t W, Strides4 sx, Strides4 sy) {
+  using A = acc_t<T>;
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * C; ++bc) {
+    const int64_t b = bc / C, c = bc % C;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const A v = static_cast<A>(to_float(x[b * sx.b + c * sx.c + h * sx.h + w * sx.w]));
+        y[b * sy.b + c * sy.c + h * sy.h + w * sy.w] = store<T>(v * aw[bc * W + w] * ah[bc * H + h]);
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// coord_scale backward: dx = dy * aw * ah, dah = sum_w dy x aw, daw = sum_h dy x ah, one pass
+// ---------------------------------------------------------------------------------------------
+
+// One job = (b, c, a segment of at most kChunk rows). dy rows are read with their own w stride
+// unless kUnitDy (an NCHW x with a dy in another layout stays on this path).
+template <typename T, bool kUnitDy>
+void scale_bwd_plane(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
+                     acc_t<T>* daw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
+                     Strides4 sdx) {
+  using A = acc_t<T>;
+  const int64_t BC = B * C;
+  const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), kChunk);
+  const int64_t dyw = kUnitDy ? 1 : sdy.w;
+  std::vector<double> partial(sp.n > 1 ? static_cast<size_t>(BC * sp.n * W) : 0);
+#pragma omp parallel
+  {
+    std::vector<A> colv(static_cast<size_t>(W));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < BC * sp.n; ++job) {
+      const int64_t bc = job / sp.n, part = job % sp.n;
+      const int64_t b = bc / C, c = bc % C;
+      const int64_t h0 = part * sp.len_per, h1 = std::min(H, h0 + sp.len_per);
+      const A* __restrict__ paw = aw + bc * W;
+      A* __restrict__ col = colv.data();
+      std::fill(colv.begin(), colv.end(), A(0));
+      for (int64_t h = h0; h < h1; ++h) {
+        const A s = ah[bc * H + h];
+        const T* __restrict__ pdy = dy + b * sdy.b + c * sdy.c + h * sdy.h;
+        const T* __restrict__ px = x + b * sx.b + c * sx.c + h * sx.h;
+        T* __restrict__ pdx = dx + b * sdx.b + c * sdx.c + h * sdx.h;
+        double rt = 0;
+        for (int64_t w0 = 0; w0 < W; w0 += kChunk) {
+          const int64_t w1 = std::min(W, w0 + kChunk);
+          A acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t w = w0; w < w1; ++w) {
+            const A g = static_cast<A>(to_float(pdy[w * dyw]));
+            const A gx = g * static_cast<A>(to_float(px[w]));
+            pdx[w] = store<T>(g * paw[w] * s);
+            acc += gx * paw[w];
+            col[w] += gx * s;
+          }
+          rt += static_cast<double>(acc);
+        }
+        dah[bc * H + h] = static_cast<A>(rt);
+      }
+      if (sp.n == 1) {
+        for (int64_t w = 0; w < W; ++w) daw[bc * W + w] = col[w];
+      } else {
+        double* pp = partial.data() + (bc * sp.n + part) * W;
+        for (int64_t w = 0; w < W; ++w) pp[w] = col[w];
+      }
+    }
+  }
+  if (sp.n > 1) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bc = 0; bc < BC; ++bc)
+      for (int64_t w = 0; w < W; ++w) {
+        double t = 0;
+        for (int64_t s = 0; s < sp.n; ++s) t += partial[(bc * sp.n + s) * W + w];
+        daw[bc * W + w] = static_cast<A>(t);
+      }
+  }
+}
+
+// One job = (b, a segment of at most kChunk rows); inner loops along the channel rows, with the
+// gates transposed to (B, L, C) rows first. dy is read with its own channel stride unless kUnitDy.
+template <typename T, bool kUnitDy>
+void scale_bwd_channels(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
+                        acc_t<T>* daw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
+                        Strides4 sdx) {
+  using A = acc_t<T>;
+  std::vector<A> ahT(static_cast<size_t>(B * H * C)), awT(static_cast<size_t>(B * W * C));
+  transpose_rows(ah, ahT.data(), B, C, H, A(1));
+  transpose_rows(aw, awT.data(), B, C, W, A(1));
+  const int64_t WC = W * C;
+  const Split sp = split_axis(B, H, ceil_div(kMinSegment, WC), kChunk);
+  const int64_t dyc = kUnitDy ? 1 : sdy.c;
+  std::vector<double> partial(sp.n > 1 ? static_cast<size_t>(B * sp.n * WC) : 0);
+#pragma omp parallel
+  {
+    std::vector<A> colv(static_cast<size_t>(WC)), racc(static_cast<size_t>(C));
+    std::vector<double> rtot(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < B * sp.n; ++job) {
+      const int64_t b = job / sp.n, part = job % sp.n;
+      const int64_t h0 = part * sp.len_per, h1 = std::min(H, h0 + sp.len_per);
+      std::fill(colv.begin(), colv.end(), A(0));
+      for (int64_t h = h0; h < h1; ++h) {
+        const A* __restrict__ a_h = ahT.data() + (b * H + h) * C;
+        std::fill(rtot.begin(), rtot.end(), 0.0);
+        for (int64_t w0 = 0; w0 < W; w0 += kChunk) {
+          const int64_t w1 = std::min(W, w0 + kChunk);
+          A* __restrict__ ra = racc.data();
+          std::fill(racc.begin(), racc.end(), A(0));
+          for (int64_t w = w0; w < w1; ++w) {
+            const T* __restrict__ pdy = dy + b * sdy.b + h * sdy.h + w * sdy.w;
+            const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w;
+            T* __restrict__ pdx = dx + b * sdx.b + h * sdx.h + w * sdx.w;
+            const A* __restrict__ a_w = awT.data() + (b * W + w) * C;
+            A* __restrict__ cw = colv.data() + w * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const A g = static_cast<A>(to_float(pdy[c * dyc]));
+              const A gx = g * static_cast<A>(to_float(px[c]));
+              pdx[c] = store<T>(g * a_w[c] * a_h[c]);
+              ra[c] += gx * a_w[c];
+              cw[c] += gx * a_h[c];
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) rtot[c] += static_cast<double>(ra[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) dah[(b * C + c) * H + h] = static_cast<A>(rtot[c]);
+      }
+      if (sp.n == 1) {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t w = 0; w < W; ++w) daw[(b * C + c) * W + w] = colv[w * C + c];
+      } else {
+        double* pp = partial.data() + (b * sp.n + part) * WC;
+        for (int64_t i = 0; i < WC; ++i) pp[i] = colv[i];
+      }
+    }
+  }
+  if (sp.n > 1) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      for (int64_t w = 0; w < W; ++w) {
+        double t = 0;
+        for (int64_t s = 0; s < sp.n; ++s) t += partial[(b * sp.n + s) * WC + w * C + c];
+        daw[bc * W + w] = static_cast<A>(t);
+      }
+    }
+  }
+}
+
+template <typename T>
+void scale_bwd_generic(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
+                       acc_t<T>* daw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
+                       Strides4 sdx) {
+  using A = acc_t<T>;
+#pragma omp parallel
+  {
+    std::vector<double> col(static_cast<size_t>(W));
+#pragma omp for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      std::fill(col.begin(), col.end(), 0.0);
+      for (int64_t h = 0; h < H; ++h) {
+        const A s = ah[bc * H + h];
+        double rs = 0;
+        for (int64_t w = 0; w < W; ++w) {
+          const A g = static_cast<A>(to_float(dy[b * sdy.b + c * sdy.c + h * sdy.h + w * sdy.w]));
+          const A gx = g * static_cast<A>(to_float(x[b * sx.b + c * sx.c + h * sx.h + w * sx.w]));
+          dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = store<T>(g * aw[bc * W + w] * s);
+          rs += static_cast<double>(gx * aw[bc * W + w]);
+          col[w] += static_cast<double>(gx * s);
+        }
+        dah[bc * H + h] = static_cast<A>(rs);
+      }
+      for (int64_t w = 0; w < W; ++w) daw[bc * W + w] = static_cast<A>(col[w]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// layout dispatch
+// ---------------------------------------------------------------------------------------------
+
+enum class Path { kRows, kChannels, kGeneric };
+
+// The walk for tensors of sizes (C, W) with strides s (x and the output; dy is read with its own
+// strides): unit-stride rows of W (NCHW, its channel slices and spatial crops), else unit-stride
+// channels (channels_last), else rows of one element (W == 1), else generic.
+inline Path pick_path(std::initializer_list<Strides4> s, int64_t C, int64_t W) {
+  if (W > 1 && std::all_of(s.begin(), s.end(), [](const Strides4& t) { return t.w == 1; })) return Path::kRows;
+  if (std::all_of(s.begin(), s.end(), [C](const Strides4& t) { return channels_contiguous(t, C); }))
+    return Path::kChannels;
+  return W == 1 ? Path::kRows : Path::kGeneric;
+}
+
+template <typename T>
+void pool_fwd(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
+  switch (pick_path({sx}, C, W)) {
+    case Path::kRows: return pool_fwd_plane(x, xh, xw, B, C, H, W, sx);
+    case Path::kChannels: return pool_fwd_channels(x, xh, xw, B, C, H, W, sx);
+    default: return pool_fwd_generic(x, xh, xw, B, C, H, W, sx);
+  }
+}
+
+template <typename T>
+void pool_bwd(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+  switch (pick_path({s}, C, W)) {
+    case Path::kRows: return pool_bwd_plane(gh, gw, dx, B, C, H, W, s);
+    case Path::kChannels: return pool_bwd_channels(gh, gw, dx, B, C, H, W, s);
+    default: return pool_bwd_generic(gh, gw, dx, B, C, H, W, s);
+  }
+}
+
+template <typename T>
+void scale_fwd(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
+               Strides4 sx, Strides4 sy) {
+  switch (pick_path({sx, sy}, C, W)) {
+    case Path::kRows: return scale_fwd_plane(x, ah, aw, y, B, C, H, W, sx, sy);
+    case Path::kChannels: return scale_fwd_channels(x, ah, aw, y, B, C, H, W, sx, sy);
+    default: return scale_fwd_generic(x, ah, aw, y, B, C, H, W, sx, sy);
+  }
+}
+
+template <typename T>
+void scale_bwd(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah, acc_t<T>* daw,
+               int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx) {
+  switch (pick_path({sx, sdx}, C, W)) {
+    case Path::kRows:
+      if (sdy.w == 1 || W == 1)
+        return scale_bwd_plane<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+      return scale_bwd_plane<T, false>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+    case Path::kChannels:
+      if (channels_contiguous(sdy, C))
+        return scale_bwd_channels<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+      return scale_bwd_channels<T, false>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+    default: return scale_bwd_generic(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+  }
+}
+
+}  // namespace
+
+#define FA_DISPATCH(CALL)            \
+  switch (dtype) {                   \
+    case DType::Float32: {           \
+      using T = float;               \
+      CALL;                          \
+      return;                        \
+    }                                \
+    case DType::Float64: {           \
+      using T = double;              \
+      CALL;                          \
+      return;                        \
+    }                                \
+    case DType::Float16: {           \
+      using T = fp16_t;              \
+      CALL;                          \
+      return;                        \
+    }                                \
+    case DType::BFloat16: {          \
+      using T = bf16_t;              \
+      CALL;                          \
+      return;                        \
+    }                                \
+  }
+
+void coord_pool_forward_cpu(const void* x, void* xh, void* xw, DType dtype, int64_t B, int64_t C, int64_t H,
+                            int64_t W, Strides4 sx) {
+  if (B * C * H * W == 0) return;
+  FA_DISPATCH(pool_fwd(static_cast<const T*>(x), static_cast<T*>(xh), static_cast<T*>(xw), B, C, H, W, sx))
+}
+
+void coord_pool_backward_cpu(const void* gh, const void* gw, void* dx, DType dtype, int64_t B, int64_t C,
+                             int64_t H, int64_t W, Strides4 sdx) {
+  if (B * C * H * W == 0) return;
+  FA_DISPATCH(pool_bwd(static_cast<const T*>(gh), static_cast<const T*>(gw), static_cast<T*>(dx), B, C, H, W, sdx))
+}
+
+void coord_scale_forward_cpu(const void* x, const void* ah, const void* aw, void* y, DType dtype, int64_t B,
+                             int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sy) {
+  if (B * C * H * W == 0) return;
+  FA_DISPATCH(scale_fwd(static_cast<const T*>(x), static_cast<const acc_t<T>*>(ah), static_cast<const acc_t<T>*>(aw),
+                        static_cast<T*>(y), B, C, H, W, sx, sy))
+}
+
+void coord_scale_backward_cpu(const void* dy, const void* x, const void* ah, const void* aw, void* dx, void* dah,
+                              void* daw, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy,
+                              Strides4 sx, Strides4 sdx) {
+  if (B * C * H * W == 0) return;
+  FA_DISPATCH(scale_bwd(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const acc_t<T>*>(ah),
+                        static_cast<const acc_t<T>*>(aw), static_cast<T*>(dx), static_cast<acc_t<T>*>(dah),
+                        static_cast<acc_t<T>*>(daw), B, C, H, W, sdy, sx, sdx))
+}
+
+#undef FA_DISPATCH
+
+}  // namespace fastattn
