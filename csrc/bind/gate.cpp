@@ -1,6 +1,8 @@
-// torch.ops.fastattn_C gate ops: schemas and CPU registrations (kernels in csrc/cpu/gate.cpp).
+// torch.ops.fastattn_C gate ops: schemas and CPU registrations (kernels in csrc/cpu/gate.cpp and
+// csrc/cpu/gate_fused.cpp; the CUDA registrations are in gate_cuda.cpp).
 #include "../cpu/gate.h"
 #include "common.h"
+#include "gate_checks.h"
 
 namespace fastattn {
 namespace {
@@ -54,15 +56,91 @@ std::tuple<at::Tensor, at::Tensor> channel_scale_backward(const at::Tensor& dy, 
   return {dx, da};
 }
 
+// y = x * f(a, s) per mode; y like torch.empty_like(x). a (B, C) and s (B, 1, H, W) contiguous in
+// x's accumulation dtype.
+at::Tensor channel_spatial_gate(const at::Tensor& x, const at::Tensor& a, const at::Tensor& s,
+                                c10::string_view mode) {
+  using namespace gate_checks;
+  const char* op = "channel_spatial_gate";
+  const DType dt = check_x(op, x, c10::DeviceType::CPU);
+  check_channel_param(op, "a", a, x);
+  check_pixel_param(op, "s", s, x);
+  const CombineMode m = parse_mode(op, mode);
+  at::Tensor y = at::empty_like(x);
+  if (y.numel() == 0) return y;
+  channel_spatial_gate_forward_cpu(x.data_ptr(), a.data_ptr(), s.data_ptr(), y.data_ptr(), m, dt, x.size(0),
+                                   x.size(1), x.size(2), x.size(3), strides4(x), strides4(y));
+  return y;
+}
+
+// (dx, da, ds): dx like torch.empty_like(x), da (B, C) and ds (B, 1, H, W) in a's and s's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_spatial_gate_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                             const at::Tensor& a, const at::Tensor& s,
+                                                                             c10::string_view mode) {
+  using namespace gate_checks;
+  const char* op = "channel_spatial_gate_backward";
+  const DType dt = check_x(op, x, c10::DeviceType::CPU);
+  check_like_x(op, "dy", dy, x);
+  check_channel_param(op, "a", a, x);
+  check_pixel_param(op, "s", s, x);
+  const CombineMode m = parse_mode(op, mode);
+  at::Tensor dx = at::empty_like(x), da = channel_grad(x, a), ds = pixel_grad(x, s);
+  if (x.numel() == 0) return {dx, da, ds};
+  channel_spatial_gate_backward_cpu(dy.data_ptr(), x.data_ptr(), a.data_ptr(), s.data_ptr(), dx.data_ptr(),
+                                    da.data_ptr(), ds.data_ptr(), m, dt, x.size(0), x.size(1), x.size(2), x.size(3),
+                                    strides4(dy), strides4(x), strides4(dx));
+  return {dx, da, ds};
+}
+
+// y = x * sigmoid(alpha x + beta); alpha, beta (B, C) contiguous in x's accumulation dtype.
+at::Tensor channel_affine_gate(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& beta) {
+  using namespace gate_checks;
+  const char* op = "channel_affine_gate";
+  const DType dt = check_x(op, x, c10::DeviceType::CPU);
+  check_channel_param(op, "alpha", alpha, x);
+  check_channel_param(op, "beta", beta, x);
+  at::Tensor y = at::empty_like(x);
+  if (y.numel() == 0) return y;
+  channel_affine_gate_forward_cpu(x.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), dt, x.size(0),
+                                  x.size(1), x.size(2), x.size(3), strides4(x), strides4(y));
+  return y;
+}
+
+// (dx, dalpha, dbeta): dx like torch.empty_like(x), dalpha and dbeta (B, C) in alpha's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_gate_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                            const at::Tensor& alpha,
+                                                                            const at::Tensor& beta) {
+  using namespace gate_checks;
+  const char* op = "channel_affine_gate_backward";
+  const DType dt = check_x(op, x, c10::DeviceType::CPU);
+  check_like_x(op, "dy", dy, x);
+  check_channel_param(op, "alpha", alpha, x);
+  check_channel_param(op, "beta", beta, x);
+  at::Tensor dx = at::empty_like(x), dal = channel_grad(x, alpha), dbe = channel_grad(x, beta);
+  if (x.numel() == 0) return {dx, dal, dbe};
+  channel_affine_gate_backward_cpu(dy.data_ptr(), x.data_ptr(), alpha.data_ptr(), beta.data_ptr(), dx.data_ptr(),
+                                   dal.data_ptr(), dbe.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3),
+                                   strides4(dy), strides4(x), strides4(dx));
+  return {dx, dal, dbe};
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("channel_scale(Tensor x, Tensor a, Tensor? residual) -> Tensor");
   m.def("channel_scale_backward(Tensor dy, Tensor x, Tensor a) -> (Tensor, Tensor)");
+  m.def("channel_spatial_gate(Tensor x, Tensor a, Tensor s, str mode) -> Tensor");
+  m.def("channel_spatial_gate_backward(Tensor dy, Tensor x, Tensor a, Tensor s, str mode) -> (Tensor, Tensor, Tensor)");
+  m.def("channel_affine_gate(Tensor x, Tensor alpha, Tensor beta) -> Tensor");
+  m.def("channel_affine_gate_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("channel_scale", &fastattn::channel_scale);
   m.impl("channel_scale_backward", &fastattn::channel_scale_backward);
+  m.impl("channel_spatial_gate", &fastattn::channel_spatial_gate);
+  m.impl("channel_spatial_gate_backward", &fastattn::channel_spatial_gate_backward);
+  m.impl("channel_affine_gate", &fastattn::channel_affine_gate);
+  m.impl("channel_affine_gate_backward", &fastattn::channel_affine_gate_backward);
 }

@@ -1,4 +1,5 @@
-// Channel scale on the CPU: y = x * a[b, c] (+ residual) and its backward.
+// The channel gates on the CPU: channel scale y = x * a[b, c] (+ residual) (gate.cpp), the channel x
+// spatial gates of scSE / BAM and the channel affine gate of NAM / SA-Net (gate_fused.cpp).
 #pragma once
 
 #include <cstdint>
@@ -20,5 +21,40 @@ void channel_scale_forward_cpu(const void* x, const void* a, const void* r, void
 void channel_scale_backward_cpu(const void* dy, const void* x, const void* a, void* dx, void* da, DType dtype,
                                 int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
                                 Strides4 sdx);
+
+// How a channel gate a[b, c] and a spatial gate s[b, h, w] combine (the numbers of kernels/gate.py MODES).
+enum class CombineMode : int {
+  Max = 1,     // max(x * a, x * s)          scSE (official)
+  Add = 2,     // x * a + x * s              scSE (paper)
+  Bam = 3,     // x * (1 + sigmoid(a * s))   BAM (official)
+  BamSum = 4,  // x * (1 + sigmoid(a + s))   BAM (paper)
+};
+
+// y = x * f(a[b, c], s[b, h, w]) per `mode`, in one pass. x and y share `dtype` and the sizes
+// (B, C, H, W), each with its own strides. `a` is a contiguous (B, C) buffer and `s` a contiguous
+// (B, H * W) buffer of the accumulation type (float; double for Float64).
+void channel_spatial_gate_forward_cpu(const void* x, const void* a, const void* s, void* y, CombineMode mode,
+                                      DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                                      Strides4 sy);
+
+// Backward of channel_spatial_gate_forward_cpu, in one pass over dy and x: dx (like x, its own
+// strides), da (B, C) = the sum over (h, w) and ds (B, H * W) = the sum over c of the gate
+// gradients, both contiguous in the accumulation type. Deterministic: every sum runs in an order
+// fixed by the shape (fp32 partial sums over blocks, folded in double in a fixed order).
+void channel_spatial_gate_backward_cpu(const void* dy, const void* x, const void* a, const void* s, void* dx,
+                                       void* da, void* ds, CombineMode mode, DType dtype, int64_t B, int64_t C,
+                                       int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx);
+
+// y = x * sigmoid(alpha[b, c] * x + beta[b, c]), one pass; alpha and beta contiguous (B, C) in the
+// accumulation type.
+void channel_affine_gate_forward_cpu(const void* x, const void* alpha, const void* beta, void* y, DType dtype,
+                                     int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sy);
+
+// Backward, one pass: with g = sigmoid(alpha x + beta) and u = dy x g (1 - g):
+// dx = dy g + u alpha, dalpha[b, c] = sum over (h, w) of u x, dbeta[b, c] = sum of u (contiguous
+// (B, C), accumulation type, deterministic as above).
+void channel_affine_gate_backward_cpu(const void* dy, const void* x, const void* alpha, const void* beta, void* dx,
+                                      void* dalpha, void* dbeta, DType dtype, int64_t B, int64_t C, int64_t H,
+                                      int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx);
 
 }  // namespace fastattn

@@ -16,10 +16,14 @@ from ._common import acc_dtype, flat, like
 OP = "channel_scale"
 
 
-# channel_scale's backends; the other ops of this file have no CPU kernel yet (_TRITON_ONLY).
-CHECKS = {"triton": _dispatch.triton_reason,
-          "cpu": _dispatch.cpu_kernel("channel_scale", "channel_scale_backward")}
-_TRITON_ONLY = {"triton": _dispatch.triton_reason}
+def _checks(*raw_ops: str) -> dict:
+    """The backends of an op whose C++ kernels (CPU and CUDA) are torch.ops.fastattn_C.<raw_ops>."""
+    return {"triton": _dispatch.triton_reason, "cuda": _dispatch.cuda_kernel(*raw_ops),
+            "cpu": _dispatch.cpu_kernel(*raw_ops)}
+
+
+CHECKS = _checks("channel_scale", "channel_scale_backward")       # channel_scale's backends
+_TRITON_ONLY = {"triton": _dispatch.triton_reason}   # kept for bench/cases.py (channel_affine_gate: use AG_CHECKS)
 
 
 
@@ -31,7 +35,7 @@ def _channel_scale(x: Tensor, a: Tensor, residual: Tensor | None, backend: str) 
         r = flat(residual) if residual is not None else None
         return like(channel_scale_forward(flat(x), a.float().contiguous(), r), x)
     acc = acc_dtype(x)
-    if backend == "cpu":     # the C++ kernel: any strides, y like torch.empty_like(x)
+    if backend in ("cpu", "cuda"):     # the C++ kernels: any strides, y like torch.empty_like(x)
         r = residual.to(x.dtype) if residual is not None else None
         return torch.ops.fastattn_C.channel_scale(x, a.to(acc).contiguous(), r)
     y = x.to(acc) * a.to(acc)[:, :, None, None]
@@ -53,7 +57,7 @@ def _channel_scale_backward(dy: Tensor, x: Tensor, a: Tensor, backend: str) -> t
         dx, da = channel_scale_backward(flat(dy), flat(x), a.float().contiguous())
         return like(dx, x), da.to(a.dtype)
     acc = acc_dtype(x)
-    if backend == "cpu":     # the C++ kernel: dx like torch.empty_like(x), da in acc
+    if backend in ("cpu", "cuda"):     # the C++ kernels: dx like torch.empty_like(x), da in acc
         dx, da = torch.ops.fastattn_C.channel_scale_backward(dy.to(x.dtype), x, a.to(acc).contiguous())
         return dx, da.to(a.dtype)
     dy_acc = dy.to(acc)
@@ -88,8 +92,8 @@ def channel_scale(x: Tensor, a: Tensor, residual: Tensor | None = None, *, backe
 
     x: (B, C, H, W) float, NCHW or channels_last; a: (B, C) scale (already activated);
     residual: None or like x. Returns (B, C, H, W) in x's dtype and memory format.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cpu"
-    (the OpenMP C++ kernels of fastattn._C, CPU tensors), "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda"
+    (the CUDA C++ kernels of fastattn._C), "cpu" (its OpenMP C++ kernels, CPU tensors), "torch".
     """
     from ..reference._checks import check_feature_map, check_same_shape, check_tensor
 
@@ -109,6 +113,7 @@ def channel_scale(x: Tensor, a: Tensor, residual: Tensor | None = None, *, backe
 
 CS_OP = "channel_spatial_gate"
 CS_MODES = ("max", "add", "bam", "bam_sum")   # x * a * s (CBAM) is fastattn.ops.spatial_scale
+CS_CHECKS = _checks("channel_spatial_gate", "channel_spatial_gate_backward")
 
 
 def _combine_torch(x: Tensor, a: Tensor, s: Tensor, mode: str) -> Tensor:
@@ -130,6 +135,8 @@ def _channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str, backend: s
         y = channel_spatial_forward(flat(x), a.float().contiguous(), s.float().reshape(B, H * W).contiguous(), mode)
         return like(y, x)
     acc = acc_dtype(x)
+    if backend in ("cpu", "cuda"):     # the C++ kernels: any strides, y like torch.empty_like(x)
+        return torch.ops.fastattn_C.channel_spatial_gate(x, a.to(acc).contiguous(), s.to(acc).contiguous(), mode)
     return like(_combine_torch(x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode).to(x.dtype), x)
 
 
@@ -149,6 +156,10 @@ def _channel_spatial_gate_backward(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, 
                                               s.float().reshape(B, H * W).contiguous(), mode)
         return like(dx, x), da.to(a.dtype), ds.reshape(s.shape).to(s.dtype)
     acc = acc_dtype(x)
+    if backend in ("cpu", "cuda"):     # one pass: dx like torch.empty_like(x), da (B, C), ds (B, 1, H, W)
+        dx, da, ds = torch.ops.fastattn_C.channel_spatial_gate_backward(
+            dy.to(x.dtype), x, a.to(acc).contiguous(), s.to(acc).contiguous(), mode)
+        return dx, da.to(a.dtype), ds.to(s.dtype)
     dx, da4, ds = _combine_grads_torch(dy.to(acc), x.to(acc), a.to(acc)[:, :, None, None], s.to(acc), mode)
     return like(dx.to(x.dtype), x), da4.sum(dim=(2, 3)).to(a.dtype), ds.sum(dim=1, keepdim=True).to(s.dtype)
 
@@ -200,6 +211,7 @@ def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "max", *,
       "bam"      x * (1 + sigmoid(a * s))       (BAM, official; a, s pre-activation)
       "bam_sum"  x * (1 + sigmoid(a + s))       (BAM, paper)
     Returns (B, C, H, W) in x's dtype and memory format. Saved for backward: x, a, s.
+    backend: None (the process default), "auto", "triton", "cuda", "cpu", "torch" (see channel_scale).
     """
     from ..reference._checks import check_feature_map, check_tensor
 
@@ -213,7 +225,7 @@ def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "max", *,
         raise ValueError(f"{CS_OP}: argument 's' must have shape (B, 1, H, W) = {(B, 1, H, W)}, got {tuple(s.shape)}")
     if mode not in CS_MODES:
         raise ValueError(f"{CS_OP}: argument 'mode' must be one of {CS_MODES}, got {mode!r}")
-    return _channel_spatial_gate(x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, _TRITON_ONLY))
+    return _channel_spatial_gate(x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, CS_CHECKS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +233,7 @@ def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "max", *,
 # ---------------------------------------------------------------------------------------------
 
 AG_OP = "channel_affine_gate"
+AG_CHECKS = _checks("channel_affine_gate", "channel_affine_gate_backward")
 
 
 @torch.library.custom_op("fastattn::channel_affine_gate", mutates_args=())
@@ -230,6 +243,8 @@ def _channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, backend: str) -
 
         return like(affine_gate_forward(flat(x), alpha.float().contiguous(), beta.float().contiguous()), x)
     acc = acc_dtype(x)
+    if backend in ("cpu", "cuda"):     # the C++ kernels: any strides, y like torch.empty_like(x)
+        return torch.ops.fastattn_C.channel_affine_gate(x, alpha.to(acc).contiguous(), beta.to(acc).contiguous())
     xa = x.to(acc)
     y = xa * torch.sigmoid(alpha.to(acc)[:, :, None, None] * xa + beta.to(acc)[:, :, None, None])
     return like(y.to(x.dtype), x)
@@ -249,6 +264,10 @@ def _channel_affine_gate_backward(dy: Tensor, x: Tensor, alpha: Tensor, beta: Te
         dx, dal, dbe = affine_gate_backward(flat(dy), flat(x), alpha.float().contiguous(), beta.float().contiguous())
         return like(dx, x), dal.to(alpha.dtype), dbe.to(beta.dtype)
     acc = acc_dtype(x)
+    if backend in ("cpu", "cuda"):     # one pass: dx like torch.empty_like(x), dalpha and dbeta (B, C)
+        dx, dal, dbe = torch.ops.fastattn_C.channel_affine_gate_backward(
+            dy.to(x.dtype), x, alpha.to(acc).contiguous(), beta.to(acc).contiguous())
+        return dx, dal.to(alpha.dtype), dbe.to(beta.dtype)
     xa, dya = x.to(acc), dy.to(acc)
     al, be = alpha.to(acc)[:, :, None, None], beta.to(acc)[:, :, None, None]
     s = torch.sigmoid(al * xa + be)
@@ -284,6 +303,7 @@ def channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, *, backend: str 
     SA-Net's spatial branch (a GroupNorm with one channel per group); alpha = 0 gives a plain
     channel gate x * sigmoid(beta). x: (B, C, H, W), NCHW or channels_last; alpha, beta: (B, C).
     Returns (B, C, H, W) in x's dtype and memory format. Saved for backward: x, alpha, beta.
+    backend: None (the process default), "auto", "triton", "cuda", "cpu", "torch" (see channel_scale).
     """
     from ..reference._checks import check_feature_map, check_tensor
 
@@ -293,4 +313,4 @@ def channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, *, backend: str 
         if t.shape != x.shape[:2]:
             raise ValueError(f"{AG_OP}: argument '{name}' must have shape (B, C) = {tuple(x.shape[:2])}, "
                              f"got {tuple(t.shape)}")
-    return _channel_affine_gate(x, alpha, beta, _dispatch.resolve(AG_OP, x, backend, _TRITON_ONLY))
+    return _channel_affine_gate(x, alpha, beta, _dispatch.resolve(AG_OP, x, backend, AG_CHECKS))
