@@ -27,7 +27,9 @@ from ._common import acc_dtype
 __all__ = ["branch_softmax_sum", "branch_softmax_scale"]
 
 OP = "branch_softmax_sum"
-CHECKS = {"triton": _dispatch.triton_reason}
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cuda": _dispatch.cuda_kernel("branch_softmax_sum", "branch_softmax_sum_backward"),
+          "cpu": _dispatch.cpu_kernel("branch_softmax_sum", "branch_softmax_sum_backward")}
 
 
 
@@ -49,6 +51,8 @@ def _weights(logits: Tensor, acc: torch.dtype) -> Tensor:
 @torch.library.custom_op("fastattn::branch_softmax_sum", mutates_args=())
 def _branch_softmax_sum(feats: Tensor, logits: Tensor, backend: str) -> Tensor:
     acc = acc_dtype(feats)
+    if backend in ("cpu", "cuda"):     # the C++ / CUDA kernels of fastattn._C (softmax included)
+        return torch.ops.fastattn_C.branch_softmax_sum(feats, logits.to(acc).contiguous())
     a = _weights(logits, acc)
     if backend == "triton":
         from fastattn.kernels.branch import branch_sum_forward
@@ -67,6 +71,10 @@ def _(feats, logits, backend):
 @torch.library.custom_op("fastattn::branch_softmax_sum_backward", mutates_args=())
 def _branch_softmax_sum_backward(dy: Tensor, feats: Tensor, logits: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(feats)
+    if backend in ("cpu", "cuda"):
+        dfeats, dlogits = torch.ops.fastattn_C.branch_softmax_sum_backward(dy.to(feats.dtype), feats,
+                                                                           logits.to(acc).contiguous())
+        return dfeats, dlogits.to(logits.dtype)
     a = _weights(logits, acc)
     if backend == "triton":
         from fastattn.kernels.branch import branch_sum_backward
@@ -124,7 +132,8 @@ def branch_softmax_sum(feats: Tensor, logits: Tensor, *, backend: str | None = N
     attention logits before the softmax over K.
     Returns (B, C, H, W) in feats' dtype: channels_last when feats.stride(2) == 1 (a stack of
     channels_last maps), else NCHW. Differentiable in feats and logits.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda" (the CUDA C++
+    kernels of fastattn._C), "cpu" (its OpenMP C++ kernels, CPU tensors), "torch".
     """
     _check(OP, feats, logits)
     return _branch_softmax_sum(feats, logits, _dispatch.resolve(OP, feats, backend, CHECKS))
@@ -135,6 +144,9 @@ def branch_softmax_sum(feats: Tensor, logits: Tensor, *, backend: str | None = N
 # ---------------------------------------------------------------------------------------------
 
 OP_SCALE = "branch_softmax_scale"
+CHECKS_SCALE = {"triton": _dispatch.triton_reason,
+                "cuda": _dispatch.cuda_kernel("branch_softmax_scale", "branch_softmax_scale_backward"),
+                "cpu": _dispatch.cpu_kernel("branch_softmax_scale", "branch_softmax_scale_backward")}
 
 
 def _branches_of(t: Tensor, K: int, reverse: bool) -> Tensor:
@@ -147,6 +159,8 @@ def _branches_of(t: Tensor, K: int, reverse: bool) -> Tensor:
 @torch.library.custom_op("fastattn::branch_softmax_scale", mutates_args=())
 def _branch_softmax_scale(feats: Tensor, logits: Tensor, reverse: bool, backend: str) -> Tensor:
     acc = acc_dtype(feats)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastattn_C.branch_softmax_scale(feats, logits.to(acc).contiguous(), reverse)
     a = _weights(logits, acc)
     K, C = feats.shape[1:3]
     out = _new_out(feats, K * C)
@@ -169,6 +183,10 @@ def _(feats, logits, reverse, backend):
 def _branch_softmax_scale_backward(dy: Tensor, feats: Tensor, logits: Tensor, reverse: bool,
                                    backend: str) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(feats)
+    if backend in ("cpu", "cuda"):
+        dfeats, dlogits = torch.ops.fastattn_C.branch_softmax_scale_backward(dy.to(feats.dtype), feats,
+                                                                             logits.to(acc).contiguous(), reverse)
+        return dfeats, dlogits.to(logits.dtype)
     a = _weights(logits, acc)
     if backend == "triton":
         from fastattn.kernels.branch import branch_scale_backward
@@ -212,9 +230,10 @@ def branch_softmax_scale(feats: Tensor, logits: Tensor, *, reverse: bool = False
     softmax_k(logits)[:, k, :, None, None] * feats[:, k] with j = K - 1 - k when reverse=True
     (PyramidSplitAttention's torch.cat(weighted[::-1], 1)), else j = k. channels_last when
     feats.stride(2) == 1, else NCHW. Differentiable in feats and logits.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda" (the CUDA C++
+    kernels of fastattn._C), "cpu" (its OpenMP C++ kernels, CPU tensors), "torch".
     """
     _check(OP_SCALE, feats, logits)
     if not isinstance(reverse, bool):
         raise TypeError(f"{OP_SCALE}: argument 'reverse' must be a bool, got {type(reverse).__name__}")
-    return _branch_softmax_scale(feats, logits, reverse, _dispatch.resolve(OP_SCALE, feats, backend, CHECKS))
+    return _branch_softmax_scale(feats, logits, reverse, _dispatch.resolve(OP_SCALE, feats, backend, CHECKS_SCALE))

@@ -19,7 +19,9 @@ from ._common import acc_dtype
 __all__ = ["sge_gate"]
 
 OP = "sge_gate"
-CHECKS = {"triton": _dispatch.triton_reason}
+CHECKS = {"triton": _dispatch.triton_reason,
+          "cuda": _dispatch.cuda_kernel("sge_gate", "sge_gate_backward"),
+          "cpu": _dispatch.cpu_kernel("sge_gate", "sge_gate_backward")}
 
 
 
@@ -77,6 +79,9 @@ def _sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
 
         acc = acc_dtype(x)
         return sge_forward(x, _param(weight, acc), _param(bias, acc), groups, eps)
+    if backend in ("cpu", "cuda"):     # the C++ / CUDA kernels of fastattn._C: any strides, y like empty_like(x)
+        acc = acc_dtype(x)
+        return torch.ops.fastattn_C.sge_gate(x, _param(weight, acc), _param(bias, acc), groups, eps)
     return _sge_torch(x, weight, bias, groups, eps)
 
 
@@ -97,6 +102,11 @@ def _sge_gate_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, m: T
         acc = acc_dtype(x)
         dx, dw, db = sge_backward(dy, x, _param(weight, acc), _param(bias, acc), m.contiguous(), mu.contiguous(),
                                   sd.contiguous(), groups, eps)
+    elif backend in ("cpu", "cuda"):
+        acc = acc_dtype(x)
+        dx, dw, db = torch.ops.fastattn_C.sge_gate_backward(
+            dy.to(x.dtype), x, _param(weight, acc), _param(bias, acc), m.to(acc).contiguous(), mu.to(acc).contiguous(),
+            sd.to(acc).contiguous(), groups, eps)
     else:
         dx, dw, db = _sge_torch_backward(dy, x, weight, bias, m, mu, sd, groups, eps)
     return dx, dw.to(weight.dtype).reshape(weight.shape), db.to(bias.dtype).reshape(bias.shape)
@@ -135,7 +145,8 @@ def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float = 
     m[c] = mean_hw x[c]; xn = sum_c x[c] * m[c]; t = (xn - mean_hw xn) / (std_hw(xn) + eps);
     y[c] = x[c] * sigmoid(t * weight[g] + bias[g]).
     Returns (B, C, H, W) in x's dtype and memory format. Differentiable in x, weight and bias.
-    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "torch".
+    backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda" (the CUDA C++
+    kernels of fastattn._C), "cpu" (its OpenMP C++ kernels, CPU tensors), "torch".
     """
     from ..reference._checks import check_feature_map, check_tensor
 
