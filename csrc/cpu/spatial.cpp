@@ -436,7 +436,8 @@ void pool_bwd_generic(const T* x, const acc_t<T>* a, const PixelGrads<T>& g, T* 
         T& d = dx[b * sdx.b + n * sdx.c + p1 * sdx.h + p2 * sdx.w];
         if (kA) {
           d = store<T>(gv * an);
-          total += static_cast<double>(gv) * static_cast<double>(to_float(x[b * sx.b + n * sx.c + p1 * sx.h + p2 * sx.w]));
+          const A xv = static_cast<A>(to_float(x[b * sx.b + n * sx.c + p1 * sx.h + p2 * sx.w]));
+          total += static_cast<double>(gv) * static_cast<double>(xv);
         } else {
           d = store<T>(gv);
         }
@@ -783,8 +784,9 @@ void spatial_pool_backward_cpu(const void* dy, const void* x, const void* a, con
     const T* xt = static_cast<const T*>(x);                                                                    \
     const acc_t<T>* at = static_cast<const acc_t<T>*>(a);                                                      \
     acc_t<T>* dat = static_cast<acc_t<T>*>(da);                                                                \
-    if (a) return pool_backward_typed<T, true>(dyt, xt, at, idx, static_cast<T*>(dx), dat, B, N, P1, P2, sdy, sx, sdx); \
-    return pool_backward_typed<T, false>(dyt, xt, at, idx, static_cast<T*>(dx), dat, B, N, P1, P2, sdy, sx, sdx);       \
+    T* dxt = static_cast<T*>(dx);                                                                              \
+    if (a) return pool_backward_typed<T, true>(dyt, xt, at, idx, dxt, dat, B, N, P1, P2, sdy, sx, sdx);        \
+    return pool_backward_typed<T, false>(dyt, xt, at, idx, dxt, dat, B, N, P1, P2, sdy, sx, sdx);              \
   }
     FA_DTYPES(FA_CASE)
 #undef FA_CASE
