@@ -513,7 +513,7 @@ class _NativeChecks:
 
     @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 1, 1), (1, 1, 7, 7), (2, 37, 1, 9), (2, 37, 9, 1),
                                        (1, 16, 40, 30), (64, 3, 33, 33), (1, 4100, 2, 3), (64, 2, 65, 65),
-                                       (0, 8, 5, 5), (2, 3, 0, 4), (2, 0, 4, 4)], ids=str)
+                                       (1, 2, 150, 251), (0, 8, 5, 5), (2, 3, 0, 4), (2, 0, 4, 4)], ids=str)
     @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
     @pytest.mark.parametrize("with_a", [True, False], ids=["a", "no_a"])
     def test_scale_odd_shapes(self, shape, layout, with_a):
