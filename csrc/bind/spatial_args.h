@@ -123,7 +123,8 @@ inline PoolBackward pool_backward_setup(const char* op, const at::Tensor& dy, co
   TORCH_CHECK_VALUE(v.N <= std::numeric_limits<int32_t>::max(), "fastattn::", op, ": dimension ", dim,
                     " of 'x' must be below 2^31, got ", v.N);
   at::Tensor dx = at::empty_like(x);
-  at::Tensor da = a.has_value() ? at::zeros({v.B, v.N}, a->options()) : at::empty({0}, x.options().dtype(acc_scalar_type(x)));
+  at::Tensor da = a.has_value() ? at::zeros({v.B, v.N}, a->options())
+                                : at::empty({0}, x.options().dtype(acc_scalar_type(x)));
   return {dt, v, view_of(dx, dim), dx, da};
 }
 

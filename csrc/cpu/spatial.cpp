@@ -436,7 +436,8 @@ void pool_bwd_generic(const T* x, const acc_t<T>* a, const PixelGrads<T>& g, T* 
         T& d = dx[b * sdx.b + n * sdx.c + p1 * sdx.h + p2 * sdx.w];
         if (kA) {
           d = store<T>(gv * an);
-          total += static_cast<double>(gv) * static_cast<double>(to_float(x[b * sx.b + n * sx.c + p1 * sx.h + p2 * sx.w]));
+          const A xv = static_cast<A>(to_float(x[b * sx.b + n * sx.c + p1 * sx.h + p2 * sx.w]));
+          total += static_cast<double>(gv) * static_cast<double>(xv);
         } else {
           d = store<T>(gv);
         }
@@ -460,20 +461,24 @@ void pool_backward_typed(const T* dy, const T* x, const acc_t<T>* a, const int32
 // scale forward: y = (x * a) * s
 // ---------------------------------------------------------------------------------------------
 
-// H x W planes contiguous (NCHW): one (b, c) plane per job, s read as a unit-stride row.
+// H x W planes contiguous (NCHW): jobs of (b, c, pixel segment), the plane whole unless B * C
+// alone gives too few jobs; s read as a unit-stride row.
 template <typename T, bool kA>
 void scale_fwd_planes(const T* x, const acc_t<T>* a, const acc_t<T>* s, T* y, int64_t B, int64_t C, int64_t P,
                       Strides4 sx, Strides4 sy) {
   using A = acc_t<T>;
+  const int64_t nseg = std::max<int64_t>(1, std::min((kMinJobs + B * C - 1) / (B * C), P / kPixelWork));
+  const int64_t seg = ((P + nseg - 1) / nseg + 15) / 16 * 16;
 #pragma omp parallel for schedule(static)
-  for (int64_t bc = 0; bc < B * C; ++bc) {
+  for (int64_t job = 0; job < B * C * nseg; ++job) {
+    const int64_t bc = job / nseg, p0 = (job % nseg) * seg, p1 = std::min(P, p0 + seg);
     const int64_t b = bc / C, c = bc % C;
     const T* __restrict__ xr = x + b * sx.b + c * sx.c;
     T* __restrict__ yr = y + b * sy.b + c * sy.c;
     const A* __restrict__ sr = s + b * P;
     const A ac = kA ? a[bc] : A(1);
 #pragma omp simd
-    for (int64_t p = 0; p < P; ++p) {
+    for (int64_t p = p0; p < p1; ++p) {
       A v = static_cast<A>(to_float(xr[p]));
       if (kA) v *= ac;
       yr[p] = store<T>(v * sr[p]);
@@ -783,8 +788,9 @@ void spatial_pool_backward_cpu(const void* dy, const void* x, const void* a, con
     const T* xt = static_cast<const T*>(x);                                                                    \
     const acc_t<T>* at = static_cast<const acc_t<T>*>(a);                                                      \
     acc_t<T>* dat = static_cast<acc_t<T>*>(da);                                                                \
-    if (a) return pool_backward_typed<T, true>(dyt, xt, at, idx, static_cast<T*>(dx), dat, B, N, P1, P2, sdy, sx, sdx); \
-    return pool_backward_typed<T, false>(dyt, xt, at, idx, static_cast<T*>(dx), dat, B, N, P1, P2, sdy, sx, sdx);       \
+    T* dxt = static_cast<T*>(dx);                                                                              \
+    if (a) return pool_backward_typed<T, true>(dyt, xt, at, idx, dxt, dat, B, N, P1, P2, sdy, sx, sdx);        \
+    return pool_backward_typed<T, false>(dyt, xt, at, idx, dxt, dat, B, N, P1, P2, sdy, sx, sdx);              \
   }
     FA_DTYPES(FA_CASE)
 #undef FA_CASE

@@ -758,7 +758,8 @@ __global__ void scale_bwd_generic_p_kernel(const T* __restrict__ dy, const T* __
   const int64_t b = bp / P, p = bp - b * P, h = p / W, w = p - h * W;
   A acc = A(0);
   for (int64_t c = 0; c < C; ++c) {
-    const A tv = ld(dy + b * sdy.b + c * sdy.c + h * sdy.h + w * sdy.w) * ld(x + b * sx.b + c * sx.c + h * sx.h + w * sx.w);
+    const A tv = ld(dy + b * sdy.b + c * sdy.c + h * sdy.h + w * sdy.w) *
+                 ld(x + b * sx.b + c * sx.c + h * sx.h + w * sx.w);
     acc += kA ? tv * __ldg(a + b * C + c) : tv;
   }
   ds[bp] = acc;
@@ -824,7 +825,8 @@ Pix normalize_pixels(int64_t P1, int64_t P2, std::initializer_list<Strides4*> op
 
 template <typename T, bool kA>
 cudaError_t pool_forward(const T* x, const Acc<T>* a, T* y, int32_t* idx, int64_t B, int64_t N, int64_t P1,
-                         int64_t P2, Strides4 sx, Strides4 sy, void* ws, size_t ws_bytes, size_t* query, cudaStream_t stream) {
+                         int64_t P2, Strides4 sx, Strides4 sy, void* ws, size_t ws_bytes, size_t* query,
+                         cudaStream_t stream) {
   using A = Acc<T>;
   constexpr int VV = kVec<T>;
   const Pix px = normalize_pixels(P1, P2, {&sx, &sy}, &sx);
