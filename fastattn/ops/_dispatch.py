@@ -81,20 +81,30 @@ def triton_reason(t: torch.Tensor) -> str | None:
     return f"Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {t.device.type} tensor"
 
 
+@torch.compiler.assume_constant_result     # loads fastattn._C once: constant while a graph is traced
+def _ext_missing() -> str:
+    """Why fastattn._C cannot be used ("" when it can)."""
+    return "" if _ext.available() else (_ext.why_unavailable() or "fastattn._C is not available")
+
+
+@torch.compiler.assume_constant_result
+def _ext_has_cuda() -> bool:
+    return _ext.has_cuda_kernels()
+
+
 def cpu_ext_reason(t: torch.Tensor) -> str | None:
     if t.device.type != "cpu":
         return f"the C++ CPU kernels take CPU tensors, got a {t.device.type} tensor"
-    if not _ext.available():
-        return _ext.why_unavailable()
-    return None
+    return _ext_missing() or None
 
 
 def cuda_ext_reason(t: torch.Tensor) -> str | None:
     if t.device.type != "cuda":
         return f"the CUDA C++ kernels take CUDA tensors, got a {t.device.type} tensor"
-    if not _ext.available():
-        return _ext.why_unavailable()
-    if not _ext.has_cuda_kernels():
+    missing = _ext_missing()
+    if missing:
+        return missing
+    if not _ext_has_cuda():
         return "fastattn._C was built without CUDA kernels (rebuild with FASTATTN_BUILD_CUDA=1)"
     return None
 
