@@ -66,7 +66,7 @@ at::Tensor channel_spatial_gate(const at::Tensor& x, const at::Tensor& a, const 
   check_channel_param(op, "a", a, x);
   check_pixel_param(op, "s", s, x);
   const CombineMode m = parse_mode(op, mode);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   if (y.numel() == 0) return y;
   channel_spatial_gate_forward_cpu(x.data_ptr(), a.data_ptr(), s.data_ptr(), y.data_ptr(), m, dt, x.size(0),
                                    x.size(1), x.size(2), x.size(3), strides4(x), strides4(y));
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_spatial_gate_backward(con
   check_channel_param(op, "a", a, x);
   check_pixel_param(op, "s", s, x);
   const CombineMode m = parse_mode(op, mode);
-  at::Tensor dx = at::empty_like(x), da = channel_grad(x, a), ds = pixel_grad(x, s);
+  at::Tensor dx = new_output_like(x), da = channel_grad(x, a), ds = pixel_grad(x, s);
   if (x.numel() == 0) return {dx, da, ds};
   channel_spatial_gate_backward_cpu(dy.data_ptr(), x.data_ptr(), a.data_ptr(), s.data_ptr(), dx.data_ptr(),
                                     da.data_ptr(), ds.data_ptr(), m, dt, x.size(0), x.size(1), x.size(2), x.size(3),
@@ -99,7 +99,7 @@ at::Tensor channel_affine_gate(const at::Tensor& x, const at::Tensor& alpha, con
   const DType dt = check_x(op, x, c10::DeviceType::CPU);
   check_channel_param(op, "alpha", alpha, x);
   check_channel_param(op, "beta", beta, x);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   if (y.numel() == 0) return y;
   channel_affine_gate_forward_cpu(x.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), dt, x.size(0),
                                   x.size(1), x.size(2), x.size(3), strides4(x), strides4(y));
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_gate_backward(cons
   check_like_x(op, "dy", dy, x);
   check_channel_param(op, "alpha", alpha, x);
   check_channel_param(op, "beta", beta, x);
-  at::Tensor dx = at::empty_like(x), dal = channel_grad(x, alpha), dbe = channel_grad(x, beta);
+  at::Tensor dx = new_output_like(x), dal = channel_grad(x, alpha), dbe = channel_grad(x, beta);
   if (x.numel() == 0) return {dx, dal, dbe};
   channel_affine_gate_backward_cpu(dy.data_ptr(), x.data_ptr(), alpha.data_ptr(), beta.data_ptr(), dx.data_ptr(),
                                    dal.data_ptr(), dbe.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3),

@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(const at::Tensor& dy, c
 // y = x * a[b, c] * s[b, 0, h, w]; y like torch.empty_like(x).
 at::Tensor spatial_scale(const at::Tensor& x, const std::optional<at::Tensor>& a, const at::Tensor& s) {
   const DType dt = scale_setup("spatial_scale", x, a, s, c10::DeviceType::CPU);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   if (y.numel() == 0) return y;
   spatial_scale_forward_cpu(x.data_ptr(), ptr_or_null(a), s.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1),
                             x.size(2), x.size(3), strides4(x), strides4(y));

@@ -122,7 +122,7 @@ inline PoolBackward pool_backward_setup(const char* op, const at::Tensor& dy, co
   check_same_device(op, "idx", idx, x);
   TORCH_CHECK_VALUE(v.N <= std::numeric_limits<int32_t>::max(), "fastattn::", op, ": dimension ", dim,
                     " of 'x' must be below 2^31, got ", v.N);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   at::Tensor da = a.has_value() ? at::zeros({v.B, v.N}, a->options())
                                 : at::empty({0}, x.options().dtype(acc_scalar_type(x)));
   return {dt, v, view_of(dx, dim), dx, da};
@@ -165,7 +165,7 @@ inline ScaleBackward scale_backward_setup(const char* op, const at::Tensor& dy, 
   check_like_dtype(op, "dy", dy, x);
   const auto acc = x.options().dtype(acc_scalar_type(x));
   const bool empty = x.numel() == 0;   // sums over nothing are zero
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   at::Tensor da = !a.has_value() ? at::empty({0}, acc)
                   : empty        ? at::zeros({x.size(0), x.size(1)}, acc)
                                  : at::empty({x.size(0), x.size(1)}, acc);
