@@ -29,7 +29,8 @@ constexpr unsigned kFull = 0xffffffffu;
 // ---------------------------------------------------------------------------------------------
 
 // n positions: their sum, mean and sum of squared deviations (kStd), max and its flat index (kMax;
-// idx -1: none yet).
+// idx -1: none yet). With kStd the sums are of x - K, K the plane's first value (0 if not finite):
+// a plane far from zero (mean 1e4, std 1) keeps its digits in fp32.
 template <typename A>
 struct Stat {
   int64_t n;
@@ -80,18 +81,23 @@ __device__ __forceinline__ void merge(Stat<A>& a, const Stat<A>& b) {
   }
 }
 
+template <typename A>
+__device__ __forceinline__ A shift_of(A first) {
+  return isfinite(first) ? first : A(0);
+}
+
 // Add V consecutive positions i0, i0 + 1, ...: their own mean and deviations first, then one merge.
 template <typename A, bool kMax, bool kStd, int V>
-__device__ __forceinline__ void push(Stat<A>& s, const A (&v)[V], int64_t i0) {
+__device__ __forceinline__ void push(Stat<A>& s, const A (&v)[V], A K, int64_t i0) {
   A t = 0;
 #pragma unroll
-  for (int k = 0; k < V; ++k) t += v[k];
+  for (int k = 0; k < V; ++k) t += kStd ? v[k] - K : v[k];
   if (kStd) {
     const A mb = t * (A(1) / A(V));
     A q = 0;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const A d = v[k] - mb;
+      const A d = (v[k] - K) - mb;
       q += d * d;
     }
     const A f = A(V) / static_cast<A>(s.n + V);
@@ -112,9 +118,9 @@ __device__ __forceinline__ void push(Stat<A>& s, const A (&v)[V], int64_t i0) {
 }
 
 template <typename A, bool kMax, bool kStd>
-__device__ __forceinline__ void push1(Stat<A>& s, A v, int64_t i) {
+__device__ __forceinline__ void push1(Stat<A>& s, A v, A K, int64_t i) {
   const A one[1] = {v};
-  push<A, kMax, kStd, 1>(s, one, i);
+  push<A, kMax, kStd, 1>(s, one, K, i);
 }
 
 // Lane 0 gets the merge of the warp's 32 statistics (a fixed tree: deterministic).
@@ -156,13 +162,13 @@ struct FwdArgs {
 };
 
 template <typename T, bool kMax, bool kStd, bool kW>
-__device__ __forceinline__ void finish(const Stat<acc<T>>& st, int64_t bc, const FwdArgs<T>& p) {
+__device__ __forceinline__ void finish(const Stat<acc<T>>& st, int64_t bc, acc<T> K, const FwdArgs<T>& p) {
   using A = acc<T>;
   if (kW) {
     p.y[bc] = from_acc<T>(st.sum);
     return;
   }
-  const double mean = static_cast<double>(st.sum) / static_cast<double>(p.HW);
+  const double mean = static_cast<double>(K) + static_cast<double>(st.sum) / static_cast<double>(p.HW);
   if (p.mean) p.mean[bc] = dev_from_double<T>(mean);
   if (p.mean_acc) p.mean_acc[bc] = static_cast<A>(mean);
   if (kMax) {
@@ -178,8 +184,8 @@ __device__ __forceinline__ void finish(const Stat<acc<T>>& st, int64_t bc, const
 
 // The statistic of plane bc is complete (S == 1), or segment s of it is (S > 1: a partial).
 template <typename T, bool kMax, bool kStd, bool kW>
-__device__ __forceinline__ void emit(const Stat<acc<T>>& st, int64_t bc, int64_t s, const FwdArgs<T>& p) {
-  if (p.S == 1) return finish<T, kMax, kStd, kW>(st, bc, p);
+__device__ __forceinline__ void emit(const Stat<acc<T>>& st, int64_t bc, int64_t s, acc<T> K, const FwdArgs<T>& p) {
+  if (p.S == 1) return finish<T, kMax, kStd, kW>(st, bc, K, p);
   const int64_t k = s * p.BC + bc;
   p.pn[k] = st.n;
   p.psum[k] = st.sum;
@@ -204,13 +210,14 @@ __global__ void __launch_bounds__(kThreads) fwd_plane_kernel(FwdArgs<T> p) {
   const int64_t b = bc / p.C, c = bc % p.C;
   const T* __restrict__ px = p.x + b * p.sxb + c * p.sxc;
   const A* __restrict__ pw = kW ? p.w + c * p.swc : nullptr;
+  const A K = kStd ? shift_of(to_acc(px[0])) : A(0);
   Stat<A> st = stat_empty<A>();
   // scalar head up to the first 16-byte boundary, 16-byte packs, scalar tail
   const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(px + p0) & 15) / sizeof(T));
   const int64_t head = mis ? lmin((V - mis) % V, p1 - p0) : 0;
   if (lane < head) {
     const int64_t i = p0 + lane;
-    push1<A, kMax, kStd>(st, to_acc(px[i]) * (kW ? pw[i] : A(1)), i);
+    push1<A, kMax, kStd>(st, to_acc(px[i]) * (kW ? pw[i] : A(1)), K, i);
   }
   const int64_t q0 = p0 + head;
   const int64_t nvec = (p1 - q0) / V;
@@ -220,11 +227,12 @@ __global__ void __launch_bounds__(kThreads) fwd_plane_kernel(FwdArgs<T> p) {
     A v[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = to_acc(pk.v[j]) * (kW ? pw[i + j] : A(1));
-    push<A, kMax, kStd, V>(st, v, i);
+    push<A, kMax, kStd, V>(st, v, K, i);
   }
-  for (int64_t i = q0 + nvec * V + lane; i < p1; i += 32) push1<A, kMax, kStd>(st, to_acc(px[i]) * (kW ? pw[i] : A(1)), i);
+  for (int64_t i = q0 + nvec * V + lane; i < p1; i += 32)
+    push1<A, kMax, kStd>(st, to_acc(px[i]) * (kW ? pw[i] : A(1)), K, i);
   st = warp_merge<A, kMax, kStd>(st);
-  if (lane == 0) emit<T, kMax, kStd, kW>(st, bc, s, p);
+  if (lane == 0) emit<T, kMax, kStd, kW>(st, bc, s, K, p);
 }
 
 // channels_last: block x = (sample, 32-channel block), block y = pixel segment. Lane = channel,
@@ -239,16 +247,18 @@ __global__ void __launch_bounds__(kThreads) fwd_channels_kernel(FwdArgs<T> p) {
   const int64_t s = blockIdx.y;
   const int64_t p0 = s * p.seg, p1 = lmin(p.HW, p0 + p.seg);
   Stat<A> st = stat_empty<A>();
+  A K = A(0);
   if (c < p.C) {
     const T* __restrict__ px = p.x + b * p.sxb + c * p.sxc;
     const A* __restrict__ pw = kW ? p.w + c * p.swc : nullptr;
+    if (kStd) K = shift_of(to_acc(px[0]));
     int64_t i = p0 + row;
     int64_t h = i / p.W, w = i % p.W;
     const int64_t dh = kWarps / p.W, dw = kWarps % p.W;
     for (; i < p1; i += kWarps) {
       A v = to_acc(px[h * p.sxh + w * p.sxw]);
       if (kW) v *= pw[h * p.swh + w * p.sww];
-      push1<A, kMax, kStd>(st, v, i);
+      push1<A, kMax, kStd>(st, v, K, i);
       h += dh;
       w += dw;
       if (w >= p.W) w -= p.W, ++h;
@@ -258,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) fwd_channels_kernel(FwdArgs<T> p) {
   __syncthreads();
   if (row == 0 && c < p.C) {
     for (int r = 1; r < kWarps; ++r) merge<A, kMax, kStd>(st, part[r][lane]);
-    emit<T, kMax, kStd, kW>(st, b * p.C + c, s, p);
+    emit<T, kMax, kStd, kW>(st, b * p.C + c, s, K, p);
   }
 }
 
@@ -269,14 +279,15 @@ __global__ void __launch_bounds__(kThreads) fwd_generic_kernel(FwdArgs<T> p) {
   const int64_t bc = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (bc >= p.BC) return;
   const int64_t b = bc / p.C, c = bc % p.C;
+  const A K = kStd ? shift_of(to_acc(p.x[b * p.sxb + c * p.sxc])) : A(0);
   Stat<A> st = stat_empty<A>();
   for (int64_t h = 0; h < p.H; ++h)
     for (int64_t w = 0; w < p.W; ++w) {
       A v = to_acc(p.x[b * p.sxb + c * p.sxc + h * p.sxh + w * p.sxw]);
       if (kW) v *= p.w[c * p.swc + h * p.swh + w * p.sww];
-      push1<A, kMax, kStd>(st, v, h * p.W + w);
+      push1<A, kMax, kStd>(st, v, K, h * p.W + w);
     }
-  finish<T, kMax, kStd, kW>(st, bc, p);
+  finish<T, kMax, kStd, kW>(st, bc, K, p);
 }
 
 // Segment partials -> results: a thread per plane merges its S segments in order.
@@ -295,7 +306,8 @@ __global__ void __launch_bounds__(kThreads) fwd_finish_kernel(FwdArgs<T> p) {
     if (kMax) t.mx = p.pmx[k], t.idx = p.pidx[k];
     merge<A, kMax, kStd>(st, t);
   }
-  finish<T, kMax, kStd, kW>(st, bc, p);
+  const A K = kStd ? shift_of(to_acc(p.x[(bc / p.C) * p.sxb + (bc % p.C) * p.sxc])) : A(0);
+  finish<T, kMax, kStd, kW>(st, bc, K, p);
 }
 
 // ---------------------------------------------------------------------------------------------
