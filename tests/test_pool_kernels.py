@@ -217,18 +217,33 @@ class TestChannelPool:
         g = xg.grad.cpu().reshape(B, C, H * W)
         assert g[0, 0, 5000] == 1 and g[0, 1, 20000] == 1 and g[0, 2, 0] == 1 and g.sum() == B * C
 
-    def test_std_of_an_offset_plane_fp32(self, backend):
-        """mean 100, std 1: deviations are taken from chunk means, never E[x^2] - E[x]^2."""
+    @pytest.mark.parametrize("offset", [100.0, 1e4, 1e5])
+    def test_std_of_an_offset_plane_fp32(self, backend, offset):
+        """mean >> std: the sums are shifted by the plane's first value and deviations are taken from
+        chunk means (never E[x^2] - E[x]^2), so fp32 keeps the digits torch's two-pass fp32 keeps."""
         _ready(backend, pool.CHECKS)
-        x = torch.randn(2, 3, 130, 140, dtype=torch.float64) + 100
-        want = (x.flatten(2).var(2) + 1e-5).sqrt()
-        for layout in ("nchw", "channels_last"):
-            xx = x.float().to(_device(backend))
+        x = (torch.randn(2, 3, 130, 140, dtype=torch.float64) + offset).float()
+        want = _pool64(x, ["mean", "std"], 1e-5)
+        for layout in ("nchw", "channels_last", "permuted"):
+            xx = x.to(_device(backend))
             if layout == "channels_last":
                 xx = xx.contiguous(memory_format=torch.channels_last)
-            (std,) = channel_pool(xx, ["std"], backend=backend)
-            torch.testing.assert_close(std.cpu().double(), _pool64(xx.cpu(), ["std"], 1e-5)["std"], rtol=2e-6, atol=0)
-            torch.testing.assert_close(std.cpu().double(), want, rtol=1e-5, atol=0)
+            elif layout == "permuted":
+                xx = xx.transpose(2, 3).contiguous().transpose(2, 3)
+            mean, std = channel_pool(xx, ["mean", "std"], backend=backend)
+            torch.testing.assert_close(std.cpu().double(), want["std"], rtol=1e-6, atol=0, msg=layout)
+            torch.testing.assert_close(mean.cpu().double(), want["mean"], rtol=1e-7, atol=0, msg=layout)
+
+    def test_inf_in_a_plane(self, backend):
+        """An infinite first value must not poison the shifted sums: mean inf, std NaN, as torch."""
+        _ready(backend, pool.CHECKS)
+        x = torch.randn(1, 2, 5, 6)
+        x[0, 0, 0, 0] = float("inf")
+        x[0, 1, 3, 2] = float("inf")
+        mean, std = channel_pool(x.to(_device(backend)), ["mean", "std"], backend=backend)
+        ref_mean, ref_std = channel_pool(x, ["mean", "std"], backend="torch")
+        torch.testing.assert_close(mean.cpu(), ref_mean, equal_nan=True)
+        torch.testing.assert_close(std.cpu(), ref_std, equal_nan=True)
 
     def test_deterministic(self, backend):
         _ready(backend, pool.CHECKS)

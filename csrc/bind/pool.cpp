@@ -49,19 +49,11 @@ at::Tensor channel_pool_backward(const std::optional<at::Tensor>& dmean, const s
 
 // y[b, c] = sum_hw x * weight[c] in x's dtype.
 at::Tensor dct_pool(const at::Tensor& x, const at::Tensor& weight) {
-  const char* op = "dct_pool";
-  check_feature_map(x, op);
-  pool_args::check_device(x, op, "x", kCPU);
-  const DType dt = dtype_tag(x, op, "x");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  pool_args::check_weight(weight, op, C, H, W, x);
-  const Strides4 sx = strides4(x);
-  const at::Tensor w = pool_args::weight_like(weight, acc_scalar_type(x), plane_contiguous(sx, H, W),
-                                              channels_contiguous(sx, C));
-  at::Tensor y = at::empty({B, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (y.numel() > 0)
-    dct_pool_forward_cpu(x.data_ptr(), w.data_ptr(), y.data_ptr(), dt, B, C, H, W, sx, pool_args::strides3(w));
-  return y;
+  pool_args::DctPlan p = pool_args::plan_dct_pool(x, weight, kCPU);
+  if (p.y.numel() > 0)   // (an empty plane sums to zero: the kernel writes zeros)
+    dct_pool_forward_cpu(x.data_ptr(), p.w.data_ptr(), p.y.data_ptr(), p.dt, p.B, p.C, p.H, p.W, strides4(x),
+                         pool_args::strides3(p.w));
+  return p.y;
 }
 
 // [dx] if need_dx (size, dy's dtype, NCHW or channels_last), then [dweight] if x is given
@@ -69,43 +61,12 @@ at::Tensor dct_pool(const at::Tensor& x, const at::Tensor& weight) {
 std::vector<at::Tensor> dct_pool_backward(const at::Tensor& dy, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& x, at::IntArrayRef size,
                                           bool channels_last, bool need_dx) {
-  const char* op = "dct_pool_backward";
-  const std::vector<int64_t> sz = pool_args::check_size(size, op);
-  const int64_t B = sz[0], C = sz[1], H = sz[2], W = sz[3];
-  pool_args::check_device(dy, op, "dy", kCPU);
-  const DType dt = dtype_tag(dy, op, "dy");
-  pool_args::check_bc(dy, op, "dy", B, C, dy);
-  pool_args::check_weight(weight, op, C, H, W, dy);
-  if (x) {
-    TORCH_CHECK_VALUE(x->sizes() == at::IntArrayRef(sz), "fastattn::", op, ": argument 'x' must have shape ", size,
-                      ", got ", x->sizes());
-    TORCH_CHECK_TYPE(x->scalar_type() == dy.scalar_type(), "fastattn::", op, ": argument 'x' must have the dtype of ",
-                     "'dy' (", dy.scalar_type(), "), got ", x->scalar_type());
-    pool_args::check_device(*x, op, "x", kCPU);
-  }
-  at::Tensor dx = need_dx ? at::empty(sz, dy.options().memory_format(pool_args::format(channels_last))) : at::Tensor();
-  // the layout the kernels walk: x's when dweight is wanted, else dx's
-  const Strides4 sref = x ? strides4(*x) : need_dx ? strides4(dx) : Strides4{0, H * W, W, 1};
-  const at::ScalarType acc = acc_scalar_type(dy);
-  const at::Tensor w = pool_args::weight_like(weight, acc, plane_contiguous(sref, H, W), channels_contiguous(sref, C));
-  const at::Tensor g = dy.to(acc).contiguous();
-  at::Tensor dw_acc, dw;
-  if (x) {
-    dw_acc = at::empty_like(w);
-    dw = w.is_same(weight) ? dw_acc : at::empty_like(weight);
-  }
-  if (need_dx || x)   // (empty sizes: the kernel writes nothing, or a zero dweight for B == 0)
-    dct_pool_backward_cpu(g.data_ptr(), w.data_ptr(), x ? x->data_ptr() : nullptr, need_dx ? dx.data_ptr() : nullptr,
-                          x ? dw_acc.data_ptr() : nullptr, dt, B, C, H, W, pool_args::strides3(w),
-                          x ? strides4(*x) : Strides4{0, 0, 0, 0}, need_dx ? strides4(dx) : Strides4{0, 0, 0, 0},
-                          x ? pool_args::strides3(dw_acc) : Strides4{0, 0, 0, 0});
-  std::vector<at::Tensor> outs;
-  if (need_dx) outs.push_back(dx);
-  if (x) {
-    if (!dw.is_same(dw_acc)) dw.copy_(dw_acc);
-    outs.push_back(dw);
-  }
-  return outs;
+  pool_args::DctGradPlan p = pool_args::plan_dct_pool_backward(dy, weight, x, size, channels_last, need_dx, kCPU);
+  if (p.need_dx || p.need_dw)
+    dct_pool_backward_cpu(p.g.data_ptr(), p.w.data_ptr(), p.need_dw ? p.x.data_ptr() : nullptr,
+                          p.need_dx ? p.dx.data_ptr() : nullptr, p.need_dw ? p.dw_acc.data_ptr() : nullptr, p.dt, p.B,
+                          p.C, p.H, p.W, p.sw, p.sx, p.sdx, p.sdw);
+  return pool_args::dct_grads(p);
 }
 
 }  // namespace

@@ -209,6 +209,86 @@ inline void check_weight(const at::Tensor& w, const char* op, int64_t C, int64_t
               ", got ", w.device());
 }
 
+struct DctPlan {
+  DType dt;
+  int64_t B, C, H, W;
+  at::Tensor w, y;                    // w: the weight in the accumulation dtype, laid out like x
+};
+
+inline DctPlan plan_dct_pool(const at::Tensor& x, const at::Tensor& weight, c10::DeviceType dev) {
+  const char* op = "dct_pool";
+  check_feature_map(x, op);
+  check_device(x, op, "x", dev);
+  DctPlan p;
+  p.dt = dtype_tag(x, op, "x");
+  p.B = x.size(0), p.C = x.size(1), p.H = x.size(2), p.W = x.size(3);
+  check_weight(weight, op, p.C, p.H, p.W, x);
+  const Strides4 sx = strides4(x);
+  p.w = weight_like(weight, acc_scalar_type(x), plane_contiguous(sx, p.H, p.W), channels_contiguous(sx, p.C));
+  p.y = at::empty({p.B, p.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  return p;
+}
+
+struct DctGradPlan {
+  DType dt;
+  int64_t B, C, H, W;
+  bool need_dx, need_dw;
+  at::Tensor g, w, x, dx, dw_acc, dw;  // dw_acc: the kernel's dweight (w's layout); dw: weight's
+  Strides4 sw, sx, sdx, sdw;
+};
+
+inline DctGradPlan plan_dct_pool_backward(const at::Tensor& dy, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& x, at::IntArrayRef size, bool channels_last,
+                                          bool need_dx, c10::DeviceType dev) {
+  const char* op = "dct_pool_backward";
+  DctGradPlan p;
+  const std::vector<int64_t> sz = check_size(size, op);
+  p.B = sz[0], p.C = sz[1], p.H = sz[2], p.W = sz[3];
+  check_device(dy, op, "dy", dev);
+  p.dt = dtype_tag(dy, op, "dy");
+  check_bc(dy, op, "dy", p.B, p.C, dy);
+  check_weight(weight, op, p.C, p.H, p.W, dy);
+  if (x) {
+    TORCH_CHECK_VALUE(x->sizes() == at::IntArrayRef(sz), "fastattn::", op, ": argument 'x' must have shape ", size,
+                      ", got ", x->sizes());
+    TORCH_CHECK_TYPE(x->scalar_type() == dy.scalar_type(), "fastattn::", op, ": argument 'x' must have the dtype of ",
+                     "'dy' (", dy.scalar_type(), "), got ", x->scalar_type());
+    TORCH_CHECK(x->device() == dy.device(), "fastattn::", op, ": argument 'x' must be on ", dy.device(), ", got ",
+                x->device());
+    p.x = *x;
+  }
+  p.need_dx = need_dx;
+  p.need_dw = x.has_value();
+  if (need_dx) p.dx = at::empty(sz, dy.options().memory_format(format(channels_last)));
+  // the layout the kernels walk: x's when dweight is wanted, else dx's
+  const Strides4 sref = p.need_dw ? strides4(p.x) : need_dx ? strides4(p.dx) : Strides4{0, p.H * p.W, p.W, 1};
+  const at::ScalarType acc = acc_scalar_type(dy);
+  p.w = weight_like(weight, acc, plane_contiguous(sref, p.H, p.W), channels_contiguous(sref, p.C));
+  p.g = dy.to(acc).contiguous();
+  if (p.need_dw) {
+    p.dw_acc = at::empty_like(p.w);
+    p.dw = p.w.is_same(weight) ? p.dw_acc : at::empty_like(weight);
+  }
+  const Strides4 none{0, 0, 0, 0};
+  p.sw = strides3(p.w);
+  p.sx = p.need_dw ? strides4(p.x) : none;
+  p.sdx = need_dx ? strides4(p.dx) : none;
+  p.sdw = p.need_dw ? strides3(p.dw_acc) : none;
+  return p;
+}
+
+// [dx] if wanted, then [dweight] (in weight's dtype and strides) if x was given.
+inline std::vector<at::Tensor> dct_grads(DctGradPlan& p) {
+  std::vector<at::Tensor> outs;
+  if (p.need_dx) outs.push_back(p.dx);
+  if (p.need_dw) {
+    if (p.B == 0) p.dw_acc.zero_();       // an empty batch sums to zero
+    if (!p.dw.is_same(p.dw_acc)) p.dw.copy_(p.dw_acc);
+    outs.push_back(p.dw);
+  }
+  return outs;
+}
+
 // ---------------------------------------------------------------------------------------------
 // bin_mean
 // ---------------------------------------------------------------------------------------------

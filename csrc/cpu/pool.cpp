@@ -51,6 +51,8 @@ inline int64_t pixel_segments(int64_t jobs, int64_t HW, int64_t min_len) {
 
 // Statistics of a run of positions: count, sum, sum of squared deviations from the run's mean, and
 // the max with the flat index of its first occurrence (NaN wins over any number; idx -1: none yet).
+// With std, the sums are of x - K, K the plane's first value: a plane far from zero (mean 1e4,
+// std 1) keeps its digits in fp32, as the deviations stay of the size of the spread.
 template <typename A>
 struct Stat {
   double n = 0, sum = 0, m2 = 0;
@@ -60,6 +62,14 @@ struct Stat {
 
 template <typename A>
 inline bool is_nan(A v) { return v != v; }
+
+// The shift of a plane's sums: its first value, or 0 when that is not finite (an inf would turn
+// the shifted sums into NaN).
+template <typename T>
+inline acc_t<T> shift_of(const T& first) {
+  const acc_t<T> v = ld(first);
+  return std::isfinite(v) ? v : acc_t<T>(0);
+}
 
 // a <- a followed by b (b's positions come after a's). Chan et al.'s pairwise update of m2.
 template <typename A>
@@ -80,10 +90,10 @@ inline void merge(Stat<A>& a, const Stat<A>& b) {
   }
 }
 
-// Fold n positions p[0], p[stride], ... (flat indices idx0, idx0 + 1, ...) into st. The positions
-// stay in L1 between the sum and the deviation passes (n <= kChunk).
+// Fold n positions p[0], p[stride], ... (flat indices idx0, idx0 + 1, ...) into st, the sums of
+// x - K with std. The positions stay in L1 between the sum and the deviation passes (n <= kChunk).
 template <typename T, bool kMax, bool kStd, bool kUnit>
-void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, Stat<acc_t<T>>& st) {
+void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, acc_t<T> K, Stat<acc_t<T>>& st) {
   using A = acc_t<T>;
   const int64_t st_ = kUnit ? 1 : stride;
   Stat<A> c;
@@ -96,7 +106,7 @@ void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, 
 #pragma omp simd reduction(+ : s) reduction(max : mx) reduction(| : nan)
     for (int64_t i = 0; i < n; ++i) {
       const A v = ld(p[i * st_]);
-      s += v;
+      s += kStd ? v - K : v;
       mx = v > mx ? v : mx;
       nan |= (v != v);
     }
@@ -113,7 +123,7 @@ void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, 
     }
   } else {
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += ld(p[i * st_]);
+    for (int64_t i = 0; i < n; ++i) s += kStd ? ld(p[i * st_]) - K : ld(p[i * st_]);
   }
   c.sum = static_cast<double>(s);
   if (kStd) {
@@ -121,7 +131,7 @@ void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, 
     A q = 0;
 #pragma omp simd reduction(+ : q)
     for (int64_t i = 0; i < n; ++i) {
-      const A d = ld(p[i * st_]) - m;
+      const A d = (ld(p[i * st_]) - K) - m;
       q += d * d;
     }
     c.m2 = static_cast<double>(q);
@@ -129,10 +139,11 @@ void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, 
   merge(st, c);
 }
 
+// The results of plane bc from its statistics (sums of x - K).
 template <typename T>
-void finalize(const Stat<acc_t<T>>& st, int64_t bc, int64_t HW, double eps, const PoolOutputs& out) {
+void finalize(const Stat<acc_t<T>>& st, int64_t bc, int64_t HW, double eps, acc_t<T> K, const PoolOutputs& out) {
   using A = acc_t<T>;
-  const double mean = st.sum / static_cast<double>(HW);
+  const double mean = static_cast<double>(K) + st.sum / static_cast<double>(HW);
   if (out.mean) static_cast<T*>(out.mean)[bc] = from_double<T>(mean);
   if (out.mean_acc) static_cast<A*>(out.mean_acc)[bc] = static_cast<A>(mean);
   if (out.max) static_cast<T*>(out.max)[bc] = store<T>(st.max);
@@ -158,11 +169,12 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
     const int64_t bc = job / nseg, s = job % nseg;
     const int64_t b = bc / C, c = bc % C;
     const T* p = x + b * sx.b + c * sx.c;
+    const A K = kStd ? shift_of(p[0]) : A(0);
     const int64_t p0 = s * seg, p1 = std::min(HW, p0 + seg);
     Stat<A> st;
     for (int64_t i0 = p0; i0 < p1; i0 += kChunk)
-      fold_run<T, kMax, kStd, true>(p + i0, std::min(p1, i0 + kChunk) - i0, 1, i0, st);
-    if (nseg == 1) finalize<T>(st, bc, HW, eps, out);
+      fold_run<T, kMax, kStd, true>(p + i0, std::min(p1, i0 + kChunk) - i0, 1, i0, K, st);
+    if (nseg == 1) finalize<T>(st, bc, HW, eps, K, out);
     else partial[job] = st;
   }
   if (nseg > 1) {
@@ -170,7 +182,8 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
     for (int64_t bc = 0; bc < BC; ++bc) {
       Stat<A> st;
       for (int64_t s = 0; s < nseg; ++s) merge(st, partial[bc * nseg + s]);
-      finalize<T>(st, bc, HW, eps, out);
+      const A K = kStd ? shift_of(x[(bc / C) * sx.b + (bc % C) * sx.c]) : A(0);
+      finalize<T>(st, bc, HW, eps, K, out);
     }
   }
 }
@@ -178,11 +191,11 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
 // Per-thread scratch of the channels-contiguous pool: one entry per channel of a block.
 template <typename A>
 struct ChannelScratch {
-  std::vector<A> s, mx, q, cm;
+  std::vector<A> s, mx, q, cm, k;
   std::vector<int32_t> ix, nan;
   std::vector<Stat<A>> run;
   explicit ChannelScratch(int64_t n)
-      : s(n), mx(n), q(n), cm(n), ix(n), nan(n), run(n) {}
+      : s(n), mx(n), q(n), cm(n), k(n), ix(n), nan(n), run(n) {}
 };
 
 // channels_last: jobs of (sample, channel block, pixel segment); the inner loops run over the
@@ -215,8 +228,9 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
       A* __restrict__ cm = sc.cm.data();
       int32_t* __restrict__ cix = sc.ix.data();
       int32_t* __restrict__ cnan = sc.nan.data();
+      A* __restrict__ ck = sc.k.data();
       Stat<A>* run = sc.run.data();
-      for (int64_t c = 0; c < n; ++c) run[c] = Stat<A>();
+      for (int64_t c = 0; c < n; ++c) run[c] = Stat<A>(), ck[c] = kStd ? shift_of(xb[c]) : A(0);  // (h, w) = (0, 0)
       for (int64_t i0 = p0; i0 < p1; i0 += P) {
         const int64_t i1 = std::min(p1, i0 + P);
         const int64_t h0 = i0 / W, w0 = i0 % W;
@@ -234,7 +248,7 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) {
               const A v = ld(px[c]);
-              cs[c] += v;
+              cs[c] += kStd ? v - ck[c] : v;
               const bool gt = v > cmx[c];
               cmx[c] = gt ? v : cmx[c];
               cix[c] = gt ? rel : cix[c];
@@ -242,7 +256,7 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
             }
           } else {
 #pragma omp simd
-            for (int64_t c = 0; c < n; ++c) cs[c] += ld(px[c]);
+            for (int64_t c = 0; c < n; ++c) cs[c] += kStd ? ld(px[c]) - ck[c] : ld(px[c]);
           }
           if (++w == W) { w = 0; ++h; }
         }
@@ -257,7 +271,7 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
             const T* __restrict__ px = xb + h * sx.h + w * sx.w;
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) {
-              const A d = ld(px[c]) - cm[c];
+              const A d = (ld(px[c]) - ck[c]) - cm[c];
               cq[c] += d * d;
             }
             if (++w == W) { w = 0; ++h; }
@@ -288,7 +302,7 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
         }
       }
       if (S == 1) {
-        for (int64_t c = 0; c < n; ++c) finalize<T>(run[c], b * C + c0 + c, HW, eps, out);
+        for (int64_t c = 0; c < n; ++c) finalize<T>(run[c], b * C + c0 + c, HW, eps, ck[c], out);
       } else {
         Stat<A>* pp = partial.data() + (b * S + s) * C + c0;
         for (int64_t c = 0; c < n; ++c) pp[c] = run[c];
@@ -301,7 +315,8 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
       const int64_t b = bc / C, c = bc % C;
       Stat<A> st;
       for (int64_t s = 0; s < S; ++s) merge(st, partial[(b * S + s) * C + c]);
-      finalize<T>(st, bc, HW, eps, out);
+      const A K = kStd ? shift_of(x[b * sx.b + c * sx.c]) : A(0);
+      finalize<T>(st, bc, HW, eps, K, out);
     }
   }
 }
@@ -315,12 +330,13 @@ void pool_generic(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Stride
   for (int64_t bc = 0; bc < B * C; ++bc) {
     const int64_t b = bc / C, c = bc % C;
     Stat<A> st;
+    const A K = kStd ? shift_of(x[b * sx.b + c * sx.c]) : A(0);
     for (int64_t h = 0; h < H; ++h) {
       const T* row = x + b * sx.b + c * sx.c + h * sx.h;
       for (int64_t w0 = 0; w0 < W; w0 += kChunk)
-        fold_run<T, kMax, kStd, false>(row + w0 * sx.w, std::min(W, w0 + kChunk) - w0, sx.w, h * W + w0, st);
+        fold_run<T, kMax, kStd, false>(row + w0 * sx.w, std::min(W, w0 + kChunk) - w0, sx.w, h * W + w0, K, st);
     }
-    finalize<T>(st, bc, H * W, eps, out);
+    finalize<T>(st, bc, H * W, eps, K, out);
   }
 }
 
@@ -338,7 +354,7 @@ void pool_typed(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strides4
   if (B * C == 0) return;
   if (H * W == 0) {                         // mean of nothing: NaN, as torch
     Stat<acc_t<T>> none;
-    for (int64_t bc = 0; bc < B * C; ++bc) finalize<T>(none, bc, 0, eps, out);
+    for (int64_t bc = 0; bc < B * C; ++bc) finalize<T>(none, bc, 0, eps, acc_t<T>(0), out);
     return;
   }
   const bool mx = out.max || out.argmax;
