@@ -136,40 +136,46 @@ struct ReduceArgs {
   Strides4 sx, sdy, sdx;
   int64_t splits, rows;             // H cut into `splits` segments of `rows` rows
   int tw;                           // rows walker: threads along W per row (a power of two <= 32)
+  int thp;                          // rows walker: rows per pass per plane (tw * thp divides kThreads)
 };
 
-// Rows walker. Block: (b, c, segment); threads: [kThreads / tw rows][tw lanes along W], each lane
-// V consecutive columns. Per W tile of tw * V columns the rows are walked; a row's partial sum
-// over the tile is reduced across its tw lanes by shuffles and added (by lane 0, always the same
-// thread for that row) to rowacc; column sums are reduced across the rows through colred.
+// Rows walker. Block: P planes (b, c) x a segment of rows; per plane, threads [thp rows][tw lanes
+// along W], each lane V consecutive columns (small planes share a block: a 7 x 7 plane takes 8 x 8
+// threads). Per W tile of tw * V columns the rows are walked; a row's partial sum over the tile is
+// reduced across its tw lanes by shuffles and added (by lane 0, always the same thread for that
+// row) to rowacc; column sums are reduced across the rows through colred.
 template <typename T, typename Out, int V, bool kScale>
 __global__ void __launch_bounds__(kThreads) rows_reduce_kernel(const ReduceArgs<T> a) {
   using A = acc_of<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* rowacc = reinterpret_cast<A*>(smem_raw);   // [rows]
-  A* colred = rowacc + a.rows;                   // [kThreads * V]
   const int tid = static_cast<int>(threadIdx.x);
-  const int tw = a.tw, th = kThreads / tw, tx = tid % tw, ty = tid / tw;
+  const int tw = a.tw, thp = a.thp, per_plane = tw * thp, P = kThreads / per_plane;
+  const int pl = tid / per_plane, t2 = tid % per_plane, tx = t2 % tw, ty = t2 / tw;
   const int tile = tw * V;
-  const int64_t bc = static_cast<int64_t>(blockIdx.x) / a.splits, seg = static_cast<int64_t>(blockIdx.x) % a.splits;
-  const int64_t b = bc / a.C, c = bc % a.C;
+  A* rowacc = reinterpret_cast<A*>(smem_raw) + static_cast<int64_t>(pl) * a.rows;   // [P][rows]
+  A* colred = reinterpret_cast<A*>(smem_raw) + P * a.rows + pl * per_plane * V;     // [P][thp * tile]
+  const int64_t pg = static_cast<int64_t>(blockIdx.x) / a.splits, seg = static_cast<int64_t>(blockIdx.x) % a.splits;
+  const int64_t bc = pg * P + pl;
+  const bool valid = bc < a.B * a.C;   // the last block may hold fewer planes: no early return (syncs)
+  const int64_t b = valid ? bc / a.C : 0, c = valid ? bc % a.C : 0;
   const int64_t h0 = seg * a.rows, h1 = imin(a.H, h0 + a.rows);
   const int nr = static_cast<int>(h1 - h0);
-  for (int i = tid; i < nr; i += kThreads) rowacc[i] = A(0);
+  for (int i = t2; i < nr; i += per_plane) rowacc[i] = A(0);
   __syncthreads();
   const T* px = a.x + b * a.sx.b + c * a.sx.c;
   const T* pdy = kScale ? a.dy + b * a.sdy.b + c * a.sdy.c : nullptr;
   T* pdx = kScale ? a.dx + b * a.sdx.b + c * a.sdx.c : nullptr;
   for (int64_t w0 = 0; w0 < a.W; w0 += tile) {
     const int64_t w = w0 + static_cast<int64_t>(tx) * V;
-    const bool wok = w < a.W;   // V > 1 only when V divides W: then all V columns are in range
+    const bool wok = valid && w < a.W;   // V > 1 only when V divides W: then all V columns are in range
     A col[V], awv[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       col[j] = A(0);
       awv[j] = (kScale && wok) ? a.aw[b * a.saw.b + c * a.saw.c + (w + j) * a.saw.l] : A(0);
     }
-    for (int64_t hh = h0; hh < h1; hh += th) {   // uniform trip count: every lane reaches the shuffles
+#pragma unroll 2
+    for (int64_t hh = h0; hh < h1; hh += thp) {   // uniform trip count: every lane reaches the shuffles
       const int64_t h = hh + ty;
       A rowpart = A(0);
       if (wok && h < h1) {
@@ -201,11 +207,11 @@ __global__ void __launch_bounds__(kThreads) rows_reduce_kernel(const ReduceArgs<
 #pragma unroll
     for (int j = 0; j < V; ++j) colred[ty * tile + tx * V + j] = col[j];
     __syncthreads();
-    for (int t = tid; t < tile; t += kThreads) {
+    for (int t = t2; t < tile && valid; t += per_plane) {
       const int64_t wc = w0 + t;
       if (wc < a.W) {
         A sum = A(0);
-        for (int k = 0; k < th; ++k) sum += colred[k * tile + t];
+        for (int k = 0; k < thp; ++k) sum += colred[k * tile + t];
         if (a.splits == 1)
           put<Out>(a.cols_out, bc * a.W + wc, kScale ? sum : sum / static_cast<A>(a.H));
         else
@@ -214,7 +220,8 @@ __global__ void __launch_bounds__(kThreads) rows_reduce_kernel(const ReduceArgs<
     }
     __syncthreads();
   }
-  for (int i = tid; i < nr; i += kThreads)
+  if (!valid) return;
+  for (int i = t2; i < nr; i += per_plane)
     put<Out>(a.rows_out, bc * a.H + h0 + i, kScale ? rowacc[i] : rowacc[i] / static_cast<A>(a.W));
 }
 
@@ -318,8 +325,6 @@ cudaError_t launch_reduce(ReduceArgs<T> a, cudaStream_t stream) {
     const Split sp = rows_plan(B, C, H);
     a.splits = sp.n;
     a.rows = sp.rows;
-    const int64_t blocks = B * C * sp.n;
-    if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
     if (sp.n > 1 && a.ws == nullptr) return cudaErrorInvalidValue;
     constexpr int VV = kVec<T>;
     bool vec = rows && W % VV == 0 && al16(a.x) && al16<T>(a.sx.b) && al16<T>(a.sx.c) && al16<T>(a.sx.h);
@@ -329,8 +334,16 @@ cudaError_t launch_reduce(ReduceArgs<T> a, cudaStream_t stream) {
     const int64_t lanes = vec ? W / VV : W;
     int tw = 1;
     while (tw < lanes && tw < 32) tw <<= 1;
+    // rows per pass: all of a short segment, so that small planes share a block (not when H is split)
+    int thp = kThreads / tw;
+    if (sp.n == 1)
+      while (thp > 1 && thp / 2 >= sp.rows) thp >>= 1;
     a.tw = tw;
-    const size_t smem = static_cast<size_t>(sp.rows + kThreads * (vec ? VV : 1)) * sizeof(A);
+    a.thp = thp;
+    const int64_t planes_per_block = kThreads / (tw * thp);
+    const int64_t blocks = ceil_div(B * C, planes_per_block) * sp.n;
+    if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
+    const size_t smem = static_cast<size_t>(planes_per_block * sp.rows + kThreads * (vec ? VV : 1)) * sizeof(A);
     if (vec)
       rows_reduce_kernel<T, Out, VV, kScale><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
     else

@@ -151,6 +151,7 @@ __device__ __forceinline__ void group_sync() {
 // GROUP threads of a group.
 template <typename T, int V, int GROUP>
 __device__ __forceinline__ void stage(const T* __restrict__ src, T* dst, int64_t n, int gt) {
+#pragma unroll 4
   for (int64_t i = static_cast<int64_t>(gt) * V; i < n; i += static_cast<int64_t>(GROUP) * V) {
     if constexpr (V == 1) {
       dst[i] = src[i];
@@ -264,6 +265,7 @@ __global__ void __launch_bounds__(kThreads) channel_tile_kernel(const SimArgs<T>
   T* ob = a.out + b * a.so.b + c0;
   // stage
   if constexpr (kVecIO) {
+#pragma unroll 4
     for (int64_t q = tid; q < n * VPP; q += kThreads) {
       const int64_t p = q / VPP;
       const int part = static_cast<int>(q % VPP) * V;
