@@ -428,9 +428,11 @@ class _CoordKernelTests:
 
         coord = importlib.import_module("fastattn.ops.coord")
         x = torch.randn(1, 4, 5, 6, device=self.device)
-        want = "cpu" if self.device == "cpu" else "triton"        # CUDA tensors: Triton first, then "cuda"
-        if self.device == "cpu" or _dispatch.triton_reason(x) is None:
-            assert _dispatch.resolve("coord_pool", x, "auto", coord.CHECKS) == want
+        if self.device == "cpu":
+            want = "cpu"
+        else:                   # CUDA tensors: Triton first, then the CUDA C++ kernels
+            want = "triton" if _dispatch.triton_reason(x) is None else "cuda"
+        assert _dispatch.resolve("coord_pool", x, "auto", coord.CHECKS) == want
 
     def test_raw_op_checks(self):
         d, op = self.device, torch.ops.fastattn_C

@@ -335,9 +335,11 @@ class _SimamKernelTests:
 
         sm = importlib.import_module("fastattn.ops.simam")
         x = torch.randn(1, 4, 5, 6, device=self.device)
-        want = "cpu" if self.device == "cpu" else "triton"        # CUDA tensors: Triton first, then "cuda"
-        if self.device == "cpu" or _dispatch.triton_reason(x) is None:
-            assert _dispatch.resolve("simam", x, "auto", sm.CHECKS) == want
+        if self.device == "cpu":
+            want = "cpu"
+        else:                   # CUDA tensors: Triton first, then the CUDA C++ kernels
+            want = "triton" if _dispatch.triton_reason(x) is None else "cuda"
+        assert _dispatch.resolve("simam", x, "auto", sm.CHECKS) == want
 
     def test_raw_op_checks(self):
         d, op = self.device, torch.ops.fastattn_C
