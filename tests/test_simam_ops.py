@@ -250,8 +250,9 @@ class _SimamKernelTests:
             scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
             torch.testing.assert_close(a.double(), t, rtol=tol, atol=tol * scale,
                                        msg=lambda m: f"{self.backend} {layout} {dtype} {name} vs float64: {m}")
-            # no further from float64 than the torch backend in the same dtype (x2), plus an ulp
-            if t.numel():
+            # 16-bit types: no further from float64 than the torch backend in the same dtype (x2),
+            # plus an ulp (DESIGN.md); 32/64-bit: the tolerance above
+            if t.numel() and dtype in (torch.float16, torch.bfloat16):
                 err, err_ref = (a.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
                 assert err <= 2 * err_ref + 2 * ULP[dtype] * scale, \
                     f"{self.backend} {layout} {dtype} {name}: error {err:.3g}, torch backend's {err_ref:.3g}"
