@@ -1,8 +1,8 @@
 // Coordinate attention: directional means and the two-axis scale, forward and backward.
 // Every op is one pass over the (B, C, H, W) map. fp32 math for 16/32-bit inputs, fp64 for fp64.
-// Three layouts: H x W plane contiguous (NCHW and its channel slices: rows of W are unit stride),
-// channels contiguous (channels_last: rows of C are unit stride), anything else (generic: correct,
-// not fast). Sums along H are split into row segments when (b, c) or b alone gives too few jobs;
+// Three walks: rows of W unit stride (NCHW, its channel slices and spatial crops; a job owns
+// planes), channels unit stride (channels_last; a job owns pixel rows of a sample, the inner loops
+// run across the channels), anything else (generic: correct, not fast). Sums along H are split into row segments when (b, c) or b alone gives too few jobs;
 // the segments' partial sums are added in segment order, so results do not depend on the thread
 // count.
 #include "coord.h"
@@ -42,7 +42,7 @@ inline Split split_axis(int64_t jobs, int64_t len, int64_t min_len, int64_t max_
 // The small (B, C, L) gate or gradient rows as (B, L, C) rows of the accumulation type, so that the
 // channels-contiguous paths read them with unit stride; `scale` divides (means) or is 1.
 template <typename S, typename A>
-void transpose_rows(const S* src, A* dst, int64_t B, int64_t C, int64_t L, A scale) {
+void channel_major(const S* src, A* dst, int64_t B, int64_t C, int64_t L, A scale) {
 #pragma omp parallel for schedule(static)
   for (int64_t bl = 0; bl < B * L; ++bl) {
     const int64_t b = bl / L, l = bl % L;
@@ -77,7 +77,7 @@ inline double row_sum_into(const T* __restrict__ row, int64_t n, acc_t<T>* __res
 
 // One job = (b, c, a segment of at most kChunk rows): row sums complete, column sums partial.
 template <typename T>
-void pool_fwd_plane(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
+void pool_fwd_rows(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
   using A = acc_t<T>;
   const int64_t BC = B * C;
   const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), kChunk);
@@ -201,7 +201,7 @@ void pool_fwd_generic(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H,
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-void pool_bwd_plane(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+void pool_bwd_rows(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
   using A = acc_t<T>;
   const int64_t BC = B * C;
   const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), H);
@@ -229,8 +229,8 @@ template <typename T>
 void pool_bwd_channels(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
   using A = acc_t<T>;
   std::vector<A> ghT(static_cast<size_t>(B * H * C)), gwT(static_cast<size_t>(B * W * C));
-  transpose_rows(gh, ghT.data(), B, C, H, static_cast<A>(W));
-  transpose_rows(gw, gwT.data(), B, C, W, static_cast<A>(H));
+  channel_major(gh, ghT.data(), B, C, H, static_cast<A>(W));
+  channel_major(gw, gwT.data(), B, C, W, static_cast<A>(H));
   const int64_t HW = H * W;
   const int64_t P = std::max<int64_t>(1, kPixelWork / C);
   const int64_t nblk = ceil_div(HW, P);
@@ -271,7 +271,7 @@ void pool_bwd_generic(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-void scale_fwd_plane(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H,
+void scale_fwd_rows(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H,
                      int64_t W, Strides4 sx, Strides4 sy) {
   using A = acc_t<T>;
   const int64_t BC = B * C;
@@ -297,8 +297,8 @@ void scale_fwd_channels(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y
                         int64_t W, Strides4 sx, Strides4 sy) {
   using A = acc_t<T>;
   std::vector<A> ahT(static_cast<size_t>(B * H * C)), awT(static_cast<size_t>(B * W * C));
-  transpose_rows(ah, ahT.data(), B, C, H, A(1));
-  transpose_rows(aw, awT.data(), B, C, W, A(1));
+  channel_major(ah, ahT.data(), B, C, H, A(1));
+  channel_major(aw, awT.data(), B, C, W, A(1));
   const int64_t HW = H * W;
   const int64_t P = std::max<int64_t>(1, kPixelWork / C);
   const int64_t nblk = ceil_div(HW, P);
@@ -343,7 +343,7 @@ void scale_fwd_generic(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y,
 // One job = (b, c, a segment of at most kChunk rows). dy rows are read with their own w stride
 // unless kUnitDy (an NCHW x with a dy in another layout stays on this path).
 template <typename T, bool kUnitDy>
-void scale_bwd_plane(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
+void scale_bwd_rows(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
                      acc_t<T>* daw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
                      Strides4 sdx) {
   using A = acc_t<T>;
@@ -410,8 +410,8 @@ void scale_bwd_channels(const T* dy, const T* x, const acc_t<T>* ah, const acc_t
                         Strides4 sdx) {
   using A = acc_t<T>;
   std::vector<A> ahT(static_cast<size_t>(B * H * C)), awT(static_cast<size_t>(B * W * C));
-  transpose_rows(ah, ahT.data(), B, C, H, A(1));
-  transpose_rows(aw, awT.data(), B, C, W, A(1));
+  channel_major(ah, ahT.data(), B, C, H, A(1));
+  channel_major(aw, awT.data(), B, C, W, A(1));
   const int64_t WC = W * C;
   const Split sp = split_axis(B, H, ceil_div(kMinSegment, WC), kChunk);
   const int64_t dyc = kUnitDy ? 1 : sdy.c;
@@ -521,7 +521,7 @@ inline Path pick_path(std::initializer_list<Strides4> s, int64_t C, int64_t W) {
 template <typename T>
 void pool_fwd(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
   switch (pick_path({sx}, C, W)) {
-    case Path::kRows: return pool_fwd_plane(x, xh, xw, B, C, H, W, sx);
+    case Path::kRows: return pool_fwd_rows(x, xh, xw, B, C, H, W, sx);
     case Path::kChannels: return pool_fwd_channels(x, xh, xw, B, C, H, W, sx);
     default: return pool_fwd_generic(x, xh, xw, B, C, H, W, sx);
   }
@@ -530,7 +530,7 @@ void pool_fwd(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t
 template <typename T>
 void pool_bwd(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
   switch (pick_path({s}, C, W)) {
-    case Path::kRows: return pool_bwd_plane(gh, gw, dx, B, C, H, W, s);
+    case Path::kRows: return pool_bwd_rows(gh, gw, dx, B, C, H, W, s);
     case Path::kChannels: return pool_bwd_channels(gh, gw, dx, B, C, H, W, s);
     default: return pool_bwd_generic(gh, gw, dx, B, C, H, W, s);
   }
@@ -540,7 +540,7 @@ template <typename T>
 void scale_fwd(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
                Strides4 sx, Strides4 sy) {
   switch (pick_path({sx, sy}, C, W)) {
-    case Path::kRows: return scale_fwd_plane(x, ah, aw, y, B, C, H, W, sx, sy);
+    case Path::kRows: return scale_fwd_rows(x, ah, aw, y, B, C, H, W, sx, sy);
     case Path::kChannels: return scale_fwd_channels(x, ah, aw, y, B, C, H, W, sx, sy);
     default: return scale_fwd_generic(x, ah, aw, y, B, C, H, W, sx, sy);
   }
@@ -552,8 +552,8 @@ void scale_bwd(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, 
   switch (pick_path({sx, sdx}, C, W)) {
     case Path::kRows:
       if (sdy.w == 1 || W == 1)
-        return scale_bwd_plane<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
-      return scale_bwd_plane<T, false>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+        return scale_bwd_rows<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+      return scale_bwd_rows<T, false>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
     case Path::kChannels:
       if (channels_contiguous(sdy, C))
         return scale_bwd_channels<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
