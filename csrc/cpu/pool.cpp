@@ -5,6 +5,7 @@
 // else (generic: correct, not fast). Every reduction is split at boundaries that depend on the
 // shape alone and merged in a fixed order, so results do not depend on the thread count.
 #include "pool.h"
+#include "pool_convert.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,10 +25,8 @@ constexpr int64_t kBlockWork = 16384;
 // channels_last: pixels per job segment at least.
 constexpr int64_t kMinPixels = 64;
 
-template <typename T>
-inline acc_t<T> ld(const T& v) {
-  return static_cast<acc_t<T>>(to_float(v));
-}
+using pool_cvt::ld;
+using pool_cvt::put;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -146,7 +145,7 @@ void finalize(const Stat<acc_t<T>>& st, int64_t bc, int64_t HW, double eps, acc_
   const double mean = static_cast<double>(K) + st.sum / static_cast<double>(HW);
   if (out.mean) static_cast<T*>(out.mean)[bc] = from_double<T>(mean);
   if (out.mean_acc) static_cast<A*>(out.mean_acc)[bc] = static_cast<A>(mean);
-  if (out.max) static_cast<T*>(out.max)[bc] = store<T>(st.max);
+  if (out.max) static_cast<T*>(out.max)[bc] = put<T>(st.max);
   if (out.argmax) out.argmax[bc] = st.idx;
   if (out.std || out.std_acc) {
     const double sd = std::sqrt(st.m2 / static_cast<double>(HW - 1) + eps);
@@ -416,13 +415,13 @@ void pool_bwd_plane(const T* x, T* dx, int64_t B, int64_t C, int64_t HW, Strides
     T* __restrict__ pd = dx + b * sdx.b + c * sdx.c;
     if (kStd) {
 #pragma omp simd
-      for (int64_t i = p0; i < p1; ++i) pd[i] = store<T>(q.a + q.k * (ld(px[i]) - q.m));
+      for (int64_t i = p0; i < p1; ++i) pd[i] = put<T>(q.a + q.k * (ld(px[i]) - q.m));
     } else {
-      const T v = store<T>(q.a);
+      const T v = put<T>(q.a);
 #pragma omp simd
       for (int64_t i = p0; i < p1; ++i) pd[i] = v;
     }
-    if (q.idx >= p0 && q.idx < p1) pd[q.idx] = store<T>(grad_at<T, kStd>(q, kStd ? px + q.idx : nullptr) + q.g);
+    if (q.idx >= p0 && q.idx < p1) pd[q.idx] = put<T>(grad_at<T, kStd>(q, kStd ? px + q.idx : nullptr) + q.g);
   }
 }
 
@@ -460,10 +459,10 @@ void pool_bwd_channels(const T* x, T* dx, int64_t B, int64_t C, int64_t H, int64
         if (kStd) {
           const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w + c0;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) pd[c] = store<T>(a[c] + k[c] * (ld(px[c]) - m[c]));
+          for (int64_t c = 0; c < n; ++c) pd[c] = put<T>(a[c] + k[c] * (ld(px[c]) - m[c]));
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) pd[c] = store<T>(a[c]);
+          for (int64_t c = 0; c < n; ++c) pd[c] = put<T>(a[c]);
         }
         if (++w == W) { w = 0; ++h; }
       }
@@ -473,7 +472,7 @@ void pool_bwd_channels(const T* x, T* dx, int64_t B, int64_t C, int64_t H, int64
           if (idx < p0 || idx >= p1) continue;
           const int64_t hh = idx / W, ww = idx % W;
           const T* px = kStd ? x + b * sx.b + (c0 + c) * sx.c + hh * sx.h + ww * sx.w : nullptr;
-          dx[b * sdx.b + (c0 + c) * sdx.c + hh * sdx.h + ww * sdx.w] = store<T>(grad_at<T, kStd>(qs[c], px) + qs[c].g);
+          dx[b * sdx.b + (c0 + c) * sdx.c + hh * sdx.h + ww * sdx.w] = put<T>(grad_at<T, kStd>(qs[c], px) + qs[c].g);
         }
       }
     }
@@ -494,7 +493,7 @@ void pool_bwd_generic(const T* x, T* dx, int64_t B, int64_t C, int64_t H, int64_
         const T* px = kStd ? x + b * sx.b + c * sx.c + h * sx.h + w * sx.w : nullptr;
         A v = grad_at<T, kStd>(q, px);
         if (h * W + w == q.idx) v += q.g;
-        dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = store<T>(v);
+        dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = put<T>(v);
       }
   }
 }
@@ -632,7 +631,7 @@ void dct_fwd_typed(const T* x, const acc_t<T>* wt, T* y, int64_t B, int64_t C, i
                    Strides4 sw) {
   if (B * C == 0) return;
   if (H * W == 0) {
-    for (int64_t bc = 0; bc < B * C; ++bc) y[bc] = store<T>(0);
+    for (int64_t bc = 0; bc < B * C; ++bc) y[bc] = put<T>(0);
     return;
   }
   if (plane_contiguous(sx, H, W) && plane_contiguous(sw, H, W))
@@ -685,12 +684,12 @@ void dct_bwd_plane(const acc_t<T>* dy, const acc_t<T>* wt, const T* x, T* dx, ac
             const T* __restrict__ px = x + b * sx.b + c * sx.c + p0;
 #pragma omp simd
             for (int64_t i = 0; i < n; ++i) {
-              pd[i] = store<T>(g * pw[i]);
+              pd[i] = put<T>(g * pw[i]);
               acc[i] += g * ld(px[i]);
             }
           } else {
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) pd[i] = store<T>(g * pw[i]);
+            for (int64_t i = 0; i < n; ++i) pd[i] = put<T>(g * pw[i]);
           }
         } else {
           const T* __restrict__ px = x + b * sx.b + c * sx.c + p0;
@@ -750,7 +749,7 @@ void dct_bwd_channels(const acc_t<T>* dy, const acc_t<T>* wt, const T* x, T* dx,
           if (kDx) {
             T* __restrict__ pd = dx + b * sdx.b + h * sdx.h + w * sdx.w + c0;
 #pragma omp simd
-            for (int64_t c = 0; c < n; ++c) pd[c] = store<T>(g[c] * pw[c]);
+            for (int64_t c = 0; c < n; ++c) pd[c] = put<T>(g[c] * pw[c]);
           }
           if (kDw) {
             const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w + c0;
@@ -795,7 +794,7 @@ void dct_bwd_generic(const acc_t<T>* dy, const acc_t<T>* wt, const T* x, T* dx, 
         double acc = 0;
         for (int64_t b = 0; b < B; ++b) {
           const A g = dy[b * C + c];
-          if (kDx) dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = store<T>(g * wv);
+          if (kDx) dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = put<T>(g * wv);
           if (kDw) acc += static_cast<double>(g) * ld(x[b * sx.b + c * sx.c + h * sx.h + w * sx.w]);
         }
         if (kDw) dw[c * sdw.c + h * sdw.h + w * sdw.w] = static_cast<A>(acc);
