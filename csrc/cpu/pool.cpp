@@ -187,14 +187,17 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
   }
 }
 
-// Per-thread scratch of the channels-contiguous pool: one entry per channel of a block.
+// Per-thread scratch of the channels-contiguous pool: one entry per channel of a block; the chunk's
+// statistics (s, mx, q, ix, nan) and the running ones (rsum, rm2, rmx, ridx) as arrays, so that the
+// per-chunk merge is a vector loop (every channel of a chunk has the same count).
 template <typename A>
 struct ChannelScratch {
-  std::vector<A> s, mx, q, cm, k;
+  std::vector<A> s, mx, q, cm, k, rmx;
   std::vector<int32_t> ix, nan;
-  std::vector<Stat<A>> run;
+  std::vector<double> rsum, rm2;
+  std::vector<int64_t> ridx;
   explicit ChannelScratch(int64_t n)
-      : s(n), mx(n), q(n), cm(n), k(n), ix(n), nan(n), run(n) {}
+      : s(n), mx(n), q(n), cm(n), k(n), rmx(n), ix(n), nan(n), rsum(n), rm2(n), ridx(n) {}
 };
 
 // channels_last: jobs of (sample, channel block, pixel segment); the inner loops run over the
@@ -228,8 +231,17 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
       int32_t* __restrict__ cix = sc.ix.data();
       int32_t* __restrict__ cnan = sc.nan.data();
       A* __restrict__ ck = sc.k.data();
-      Stat<A>* run = sc.run.data();
-      for (int64_t c = 0; c < n; ++c) run[c] = Stat<A>(), ck[c] = kStd ? shift_of(xb[c]) : A(0);  // (h, w) = (0, 0)
+      double* __restrict__ rsum = sc.rsum.data();
+      double* __restrict__ rm2 = sc.rm2.data();
+      A* __restrict__ rmx = sc.rmx.data();
+      int64_t* __restrict__ ridx = sc.ridx.data();
+      double rn = 0;                                 // positions merged so far (every channel)
+      for (int64_t c = 0; c < n; ++c) {
+        ck[c] = kStd ? shift_of(xb[c]) : A(0);       // (h, w) = (0, 0)
+        rsum[c] = rm2[c] = 0;
+        rmx[c] = -std::numeric_limits<A>::infinity();
+        ridx[c] = -1;
+      }
       for (int64_t i0 = p0; i0 < p1; i0 += P) {
         const int64_t i1 = std::min(p1, i0 + P);
         const int64_t h0 = i0 / W, w0 = i0 % W;
@@ -276,35 +288,52 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
             if (++w == W) { w = 0; ++h; }
           }
         }
-        for (int64_t c = 0; c < n; ++c) {
-          Stat<A> cst;
-          cst.n = static_cast<double>(i1 - i0);
-          cst.sum = static_cast<double>(cs[c]);
-          if (kStd) cst.m2 = static_cast<double>(cq[c]);
-          if (kMax && !(run[c].idx >= 0 && is_nan(run[c].max))) {
-            if (cnan[c]) {                       // rare: find the chunk's first NaN of channel c
+        // merge the chunk into the running statistics (Chan et al., as merge(), vectorised)
+        const double cn = static_cast<double>(i1 - i0);
+        if (kStd) {
+          if (rn == 0) {
+            for (int64_t c = 0; c < n; ++c) rm2[c] = static_cast<double>(cq[c]);
+          } else {
+            const double icn = 1.0 / cn, irn = 1.0 / rn, f = rn * cn / (rn + cn);
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const double d = static_cast<double>(cs[c]) * icn - rsum[c] * irn;
+              rm2[c] += static_cast<double>(cq[c]) + d * d * f;
+            }
+          }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) rsum[c] += static_cast<double>(cs[c]);
+        rn += cn;
+        if (kMax) {
+          for (int64_t c = 0; c < n; ++c) {
+            if (ridx[c] >= 0 && is_nan(rmx[c])) continue;   // a NaN already seen wins
+            if (cnan[c]) {                         // rare: find the chunk's first NaN of channel c
               int64_t hh = h0, ww = w0, i = i0;
               while (!is_nan(ld(xb[hh * sx.h + ww * sx.w + c]))) {
                 ++i;
                 if (++ww == W) { ww = 0; ++hh; }
               }
-              cst.max = std::numeric_limits<A>::quiet_NaN();
-              cst.idx = i;
+              rmx[c] = std::numeric_limits<A>::quiet_NaN();
+              ridx[c] = i;
             } else if (cix[c] >= 0) {
-              cst.max = cmx[c];
-              cst.idx = i0 + cix[c];
-            } else {                             // every value -inf: the first one
-              cst.idx = i0;
+              if (ridx[c] < 0 || cmx[c] > rmx[c]) rmx[c] = cmx[c], ridx[c] = i0 + cix[c];
+            } else if (ridx[c] < 0) {              // every value so far -inf: the first one
+              ridx[c] = i0;
             }
           }
-          merge(run[c], cst);
         }
       }
+      auto stat = [&](int64_t c) {
+        Stat<A> st;
+        st.n = rn, st.sum = rsum[c], st.m2 = rm2[c], st.max = rmx[c], st.idx = ridx[c];
+        return st;
+      };
       if (S == 1) {
-        for (int64_t c = 0; c < n; ++c) finalize<T>(run[c], b * C + c0 + c, HW, eps, ck[c], out);
+        for (int64_t c = 0; c < n; ++c) finalize<T>(stat(c), b * C + c0 + c, HW, eps, ck[c], out);
       } else {
         Stat<A>* pp = partial.data() + (b * S + s) * C + c0;
-        for (int64_t c = 0; c < n; ++c) pp[c] = run[c];
+        for (int64_t c = 0; c < n; ++c) pp[c] = stat(c);
       }
     }
   }
