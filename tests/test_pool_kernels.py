@@ -499,3 +499,38 @@ def test_extension_has_the_kernels_where_built():
         pytest.skip(f"extension not built: {_ext.why_unavailable()}")
     for name in ("channel_pool", "channel_pool_backward", "dct_pool", "dct_pool_backward"):
         assert _dispatch._registered(name, "CPU"), name
+
+
+def _same_bits(got, want, signed_zeros=True):
+    """Equal bit patterns, any NaN matching any NaN; -0 and +0 told apart unless signed_zeros=False
+    (a mean of -0 is +0: its sum starts at +0, as torch's pools do)."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    if not signed_zeros:
+        got, want = torch.where(got == 0, 0, got), torch.where(want == 0, 0, want)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_conversions_are_exact(backend, dtype):
+    """The kernels' own 16-bit loads and stores: every bit pattern read back unchanged (1 x 1 tile
+    means), and floats rounded to nearest even as torch rounds them (dx of dct_pool with dy = 1:
+    dx = weight rounded), subnormals, overflow to inf and NaN included."""
+    from fastattn.ops import bins
+
+    _ready(backend, bins.CHECKS)
+    _ready(backend, pool.DCT_CHECKS)
+    device = _device(backend)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 1, 256, 256)
+    y = torch.ops.fastattn.bin_mean.default(every.to(device), [1], "tiles", backend)
+    _same_bits(y.cpu(), every.reshape(1, 1, -1), signed_zeros=False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(4000, generator=g) * s for s in (1e-7, 1e-5, 1e-3, 1, 1e3, 6e4, 1e5, 1e30)])
+    w = torch.cat([w, torch.tensor([float("nan"), float("inf"), -float("inf"), 65504.0, 65519.99, 65520.0, 0.0,
+                                    -0.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1 + 2.0**-8, 1 + 3 * 2.0**-9])])
+    w = w[: (w.numel() // 8) * 8].reshape(8, 1, -1)
+    dy = torch.ones(1, 8, dtype=dtype, device=device)
+    (dx,) = torch.ops.fastattn.dct_pool_backward.default(dy, w.to(device), None, [1, 8, 1, w.shape[2]], False, True,
+                                                         backend)
+    _same_bits(dx.cpu(), w.to(dtype).unsqueeze(0))

@@ -31,7 +31,8 @@ at::Tensor device_table(const std::vector<int64_t>& table, at::IntArrayRef level
   if (it != cache->end()) return it->second;
   const at::Tensor host = at::from_blob(const_cast<int64_t*>(table.data()), {static_cast<int64_t>(table.size())},
                                         at::TensorOptions().dtype(at::kLong));
-  at::Tensor d = host.to(dev);               // a synchronous copy: complete on return
+  // a copy (always: host views the caller's vector), synchronous: complete on return
+  at::Tensor d = host.to(dev, at::kLong, /*non_blocking=*/false, /*copy=*/true);
   if (cache->size() < kMaxCached) cache->emplace(std::move(key), d);
   return d;
 }

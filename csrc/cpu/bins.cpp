@@ -6,6 +6,7 @@
 // gradient (the sum of dy / area over the bins holding it) into every position of the cell.
 // Work splits (rows of a plane) depend on the shape alone and are merged in order: deterministic.
 #include "bins.h"
+#include "pool_convert.h"
 
 #include <algorithm>
 #include <utility>
@@ -87,10 +88,8 @@ constexpr int64_t kMinPixels = 64;        // channels_last: pixels per row split
 constexpr int64_t kMaxBlock = 1024;       // channels_last: channels per job at most
 constexpr int64_t kCellBudget = 1 << 15;  // channels_last: cells x channels of one job's accumulators
 
-template <typename T>
-inline acc_t<T> ld(const T& v) {
-  return static_cast<acc_t<T>>(to_float(v));
-}
+using pool_cvt::ld;
+using pool_cvt::put;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

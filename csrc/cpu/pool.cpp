@@ -5,6 +5,7 @@
 // else (generic: correct, not fast). Every reduction is split at boundaries that depend on the
 // shape alone and merged in a fixed order, so results do not depend on the thread count.
 #include "pool.h"
+#include "pool_convert.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,10 +25,8 @@ constexpr int64_t kBlockWork = 16384;
 // channels_last: pixels per job segment at least.
 constexpr int64_t kMinPixels = 64;
 
-template <typename T>
-inline acc_t<T> ld(const T& v) {
-  return static_cast<acc_t<T>>(to_float(v));
-}
+using pool_cvt::ld;
+using pool_cvt::put;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -146,7 +145,7 @@ void finalize(const Stat<acc_t<T>>& st, int64_t bc, int64_t HW, double eps, acc_
   const double mean = static_cast<double>(K) + st.sum / static_cast<double>(HW);
   if (out.mean) static_cast<T*>(out.mean)[bc] = from_double<T>(mean);
   if (out.mean_acc) static_cast<A*>(out.mean_acc)[bc] = static_cast<A>(mean);
-  if (out.max) static_cast<T*>(out.max)[bc] = store<T>(st.max);
+  if (out.max) static_cast<T*>(out.max)[bc] = put<T>(st.max);
   if (out.argmax) out.argmax[bc] = st.idx;
   if (out.std || out.std_acc) {
     const double sd = std::sqrt(st.m2 / static_cast<double>(HW - 1) + eps);
@@ -188,14 +187,17 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
   }
 }
 
-// Per-thread scratch of the channels-contiguous pool: one entry per channel of a block.
+// Per-thread scratch of the channels-contiguous pool: one entry per channel of a block; the chunk's
+// statistics (s, mx, q, ix, nan) and the running ones (rsum, rm2, rmx, ridx) as arrays, so that the
+// per-chunk merge is a vector loop (every channel of a chunk has the same count).
 template <typename A>
 struct ChannelScratch {
-  std::vector<A> s, mx, q, cm, k;
+  std::vector<A> s, mx, q, cm, k, rmx;
   std::vector<int32_t> ix, nan;
-  std::vector<Stat<A>> run;
+  std::vector<double> rsum, rm2;
+  std::vector<int64_t> ridx;
   explicit ChannelScratch(int64_t n)
-      : s(n), mx(n), q(n), cm(n), k(n), ix(n), nan(n), run(n) {}
+      : s(n), mx(n), q(n), cm(n), k(n), rmx(n), ix(n), nan(n), rsum(n), rm2(n), ridx(n) {}
 };
 
 // channels_last: jobs of (sample, channel block, pixel segment); the inner loops run over the
@@ -229,8 +231,17 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
       int32_t* __restrict__ cix = sc.ix.data();
       int32_t* __restrict__ cnan = sc.nan.data();
       A* __restrict__ ck = sc.k.data();
-      Stat<A>* run = sc.run.data();
-      for (int64_t c = 0; c < n; ++c) run[c] = Stat<A>(), ck[c] = kStd ? shift_of(xb[c]) : A(0);  // (h, w) = (0, 0)
+      double* __restrict__ rsum = sc.rsum.data();
+      double* __restrict__ rm2 = sc.rm2.data();
+      A* __restrict__ rmx = sc.rmx.data();
+      int64_t* __restrict__ ridx = sc.ridx.data();
+      double rn = 0;                                 // positions merged so far (every channel)
+      for (int64_t c = 0; c < n; ++c) {
+        ck[c] = kStd ? shift_of(xb[c]) : A(0);       // (h, w) = (0, 0)
+        rsum[c] = rm2[c] = 0;
+        rmx[c] = -std::numeric_limits<A>::infinity();
+        ridx[c] = -1;
+      }
       for (int64_t i0 = p0; i0 < p1; i0 += P) {
         const int64_t i1 = std::min(p1, i0 + P);
         const int64_t h0 = i0 / W, w0 = i0 % W;
@@ -277,35 +288,52 @@ void pool_channels(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, Strid
             if (++w == W) { w = 0; ++h; }
           }
         }
-        for (int64_t c = 0; c < n; ++c) {
-          Stat<A> cst;
-          cst.n = static_cast<double>(i1 - i0);
-          cst.sum = static_cast<double>(cs[c]);
-          if (kStd) cst.m2 = static_cast<double>(cq[c]);
-          if (kMax && !(run[c].idx >= 0 && is_nan(run[c].max))) {
-            if (cnan[c]) {                       // rare: find the chunk's first NaN of channel c
+        // merge the chunk into the running statistics (Chan et al., as merge(), vectorised)
+        const double cn = static_cast<double>(i1 - i0);
+        if (kStd) {
+          if (rn == 0) {
+            for (int64_t c = 0; c < n; ++c) rm2[c] = static_cast<double>(cq[c]);
+          } else {
+            const double icn = 1.0 / cn, irn = 1.0 / rn, f = rn * cn / (rn + cn);
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const double d = static_cast<double>(cs[c]) * icn - rsum[c] * irn;
+              rm2[c] += static_cast<double>(cq[c]) + d * d * f;
+            }
+          }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) rsum[c] += static_cast<double>(cs[c]);
+        rn += cn;
+        if (kMax) {
+          for (int64_t c = 0; c < n; ++c) {
+            if (ridx[c] >= 0 && is_nan(rmx[c])) continue;   // a NaN already seen wins
+            if (cnan[c]) {                         // rare: find the chunk's first NaN of channel c
               int64_t hh = h0, ww = w0, i = i0;
               while (!is_nan(ld(xb[hh * sx.h + ww * sx.w + c]))) {
                 ++i;
                 if (++ww == W) { ww = 0; ++hh; }
               }
-              cst.max = std::numeric_limits<A>::quiet_NaN();
-              cst.idx = i;
+              rmx[c] = std::numeric_limits<A>::quiet_NaN();
+              ridx[c] = i;
             } else if (cix[c] >= 0) {
-              cst.max = cmx[c];
-              cst.idx = i0 + cix[c];
-            } else {                             // every value -inf: the first one
-              cst.idx = i0;
+              if (ridx[c] < 0 || cmx[c] > rmx[c]) rmx[c] = cmx[c], ridx[c] = i0 + cix[c];
+            } else if (ridx[c] < 0) {              // every value so far -inf: the first one
+              ridx[c] = i0;
             }
           }
-          merge(run[c], cst);
         }
       }
+      auto stat = [&](int64_t c) {
+        Stat<A> st;
+        st.n = rn, st.sum = rsum[c], st.m2 = rm2[c], st.max = rmx[c], st.idx = ridx[c];
+        return st;
+      };
       if (S == 1) {
-        for (int64_t c = 0; c < n; ++c) finalize<T>(run[c], b * C + c0 + c, HW, eps, ck[c], out);
+        for (int64_t c = 0; c < n; ++c) finalize<T>(stat(c), b * C + c0 + c, HW, eps, ck[c], out);
       } else {
         Stat<A>* pp = partial.data() + (b * S + s) * C + c0;
-        for (int64_t c = 0; c < n; ++c) pp[c] = run[c];
+        for (int64_t c = 0; c < n; ++c) pp[c] = stat(c);
       }
     }
   }
@@ -416,13 +444,13 @@ void pool_bwd_plane(const T* x, T* dx, int64_t B, int64_t C, int64_t HW, Strides
     T* __restrict__ pd = dx + b * sdx.b + c * sdx.c;
     if (kStd) {
 #pragma omp simd
-      for (int64_t i = p0; i < p1; ++i) pd[i] = store<T>(q.a + q.k * (ld(px[i]) - q.m));
+      for (int64_t i = p0; i < p1; ++i) pd[i] = put<T>(q.a + q.k * (ld(px[i]) - q.m));
     } else {
-      const T v = store<T>(q.a);
+      const T v = put<T>(q.a);
 #pragma omp simd
       for (int64_t i = p0; i < p1; ++i) pd[i] = v;
     }
-    if (q.idx >= p0 && q.idx < p1) pd[q.idx] = store<T>(grad_at<T, kStd>(q, kStd ? px + q.idx : nullptr) + q.g);
+    if (q.idx >= p0 && q.idx < p1) pd[q.idx] = put<T>(grad_at<T, kStd>(q, kStd ? px + q.idx : nullptr) + q.g);
   }
 }
 
@@ -460,10 +488,10 @@ void pool_bwd_channels(const T* x, T* dx, int64_t B, int64_t C, int64_t H, int64
         if (kStd) {
           const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w + c0;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) pd[c] = store<T>(a[c] + k[c] * (ld(px[c]) - m[c]));
+          for (int64_t c = 0; c < n; ++c) pd[c] = put<T>(a[c] + k[c] * (ld(px[c]) - m[c]));
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) pd[c] = store<T>(a[c]);
+          for (int64_t c = 0; c < n; ++c) pd[c] = put<T>(a[c]);
         }
         if (++w == W) { w = 0; ++h; }
       }
@@ -473,7 +501,7 @@ void pool_bwd_channels(const T* x, T* dx, int64_t B, int64_t C, int64_t H, int64
           if (idx < p0 || idx >= p1) continue;
           const int64_t hh = idx / W, ww = idx % W;
           const T* px = kStd ? x + b * sx.b + (c0 + c) * sx.c + hh * sx.h + ww * sx.w : nullptr;
-          dx[b * sdx.b + (c0 + c) * sdx.c + hh * sdx.h + ww * sdx.w] = store<T>(grad_at<T, kStd>(qs[c], px) + qs[c].g);
+          dx[b * sdx.b + (c0 + c) * sdx.c + hh * sdx.h + ww * sdx.w] = put<T>(grad_at<T, kStd>(qs[c], px) + qs[c].g);
         }
       }
     }
@@ -494,7 +522,7 @@ void pool_bwd_generic(const T* x, T* dx, int64_t B, int64_t C, int64_t H, int64_
         const T* px = kStd ? x + b * sx.b + c * sx.c + h * sx.h + w * sx.w : nullptr;
         A v = grad_at<T, kStd>(q, px);
         if (h * W + w == q.idx) v += q.g;
-        dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = store<T>(v);
+        dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = put<T>(v);
       }
   }
 }
@@ -632,7 +660,7 @@ void dct_fwd_typed(const T* x, const acc_t<T>* wt, T* y, int64_t B, int64_t C, i
                    Strides4 sw) {
   if (B * C == 0) return;
   if (H * W == 0) {
-    for (int64_t bc = 0; bc < B * C; ++bc) y[bc] = store<T>(0);
+    for (int64_t bc = 0; bc < B * C; ++bc) y[bc] = put<T>(0);
     return;
   }
   if (plane_contiguous(sx, H, W) && plane_contiguous(sw, H, W))
@@ -685,12 +713,12 @@ void dct_bwd_plane(const acc_t<T>* dy, const acc_t<T>* wt, const T* x, T* dx, ac
             const T* __restrict__ px = x + b * sx.b + c * sx.c + p0;
 #pragma omp simd
             for (int64_t i = 0; i < n; ++i) {
-              pd[i] = store<T>(g * pw[i]);
+              pd[i] = put<T>(g * pw[i]);
               acc[i] += g * ld(px[i]);
             }
           } else {
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) pd[i] = store<T>(g * pw[i]);
+            for (int64_t i = 0; i < n; ++i) pd[i] = put<T>(g * pw[i]);
           }
         } else {
           const T* __restrict__ px = x + b * sx.b + c * sx.c + p0;
@@ -750,7 +778,7 @@ void dct_bwd_channels(const acc_t<T>* dy, const acc_t<T>* wt, const T* x, T* dx,
           if (kDx) {
             T* __restrict__ pd = dx + b * sdx.b + h * sdx.h + w * sdx.w + c0;
 #pragma omp simd
-            for (int64_t c = 0; c < n; ++c) pd[c] = store<T>(g[c] * pw[c]);
+            for (int64_t c = 0; c < n; ++c) pd[c] = put<T>(g[c] * pw[c]);
           }
           if (kDw) {
             const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w + c0;
@@ -795,7 +823,7 @@ void dct_bwd_generic(const acc_t<T>* dy, const acc_t<T>* wt, const T* x, T* dx, 
         double acc = 0;
         for (int64_t b = 0; b < B; ++b) {
           const A g = dy[b * C + c];
-          if (kDx) dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = store<T>(g * wv);
+          if (kDx) dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = put<T>(g * wv);
           if (kDw) acc += static_cast<double>(g) * ld(x[b * sx.b + c * sx.c + h * sx.h + w * sx.w]);
         }
         if (kDw) dw[c * sdw.c + h * sdw.h + w * sdw.w] = static_cast<A>(acc);
