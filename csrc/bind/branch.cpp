@@ -37,8 +37,9 @@ DType check_branch_args(const char* op, const at::Tensor& feats, const at::Tenso
 at::Tensor new_out(const at::Tensor& feats, int64_t channels) {
   const int64_t H = feats.size(3), W = feats.size(4);
   const bool cl = feats.stride(2) == 1 && channels > 1 && H * W > 1;
-  return at::empty({feats.size(0), channels, H, W},
-                   feats.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  return with_huge_page_advice(at::empty(
+      {feats.size(0), channels, H, W},
+      feats.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)));
 }
 
 at::Tensor forward(const char* op, const at::Tensor& feats, const at::Tensor& logits, BranchMode mode) {
@@ -62,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const char* op, const at::Tensor& dy
                    ": argument 'dy' must have the dtype of 'feats' (", feats.scalar_type(), "), got ",
                    dy.scalar_type());
   TORCH_CHECK(dy.device().is_cpu(), "fastattn::", op, ": argument 'dy' must be a CPU tensor, got ", dy.device());
-  at::Tensor dfeats = at::empty_like(feats);
+  at::Tensor dfeats = new_output_like(feats);
   at::Tensor dlogits = at::zeros_like(logits);
   if (feats.numel() == 0) return {dfeats, dlogits};   // an empty map sums to zero
   branch_backward_cpu(dy.data_ptr(), feats.data_ptr(), logits.data_ptr(), dfeats.data_ptr(), dlogits.data_ptr(), dt,

@@ -39,14 +39,14 @@ inline at::ScalarType acc_scalar_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A new CPU output of x's sizes and memory format (as torch.empty_like), with the advice to back
-// it by transparent huge pages when it spans 2 MiB pages (Linux, THP mode "madvise" or "always").
+// new_output_like(x): a new output of x's sizes and memory format (as torch.empty_like); it and
+// with_huge_page_advice(t) (for a freshly allocated, untouched t) advise the kernel to back CPU
+// outputs by transparent huge pages when it spans 2 MiB pages (Linux, THP mode "madvise" or "always").
 // glibc serves blocks over 32 MiB from fresh mmaps, so each such output is page-faulted in on its
 // first write: with 4 KiB pages that costs more than the kernel itself (25 ms against 6 ms for a
 // 103 MB fp32 map on the 2-core dev machine). torch does the same for all its CPU tensors under
 // THP_MEM_ALLOC_ENABLE=1. FASTATTN_HUGEPAGES=0 turns the advice off.
-inline at::Tensor new_output_like(const at::Tensor& x) {
-  at::Tensor t = at::empty_like(x);
+inline at::Tensor with_huge_page_advice(at::Tensor t) {
 #ifdef __linux__
   static const bool enabled = [] {
     const char* v = std::getenv("FASTATTN_HUGEPAGES");
@@ -62,5 +62,7 @@ inline at::Tensor new_output_like(const at::Tensor& x) {
 #endif
   return t;
 }
+
+inline at::Tensor new_output_like(const at::Tensor& x) { return with_huge_page_advice(at::empty_like(x)); }
 
 }  // namespace fastattn

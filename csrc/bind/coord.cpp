@@ -80,7 +80,7 @@ DType check_scale_args(const char* op, const at::Tensor& x, const at::Tensor& a_
 // y = x * a_w[:, :, None, :] * a_h[:, :, :, None], with the strides of torch.empty_like(x).
 at::Tensor coord_scale(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w) {
   const DType dt = check_scale_args("coord_scale", x, a_h, a_w);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   if (y.numel() == 0) return y;
   coord_scale_forward_cpu(x.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1),
                           x.size(2), x.size(3), strides4(x), strides4(y));
@@ -97,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward(const at::Te
   TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op, ": argument 'dy' must have the dtype of 'x' (",
                    x.scalar_type(), "), got ", dy.scalar_type());
   check_cpu(dy, op, "dy");
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   if (x.numel() == 0)                           // an empty sum is zero
     return {dx, at::zeros_like(a_h), at::zeros_like(a_w)};
   at::Tensor dah = at::empty_like(a_h), daw = at::empty_like(a_w);

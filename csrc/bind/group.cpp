@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sge_gate(const at::Te
   const DType dt = check_sge_args("sge_gate", x, weight, bias, groups, eps);
   const int64_t B = x.size(0), C = x.size(1);
   const auto opts = x.options().dtype(acc_scalar_type(x));
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   at::Tensor m = at::zeros({B, C}, opts);
   at::Tensor mu = at::zeros({B, groups}, opts);
   at::Tensor sd = at::zeros({B, groups}, opts);
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_gate_backward(const at::Tenso
   check_small(op, "m", m, {B, C}, "(B, C)", acc);
   check_small(op, "mu", mu, {B, groups}, "(B, groups)", acc);
   check_small(op, "sd", sd, {B, groups}, "(B, groups)", acc);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   at::Tensor dweight = at::zeros({groups}, weight.options());
   at::Tensor dbias = at::zeros({groups}, bias.options());
   if (x.numel() == 0) return {dx, dweight, dbias};

@@ -23,7 +23,7 @@ DType check_simam_x(const char* op, const at::Tensor& x, double e_lambda) {
 // y = SimAM(x), with the strides of torch.empty_like(x).
 at::Tensor simam(const at::Tensor& x, double e_lambda) {
   const DType dt = check_simam_x("simam", x, e_lambda);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output_like(x);
   if (y.numel() == 0) return y;
   simam_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), e_lambda,
                     strides4(x), strides4(y));
@@ -39,7 +39,7 @@ at::Tensor simam_backward(const at::Tensor& dy, const at::Tensor& x, double e_la
   TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op,
                    ": argument 'dy' must have the dtype of 'x' (", x.scalar_type(), "), got ", dy.scalar_type());
   TORCH_CHECK(dy.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got 'dy' on ", dy.device());
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   if (dx.numel() == 0) return dx;
   simam_backward_cpu(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3),
                      e_lambda, strides4(dy), strides4(x), strides4(dx));
