@@ -292,10 +292,11 @@ def test_kernel_matches_reference(kernel, dtype, layout):
 
 # Shapes with teeth: Cg = 1, C == groups, Cg not a multiple of the vector width, 1 x 2 maps, odd
 # H x W, positions crossing the 256-position tiles, few slabs (positions split across jobs / blocks:
-# (1, 4, 128, 192) and (1, 8, 97, 203) on the CPU), wide groups (2048 channels), empty tensors.
+# (1, 4, 128, 192) and (1, 8, 97, 203) on the CPU), wide groups (2048 channels), channels_last
+# blocks of several groups ending in a partial block (Cg = 3, 2, 8), empty tensors.
 ODD_SHAPES = [((1, 4, 1, 2), 4), ((3, 6, 7, 7), 6), ((2, 48, 9, 11), 1), ((2, 18, 5, 3), 2),
-              ((1, 4, 128, 192), 1), ((1, 8, 97, 203), 2), ((2, 2048, 3, 5), 1), ((0, 8, 5, 5), 4),
-              ((2, 0, 3, 3), 2)]
+              ((1, 4, 128, 192), 1), ((1, 8, 97, 203), 2), ((2, 2048, 3, 5), 1), ((2, 30, 5, 6), 10),
+              ((2, 44, 6, 6), 22), ((2, 40, 6, 6), 5), ((0, 8, 5, 5), 4), ((2, 0, 3, 3), 2)]
 
 
 @pytest.mark.parametrize("shape,G", ODD_SHAPES, ids=str)
