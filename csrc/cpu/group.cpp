@@ -397,10 +397,17 @@ struct Scratch {
   int64_t P, nk;                           // positions per tile; (position, group) entries per tile
   std::vector<A> acc, v1, v2, kbuf, vals;  // acc: 3 x channels of a unit; v1, v2: P x channels;
                                            // kbuf: 14 x nk; vals: 6 x groups of a unit
-  Scratch(int64_t cbmax, int64_t gpb, int64_t P)
+  // When one job runs every step of a unit (no split), the per-(position, group) values of the
+  // first steps are kept for the last one, which then needs no second pass of dot products over x:
+  // forward xn; backward d (first half) and dt0 (second half, from `half`).
+  std::vector<A> keepbuf;
+  A* keep = nullptr;
+  int64_t half = 0;
+  Scratch(int64_t cbmax, int64_t gpb, int64_t P, int64_t keep_entries)
       : P(P), nk(P * gpb), acc(static_cast<size_t>(3 * cbmax)), v1(static_cast<size_t>(P * cbmax)),
         v2(static_cast<size_t>(P * cbmax)), kbuf(static_cast<size_t>(14 * P * gpb)),
-        vals(static_cast<size_t>(6 * gpb)) {}
+        vals(static_cast<size_t>(6 * gpb)), keepbuf(static_cast<size_t>(keep_entries)),
+        keep(keep_entries ? keepbuf.data() : nullptr), half(keep_entries / 2) {}
   A* k(int i) { return kbuf.data() + i * nk; }
   // k(i)[p * ng + gl] = vals[gl] for every tile position p.
   void spread(int i, int64_t ng, const A* vals) {
@@ -492,15 +499,16 @@ struct FwdSteps {   // kPlane / kAny: one group per unit
                    double* out) {
     chan_sums<T, K>(f.xg(b, g), f.mx, f.W, f.Cg, p0, p1, out, s.acc.data());
   }
-  static void stats(const Fwd<T>& f, Scratch<A>&, int64_t b, int64_t g, int64_t, int64_t p0, int64_t p1,
+  static void stats(const Fwd<T>& f, Scratch<A>& s, int64_t b, int64_t g, int64_t, int64_t p0, int64_t p1,
                     const A* shift, double* out) {
-    A xn[kTile];
+    A tile[kTile];
     const T* xb = f.xg(b, g);
     const A* mg = f.m + b * f.C + g * f.Cg;
     const A c0 = shift[0];
     double s1 = 0, s2 = 0;
     for (int64_t p = p0; p < p1; p += kTile) {
       const int64_t n = std::min(kTile, p1 - p);
+      A* xn = s.keep ? s.keep + (p - p0) : tile;
       xn_tile<T, K>(xb, f.mx, f.W, f.Cg, mg, p, n, xn);
       A a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
@@ -515,7 +523,7 @@ struct FwdSteps {   // kPlane / kAny: one group per unit
     out[0] = s1;
     out[1] = s2;
   }
-  static void gate(const Fwd<T>& f, Scratch<A>&, int64_t b, int64_t g, int64_t, int64_t p0, int64_t p1) {
+  static void gate(const Fwd<T>& f, Scratch<A>& s, int64_t b, int64_t g, int64_t, int64_t p0, int64_t p1) {
     A buf[kTile];
     const int64_t bg = b * f.G + g;
     const T* xb = f.xg(b, g);
@@ -524,9 +532,10 @@ struct FwdSteps {   // kPlane / kAny: one group per unit
     const A mu = f.mu[bg], r = A(1) / (f.sd[bg] + f.eps), w = f.w[g], bias = f.bias[g];
     for (int64_t p = p0; p < p1; p += kTile) {
       const int64_t n = std::min(kTile, p1 - p);
-      xn_tile<T, K>(xb, f.mx, f.W, f.Cg, mg, p, n, buf);
+      const A* xn = s.keep ? s.keep + (p - p0) : buf;
+      if (!s.keep) xn_tile<T, K>(xb, f.mx, f.W, f.Cg, mg, p, n, buf);
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) buf[i] = sigmoid(w * ((buf[i] - mu) * r) + bias);
+      for (int64_t i = 0; i < n; ++i) buf[i] = sigmoid(w * ((xn[i] - mu) * r) + bias);
       gate_tile<T, K>(xb, f.mx, yb, f.my, f.W, f.Cg, p, n, buf);
     }
   }
@@ -550,11 +559,12 @@ struct FwdSteps<T, kChan, CGT> {   // a block of ng groups, channels contiguous
     std::fill(a2, a2 + P * ng, A(0));
     for (int64_t p = p0; p < p1; p += P) {
       const int64_t n = std::min(P, p1 - p), nk = n * ng;
+      A* xt = s.keep ? s.keep + (p - p0) * ng : xn;
       tile_products<T, false>(xb, f.mx.p, xb, 0, 0, mb, cb, p, n, s.v1.data());
-      seg_sums<CGT>(s.v1.data(), nk, Cg, xn);
+      seg_sums<CGT>(s.v1.data(), nk, Cg, xt);
 #pragma omp simd
       for (int64_t k = 0; k < nk; ++k) {
-        const A d = xn[k] - sh[k];
+        const A d = xt[k] - sh[k];
         a1[k] += d;
         a2[k] += d * d;
       }
@@ -580,10 +590,13 @@ struct FwdSteps<T, kChan, CGT> {   // a block of ng groups, channels contiguous
     A* v = s.v1.data();
     for (int64_t p = p0; p < p1; p += P) {
       const int64_t n = std::min(P, p1 - p), nk = n * ng;
-      tile_products<T, false>(xb, f.mx.p, xb, 0, 0, mb, cb, p, n, v);
-      seg_sums<CGT>(v, nk, Cg, xn);
+      const A* xt = s.keep ? s.keep + (p - p0) * ng : xn;
+      if (!s.keep) {
+        tile_products<T, false>(xb, f.mx.p, xb, 0, 0, mb, cb, p, n, v);
+        seg_sums<CGT>(v, nk, Cg, xn);
+      }
 #pragma omp simd
-      for (int64_t k = 0; k < nk; ++k) xn[k] = sigmoid(wv[k] * ((xn[k] - muv[k]) * rv[k]) + bv[k]);
+      for (int64_t k = 0; k < nk; ++k) xn[k] = sigmoid(wv[k] * ((xt[k] - muv[k]) * rv[k]) + bv[k]);
       seg_expand<CGT>(xn, nk, Cg, v);
       for (int64_t i = 0; i < n; ++i) {
         const T* px = xb + (p + i) * f.mx.p;
@@ -629,7 +642,7 @@ void fwd_run(const Fwd<T>& f, int64_t B) {
   };
 #pragma omp parallel
   {
-    Scratch<A> sc(cbmax, gpb, P);
+    Scratch<A> sc(cbmax, gpb, P, S == 1 ? N * gpb : 0);
     if (S == 1) {   // one job per unit: every step while the unit is in cache
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < U; ++u) {
@@ -758,10 +771,14 @@ struct BwdSteps {   // kPlane / kAny: one group per unit
       g5[2] += static_cast<double>(a2);
       g5[3] += static_cast<double>(a3);
       g5[4] += static_cast<double>(a4);
+      if (sc.keep) {
+        std::copy(e, e + n, sc.keep + (p - p0));
+        std::copy(h, h + n, sc.keep + sc.half + (p - p0));
+      }
       pqr_tile<T, K>(xb, f.mx, f.W, Cg, mg, p, n, h, e, pqr, pqr + cbmax, pqr + 2 * cbmax, sc.acc.data());
     }
   }
-  static void dx(const Bwd<T>& f, Scratch<A>&, int64_t b, int64_t g, int64_t, int64_t p0, int64_t p1,
+  static void dx(const Bwd<T>& f, Scratch<A>& sc, int64_t b, int64_t g, int64_t, int64_t p0, int64_t p1,
                  const A* coef, const A* dmn) {
     A e[kTile], h[kTile];
     const int64_t bg = b * f.G + g, Cg = f.Cg;
@@ -773,14 +790,25 @@ struct BwdSteps {   // kPlane / kAny: one group per unit
     const A mdt0 = coef[0], k = coef[1];
     for (int64_t p = p0; p < p1; p += kTile) {
       const int64_t n = std::min(kTile, p1 - p);
-      xn_ds_tile<T, K, U>(dyb, f.mdy, xb, f.mx, f.W, Cg, mg, p, n, e, h);
+      if (sc.keep) {   // d and dt0 from step A
+        const A* kd = sc.keep + (p - p0);
+        const A* kt = sc.keep + sc.half + (p - p0);
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const A d = e[i] - mu;
-        const A s = sigmoid(w * (d * r) + bias);
-        const A dt0 = w * (h[i] * s * (A(1) - s));
-        e[i] = s;
-        h[i] = r * (dt0 - mdt0) - k * d;
+        for (int64_t i = 0; i < n; ++i) {
+          const A d = kd[i];
+          e[i] = sigmoid(w * (d * r) + bias);
+          h[i] = r * (kt[i] - mdt0) - k * d;
+        }
+      } else {
+        xn_ds_tile<T, K, U>(dyb, f.mdy, xb, f.mx, f.W, Cg, mg, p, n, e, h);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const A d = e[i] - mu;
+          const A s = sigmoid(w * (d * r) + bias);
+          const A dt0 = w * (h[i] * s * (A(1) - s));
+          e[i] = s;
+          h[i] = r * (dt0 - mdt0) - k * d;
+        }
       }
       dx_tile<T, K, U>(dyb, f.mdy, xb, f.mx, dxb, f.mdx, f.W, Cg, mg, dmn, p, n, e, h);
     }
@@ -841,6 +869,10 @@ struct BwdSteps<T, kChan, CGT, U> {   // a block of ng groups, channels contiguo
         xn[k] = d;
         ds[k] = dt0;
       }
+      if (s.keep) {
+        std::copy(xn, xn + nk, s.keep + (p - p0) * ng);
+        std::copy(ds, ds + nk, s.keep + s.half + (p - p0) * ng);
+      }
       seg_expand<CGT>(ds, nk, Cg, s.v2.data());   // dt0 per channel
       seg_expand<CGT>(xn, nk, Cg, s.v1.data());   // d per channel
       std::fill(ap, ap + 3 * cb, A(0));
@@ -885,14 +917,25 @@ struct BwdSteps<T, kChan, CGT, U> {   // a block of ng groups, channels contiguo
       *rv = s.k(7);
     for (int64_t p = p0; p < p1; p += P) {
       const int64_t n = std::min(P, p1 - p), nk = n * ng;
-      dots(f, s, xb, dyb, mb, cb, ng, p, n);
+      if (s.keep) {   // d and dt0 from step A
+        const A* kd = s.keep + (p - p0) * ng;
+        const A* kt = s.keep + s.half + (p - p0) * ng;
 #pragma omp simd
-      for (int64_t k = 0; k < nk; ++k) {
-        const A d = xn[k] - muv[k];
-        const A sg = sigmoid(wv[k] * (d * rv[k]) + bv[k]);
-        const A dt0 = wv[k] * (ds[k] * sg * (A(1) - sg));
-        xn[k] = sg;
-        ds[k] = rv[k] * (dt0 - mdtv[k]) - kv[k] * d;
+        for (int64_t k = 0; k < nk; ++k) {
+          const A d = kd[k];
+          xn[k] = sigmoid(wv[k] * (d * rv[k]) + bv[k]);
+          ds[k] = rv[k] * (kt[k] - mdtv[k]) - kv[k] * d;
+        }
+      } else {
+        dots(f, s, xb, dyb, mb, cb, ng, p, n);
+#pragma omp simd
+        for (int64_t k = 0; k < nk; ++k) {
+          const A d = xn[k] - muv[k];
+          const A sg = sigmoid(wv[k] * (d * rv[k]) + bv[k]);
+          const A dt0 = wv[k] * (ds[k] * sg * (A(1) - sg));
+          xn[k] = sg;
+          ds[k] = rv[k] * (dt0 - mdtv[k]) - kv[k] * d;
+        }
       }
       seg_expand<CGT>(xn, nk, Cg, s.v1.data());   // s per channel
       seg_expand<CGT>(ds, nk, Cg, s.v2.data());   // dxn per channel
@@ -968,7 +1011,7 @@ void bwd_run(const Bwd<T>& f, int64_t B, acc_t<T>* dweight, acc_t<T>* dbias) {
   };
 #pragma omp parallel
   {
-    Scratch<A> sc(cbmax, gpb, P);
+    Scratch<A> sc(cbmax, gpb, P, S == 1 ? 2 * N * gpb : 0);
     if (S == 1) {   // one job per unit: both steps while the unit is in cache
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < Un; ++u) {
