@@ -26,8 +26,9 @@ def module(groups, w, b, dtype=torch.float64):
     return mod
 
 
-def params(groups, dtype=torch.float64):
-    return torch.randn(1, groups, 1, 1, dtype=dtype) * 2, torch.randn(1, groups, 1, 1, dtype=dtype)
+def params(groups, dtype=torch.float64, gen=None):
+    return (torch.randn(1, groups, 1, 1, dtype=dtype, generator=gen) * 2,
+            torch.randn(1, groups, 1, 1, dtype=dtype, generator=gen))
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 5, 7, 3), (1, 6, 13, 17, 2), (2, 4, 1, 2, 4), (3, 64, 4, 4, 64)], ids=str)
@@ -255,17 +256,18 @@ def run_sge(x, dy, w, b, groups, backend):
 
 
 def check_against_reference(got, same, want, dtype, what):
-    """fp32/fp64: close to the float64 reference relative to its scale; fp16/bf16: at most twice as far
-    from it as the torch backend in the same dtype (plus a hair)."""
+    """fp32/fp64: close to the float64 reference relative to its scale (or at most 3x as far as the
+    torch backend in the same dtype, for sums whose fp32 rounding is large: 2048-channel groups);
+    fp16/bf16: at most twice as far from it as the torch backend in the same dtype (plus a hair)."""
     for name, g, s, r in zip(("y", "dx", "dweight", "dbias"), got, same, want):
         g, s, r = g.double().cpu(), s.double().cpu(), r.reshape(g.shape)
         scale = max(r.abs().max().item(), 1e-30)
         err = (g - r).abs().max().item() / scale
+        base = (s - r).abs().max().item() / scale
         if dtype in (torch.float32, torch.float64):
             tol = 2e-5 if dtype == torch.float32 else 1e-10
-            assert err <= tol, f"{what} {name}: error {err:.2e} x scale {scale:.2e}"
+            assert err <= max(tol, 3 * base), f"{what} {name}: error {err:.2e} x scale {scale:.2e}, torch's {base:.2e}"
         else:
-            base = (s - r).abs().max().item() / scale
             assert err <= 2 * base + 1e-5, f"{what} {name}: error {err:.2e}, torch backend's {base:.2e}"
 
 
@@ -279,7 +281,7 @@ def test_kernel_matches_reference(kernel, dtype, layout):
     if layout in ("channels_last", "slice_cl", "misaligned_cl"):
         dy = dy.contiguous(memory_format=torch.channels_last)
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
-    w, b = (t.to(pdt).to(kernel) for t in params(G))
+    w, b = (t.to(pdt).to(kernel) for t in params(G, gen=gen))
     got = run_sge(x, dy, w, b, G, kernel)
     same = run_sge(x, dy, w, b, G, "torch")
     check_against_reference(got, same, sge_reference64(x, dy, w, b, G), dtype, f"{kernel} {layout}")
@@ -292,10 +294,11 @@ def test_kernel_matches_reference(kernel, dtype, layout):
 
 # Shapes with teeth: Cg = 1, C == groups, Cg not a multiple of the vector width, 1 x 2 maps, odd
 # H x W, positions crossing the 256-position tiles, few slabs (positions split across jobs / blocks:
-# (1, 4, 128, 192) and (1, 8, 97, 203) on the CPU), wide groups (2048 channels), empty tensors.
+# (1, 4, 128, 192) and (1, 8, 97, 203) on the CPU), wide groups (2048 channels), channels_last
+# blocks of several groups ending in a partial block (Cg = 3, 2, 8), empty tensors.
 ODD_SHAPES = [((1, 4, 1, 2), 4), ((3, 6, 7, 7), 6), ((2, 48, 9, 11), 1), ((2, 18, 5, 3), 2),
-              ((1, 4, 128, 192), 1), ((1, 8, 97, 203), 2), ((2, 2048, 3, 5), 1), ((0, 8, 5, 5), 4),
-              ((2, 0, 3, 3), 2)]
+              ((1, 4, 128, 192), 1), ((1, 8, 97, 203), 2), ((2, 2048, 3, 5), 1), ((2, 30, 5, 6), 10),
+              ((2, 44, 6, 6), 22), ((2, 40, 6, 6), 5), ((0, 8, 5, 5), 4), ((2, 0, 3, 3), 2)]
 
 
 @pytest.mark.parametrize("shape,G", ODD_SHAPES, ids=str)
@@ -304,7 +307,7 @@ def test_kernel_odd_shapes(kernel, shape, G, layout):
     gen = torch.Generator().manual_seed(1)
     x = make_map(shape, torch.float32, layout, kernel, gen)
     dy = make_map(shape, torch.float32, "nchw", kernel, gen)
-    w, b = (t.float().to(kernel) for t in params(G))
+    w, b = (t.float().to(kernel) for t in params(G, gen=gen))
     got = run_sge(x, dy, w, b, G, kernel)
     if x.numel() == 0:
         assert got[0].shape == x.shape and not got[2].any() and not got[3].any()
@@ -318,7 +321,7 @@ def test_kernel_statistics_outputs(kernel):
     gen = torch.Generator().manual_seed(2)
     for layout in ("nchw", "channels_last"):
         x = make_map((2, 12, 9, 10), torch.bfloat16, layout, kernel, gen)
-        w, b = (t.float().to(kernel) for t in params(3))
+        w, b = (t.float().to(kernel) for t in params(3, gen=gen))
         got = torch.ops.fastattn.sge_gate(x, w, b, 3, 1e-5, kernel)
         want = torch.ops.fastattn.sge_gate(x, w, b, 3, 1e-5, "torch")
         for g, h in zip(got[1:], want[1:]):
@@ -329,7 +332,7 @@ def test_kernel_statistics_outputs(kernel):
 def test_kernel_dy_layouts(kernel):
     """dy in the other memory format, and the expanded (stride 0) dy of y.sum().backward()."""
     gen = torch.Generator().manual_seed(3)
-    w, b = (t.float().to(kernel) for t in params(4))
+    w, b = (t.float().to(kernel) for t in params(4, gen=gen))
     for layout, dy_layout in (("nchw", "channels_last"), ("channels_last", "nchw"), ("slice_cl", "nchw")):
         x = make_map((2, 16, 11, 9), torch.float32, layout, kernel, gen)
         dy = make_map((2, 16, 11, 9), torch.float32, dy_layout, kernel, gen)
@@ -344,22 +347,23 @@ def test_kernel_dy_layouts(kernel):
 def test_kernel_gradcheck(kernel, layout):
     gen = torch.Generator().manual_seed(4)
     x = make_map((2, 6, 3, 5), torch.float64, layout, kernel, gen).requires_grad_()
-    w, b = (t.to(kernel).requires_grad_() for t in params(3))
+    w, b = (t.to(kernel).requires_grad_() for t in params(3, gen=gen))
     assert torch.autograd.gradcheck(lambda *t: sge_gate(*t, 3, backend=kernel), (x, w, b))
 
 
 def test_kernel_constant_similarity(kernel):
     """std 0 (constant x): sigmoid(bias) forward, the std's gradient masked to 0 (as torch)."""
     x = torch.ones(2, 6, 3, 4, dtype=torch.float64, device=kernel)
-    dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(kernel)
-    w, b = (t.to(kernel) for t in params(3))
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=gen).to(kernel)
+    w, b = (t.to(kernel) for t in params(3, gen=gen))
     got, want = run_sge(x, dy, w, b, 3, kernel), run_sge(x, dy, w, b, 3, "torch")
     for g, h in zip(got, want):
         torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
 
 
 def test_kernel_opcheck(kernel):
-    w, b = (t.float().to(kernel).requires_grad_() for t in params(3))
+    w, b = (t.float().to(kernel).requires_grad_() for t in params(3, gen=torch.Generator().manual_seed(8)))
     x = torch.randn(2, 6, 4, 5, device=kernel, requires_grad=True)
     cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     for xi in (x, cl):
@@ -378,7 +382,7 @@ def test_kernel_deterministic(kernel):
         for layout in ("nchw", "channels_last"):
             x = make_map(shape, torch.float32, layout, kernel, gen)
             dy = make_map(shape, torch.float32, layout, kernel, gen)
-            w, b = (t.float().to(kernel) for t in params(G))
+            w, b = (t.float().to(kernel) for t in params(G, gen=gen))
             runs = []
             threads = torch.get_num_threads()
             for n in ([1, 2, 3] if kernel == "cpu" else [threads] * 3):
@@ -447,7 +451,7 @@ def test_cuda_kernel_large_shapes():
         for layout in ("nchw", "channels_last"):
             x = make_map(shape, torch.float32, layout, "cuda", gen)
             dy = make_map(shape, torch.float32, layout, "cuda", gen)
-            w, b = (t.float().cuda() for t in params(G))
+            w, b = (t.float().cuda() for t in params(G, gen=gen))
             got, want = run_sge(x, dy, w, b, G, "cuda"), run_sge(x, dy, w, b, G, "torch")
             for name, g, h in zip(("y", "dx", "dweight", "dbias"), got, want):
                 scale = h.abs().max().item()

@@ -185,31 +185,41 @@ __device__ __forceinline__ void unit_dots(const T* __restrict__ xs, const L4& lx
 // acc[q * Cg + j] += sum over positions p0 .. p0 + n - 1 of f_q(p) (x[c0 + j, p] - centre_j):
 // NQ = 1: f = 1, no centring (channel sums); NQ = 3: f = w1[p - p0], w2[p - p0], 1 and centre m[j].
 // Each acc entry is owned by one thread (no races); callers sync before reading it. red: shared
-// scratch of kThreads * NQ * CV values (kChan only).
+// scratch of kThreads * NQ * CV values (kChan) or kWarps * NQ (the others). Every thread of the
+// block must call it (it may hold barriers).
 template <int NQ, int K, int VEC, typename T, typename A>
 __device__ void chan_reduce(const T* __restrict__ xs, const L4& lx, int64_t W, int64_t c0, int64_t Cg, int64_t p0,
                             int64_t n, const A* w1, const A* w2, const A* m, A* acc, A* red) {
   constexpr int PP = Geo<K, VEC>::PP, CV = Geo<K, VEC>::CV, NV = PP * CV;
   const int tid = threadIdx.x;
-  if constexpr (K != kChan) {   // one warp per channel, lanes along positions
+  if constexpr (K != kChan) {
+    // wpc warps per channel (all warps busy when Cg < kWarps), lanes along positions; the wpc warps'
+    // sums of a channel meet in red (kWarps * NQ values) and are added in warp order.
     const int lane = tid & 31, warp = tid >> 5;
-    for (int64_t j = warp; j < Cg; j += kWarps) {
+    const int wpc = Cg < kWarps ? kWarps / static_cast<int>(Cg) : 1;
+    const int sub = warp % wpc, slots = kWarps / wpc;
+    for (int64_t jb = 0; jb < Cg; jb += slots) {
+      const int64_t j = jb + warp / wpc;
+      const bool active = warp / wpc < slots && j < Cg;
       A s[NQ];
 #pragma unroll
       for (int q = 0; q < NQ; ++q) s[q] = A(0);
-      const A mc = NQ == 3 ? m[j] : A(0);
-      for (int64_t u = lane; u < n / PP; u += 32) {
-        A xv[NV];
-        load_n<NV>(xs + offs<K>(lx, c0 + j, p0 + u * PP, W), xv);
+      if (active) {
+        const A mc = NQ == 3 ? m[j] : A(0);
+#pragma unroll 4
+        for (int64_t u = sub * 32 + lane; u < n / PP; u += 32 * wpc) {
+          A xv[NV];
+          load_n<NV>(xs + offs<K>(lx, c0 + j, p0 + u * PP, W), xv);
 #pragma unroll
-        for (int i = 0; i < NV; ++i) {
-          if constexpr (NQ == 1) {
-            s[0] += xv[i];
-          } else {
-            const A xc = xv[i] - mc;
-            s[0] += w1[u * PP + i] * xc;
-            s[1] += w2[u * PP + i] * xc;
-            s[2] += xc;
+          for (int i = 0; i < NV; ++i) {
+            if constexpr (NQ == 1) {
+              s[0] += xv[i];
+            } else {
+              const A xc = xv[i] - mc;
+              s[0] += w1[u * PP + i] * xc;
+              s[1] += w2[u * PP + i] * xc;
+              s[2] += xc;
+            }
           }
         }
       }
@@ -217,9 +227,24 @@ __device__ void chan_reduce(const T* __restrict__ xs, const L4& lx, int64_t W, i
       for (int q = 0; q < NQ; ++q)
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) s[q] += __shfl_down_sync(0xffffffffu, s[q], o);
-      if (lane == 0)
+      if (wpc == 1) {
+        if (active && lane == 0)
 #pragma unroll
-        for (int q = 0; q < NQ; ++q) acc[q * Cg + j] += s[q];
+          for (int q = 0; q < NQ; ++q) acc[q * Cg + j] += s[q];
+      } else {
+        __syncthreads();   // red may still be read by the previous round
+        if (lane == 0)
+#pragma unroll
+          for (int q = 0; q < NQ; ++q) red[warp * NQ + q] = s[q];
+        __syncthreads();
+        if (sub == 0 && active && lane == 0)
+#pragma unroll
+          for (int q = 0; q < NQ; ++q) {
+            A t = 0;
+            for (int w = 0; w < wpc; ++w) t += red[(warp + w) * NQ + q];
+            acc[q * Cg + j] += t;
+          }
+      }
     }
   } else {   // threads in (row, column): rows walk the positions, columns the channel vectors
     const int64_t cols = Cg / CV;
@@ -393,7 +418,7 @@ __global__ void __launch_bounds__(kThreads) sge_fwd_fused(Args<T> a) {
   using A = typename AccT<T>::type;
   constexpr int CV = Geo<K, VEC>::CV;
   __shared__ A sm[kWarps * 2];
-  __shared__ A red[K == kChan ? kThreads * CV : 1];
+  __shared__ A red[K == kChan ? kThreads * CV : kWarps];
   const int64_t bg = blockIdx.x, b = bg / a.G, g = bg % a.G, c0 = g * a.Cg;
   const T* xs = a.x + b * a.lx.b;
   T* ys = a.y + b * a.ly.b;
@@ -429,7 +454,7 @@ template <int K, int VEC, typename T>
 __global__ void __launch_bounds__(kThreads) sge_fwd_sums(Args<T> a) {
   using A = typename AccT<T>::type;
   constexpr int CV = Geo<K, VEC>::CV;
-  __shared__ A red[K == kChan ? kThreads * CV : 1];
+  __shared__ A red[K == kChan ? kThreads * CV : kWarps];
   const int64_t bs = blockIdx.x, bg = bs / a.S, s = bs % a.S;
   const int64_t b = bg / a.G, c0 = (bg % a.G) * a.Cg;
   const int64_t p0 = s * a.seg, p1 = imin(a.N, p0 + a.seg);
@@ -533,7 +558,7 @@ __global__ void __launch_bounds__(kThreads) sge_bwd_fused(Args<T> a) {
   using A = typename AccT<T>::type;
   constexpr int PP = Geo<K, VEC>::PP, CV = Geo<K, VEC>::CV, TP = kThreads * PP;
   __shared__ A w1s[TP], w2s[TP];
-  __shared__ A red[K == kChan ? kThreads * 3 * CV : 1];
+  __shared__ A red[K == kChan ? kThreads * 3 * CV : kWarps * 3];
   __shared__ A sm[kWarps * 5];
   const int64_t bg = blockIdx.x, BG = static_cast<int64_t>(gridDim.x);
   const int64_t b = bg / a.G, g = bg % a.G, c0 = g * a.Cg;
@@ -564,7 +589,7 @@ __global__ void __launch_bounds__(kThreads) sge_bwd_sums(Args<T> a, typename Acc
   using A = typename AccT<T>::type;
   constexpr int PP = Geo<K, VEC>::PP, CV = Geo<K, VEC>::CV, TP = kThreads * PP;
   __shared__ A w1s[TP], w2s[TP];
-  __shared__ A red[K == kChan ? kThreads * 3 * CV : 1];
+  __shared__ A red[K == kChan ? kThreads * 3 * CV : kWarps * 3];
   __shared__ A sm[kWarps * 5];
   const int64_t bs = blockIdx.x, bg = bs / a.S, s = bs % a.S;
   const int64_t p0 = s * a.seg, p1 = imin(a.N, p0 + a.seg);
