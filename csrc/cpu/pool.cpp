@@ -162,6 +162,26 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
   const int64_t S = pixel_segments(BC, HW, kMinSeg);
   const int64_t seg = ceil_div(ceil_div(HW, S), kChunk) * kChunk;
   const int64_t nseg = ceil_div(HW, seg);
+  if constexpr (!kMax && !kStd) {
+    if (nseg == 1) {   // mean alone (SE, ECA): a plain sum per plane, no statistics to merge
+#pragma omp parallel for schedule(static)
+      for (int64_t bc = 0; bc < BC; ++bc) {
+        const T* p = x + (bc / C) * sx.b + (bc % C) * sx.c;
+        double total = 0;
+        for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+          const int64_t n = std::min(HW, i0 + kChunk) - i0;
+          A acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < n; ++i) acc += ld(p[i0 + i]);
+          total += static_cast<double>(acc);
+        }
+        const double mean = total / static_cast<double>(HW);
+        if (out.mean) static_cast<T*>(out.mean)[bc] = from_double<T>(mean);
+        if (out.mean_acc) static_cast<A*>(out.mean_acc)[bc] = static_cast<A>(mean);
+      }
+      return;
+    }
+  }
   std::vector<Stat<A>> partial(nseg > 1 ? static_cast<size_t>(BC * nseg) : 0);
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < BC * nseg; ++job) {
