@@ -23,7 +23,6 @@ def _checks(*raw_ops: str) -> dict:
 
 
 CHECKS = _checks("channel_scale", "channel_scale_backward")       # channel_scale's backends
-_TRITON_ONLY = {"triton": _dispatch.triton_reason}   # kept for bench/cases.py (channel_affine_gate: use AG_CHECKS)
 
 
 

@@ -116,8 +116,6 @@ def _channel_pool(x: Tensor, kinds: list[str], eps: float, backend: str) -> list
         from fastattn.kernels.pool import channel_pool_forward
 
         mean, vmax, argmax, std = channel_pool_forward(flat(x), with_max, with_std, eps)
-    elif list(kinds) == ["mean"] and channel_mean_backend(x) == "cpu":
-        return [torch.ops.fastattn_C.channel_mean(x)]      # the C++ CPU kernel
     else:
         planes = x.flatten(2)
         x_acc = planes.to(acc_dtype(x.dtype))
