@@ -151,7 +151,7 @@ class Plan:
         """Counts and a rough duration (seconds per measurement and per compile seen on a 2-core CPU
         and on an H100; a loaded machine takes longer)."""
         cuda = torch.device(self.device).type == "cuda"
-        per_measure, per_compile, per_net_compile = (0.3, 3, 40) if cuda else (0.3 if self.quick else 0.8, 5, 40)
+        per_measure, per_compile, per_net_compile = (0.3, 3, 40) if cuda else (0.3 if self.quick else 0.5, 4, 40)
         n_micro, n_e2e = self.compiles()
         minutes = (self.measurements() * per_measure + n_micro * per_compile + n_e2e * per_net_compile) / 60
         return (f"{self.measurements()} measurements, {n_micro + n_e2e} torch.compile calls, roughly {minutes:.0f} min "
@@ -185,7 +185,7 @@ def make_plan(args) -> Plan:
     micro_settings = micro.Settings(
         device, shapes, dtypes, layouts, micro_modes, providers,
         harness.Budget(0.025, 0.1, 10, 1000) if cuda else
-        harness.Budget(0.03, 0.15, 5, 100) if quick else harness.Budget(0.1, 0.5, 10, 300))
+        harness.Budget(0.03, 0.15, 5, 100) if quick else harness.Budget(0.05, 0.25, 10, 300))
 
     narrowed = any(v is not None for v in (args.op, args.module, args.shape))
     run_e2e = args.e2e if args.e2e is not None else (not narrowed or not args.micro)
