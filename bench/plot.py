@@ -103,11 +103,12 @@ def plot_summary(plt, rows: Sequence[dict], path: str) -> bool:
         h = 0.4
         for i, base in enumerate(("eager", "compile")):
             ys = [j + (i - 0.5) * h for j in range(len(names))]
-            ax.barh(ys, [s.get((n, mode, base), 0.0) for n in names], h, label=f"fastattn over {base}")
+            ax.barh(ys, [s.get((n, mode, base), float("nan")) for n in names], h, label=f"fastattn over {base}")
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=7)
         ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_title(f"{mode}: geometric-mean speed-up", fontsize=9)
+        ax.set_xscale("log", base=2)       # a slow-down reads as far from 1 as the same speed-up
+        ax.set_title(f"{mode}: geometric-mean speed-up (log scale)", fontsize=9)
         ax.invert_yaxis()
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
