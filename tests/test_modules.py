@@ -114,3 +114,34 @@ def test_compile_fullgraph_small_network():
     (g,) = torch.autograd.grad(y.sum(), x)
     (want,) = torch.autograd.grad(net(x).sum(), x)
     torch.testing.assert_close(g, want)
+
+
+@pytest.mark.parametrize("cls", ["NAM", "ShuffleAttention"])
+def test_plane_statistics_constant_and_offset_planes(cls):
+    """NAM and ShuffleAttention take their per-plane variance from channel_pool's std
+    (plane_var_mean): a constant plane (variance 0) must keep finite gradients, and a plane far
+    from zero (mean 300, std 1) its digits; train mode, fp32, against the reference."""
+    torch.manual_seed(3)
+    c = 16
+    kwargs = {"groups": 2} if cls == "ShuffleAttention" else {}
+    r = getattr(fastattn.reference, cls)(c, **kwargs).train()
+    f = getattr(fastattn, cls)(c, **kwargs).train()
+    f.load_state_dict(r.state_dict())
+    with torch.no_grad():          # parameters away from their zero / one initialisation
+        for p in (*r.parameters(), *f.parameters()):
+            torch.manual_seed(p.numel())
+            p.copy_(torch.randn_like(p))
+    x = torch.randn(2, c, 5, 7)
+    x[0, 3] = 0.25                  # constant planes
+    x[1, 10] = -2.0
+    x[:, 5] += 300.0                # offset planes
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = r(xr), f(xf)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-4)
+    cot = torch.randn_like(out_r)
+    (out_r * cot).sum().backward()
+    (out_f * cot).sum().backward()
+    assert torch.isfinite(xf.grad).all()
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-3, atol=1e-3)
+    for (n, p), q in zip(r.named_parameters(), f.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3, msg=lambda m: f"grad {n}: {m}")

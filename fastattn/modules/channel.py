@@ -44,7 +44,7 @@ class NAM(reference.NAM):
     """`fastattn.reference.NAM` as one gate pass: the BatchNorm and the channel weights fold into
     a per-channel affine map inside the sigmoid, ``x * sigmoid(alpha_c x + beta_c)``.
 
-    Train mode reads x once more for the batch statistics (torch.var_mean) and updates the
+    Train mode reads x once more for the batch statistics (`plane_var_mean`) and updates the
     running statistics as nn.BatchNorm2d does.
     """
 
@@ -55,21 +55,42 @@ class NAM(reference.NAM):
         bn = self.bn2
         gamma = bn.weight.detach().abs()
         w = gamma / gamma.sum()
-        mean, var = _batch_norm_stats(bn, x)
+        mean, var = _batch_norm_stats(bn, x, self.backend)
         scale = bn.weight * torch.rsqrt(var + bn.eps)
         alpha = (w * scale).expand(x.shape[0], -1)
         beta = (w * (bn.bias - mean * scale)).expand(x.shape[0], -1)
         return channel_affine_gate(x, alpha, beta, backend=self.backend)
 
 
-def _batch_norm_stats(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def plane_var_mean(x: torch.Tensor, eps: float, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(var, mean) of every (b, c) plane of x (B, C, H, W): the population variance and the mean,
+    (B, C) each, for a caller that normalises with ``rsqrt(var + eps)``.
+
+    fp32 / fp64 x with eps > 0 and H * W >= 2: one read of x by `channel_pool` (mean, std) with
+    std = sqrt(unbiased var + eps), so var = (std^2 - eps) (HW - 1) / HW: its rounding error is
+    relative to var + eps, and eps > 0 keeps the gradient through std finite on constant planes.
+    Otherwise torch.var_mean on an fp32 copy (channel_pool returns 16-bit statistics for 16-bit x),
+    which on CPU is several times slower than a pass over memory.
+    """
+    hw = x.shape[2] * x.shape[3]
+    if x.dtype in (torch.float32, torch.float64) and eps > 0 and hw >= 2:
+        mean, std = channel_pool(x, ("mean", "std"), eps=eps, backend=backend)
+        return ((std * std - eps) * ((hw - 1) / hw)).clamp_min(0), mean
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.var_mean(x.to(acc), dim=(2, 3), unbiased=False)
+
+
+def _batch_norm_stats(bn: torch.nn.BatchNorm2d, x: torch.Tensor,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, var) that bn would normalise x with, updating its running statistics in train mode
     exactly as nn.BatchNorm2d does (momentum, or a cumulative average when momentum is None)."""
     use_batch = bn.training or bn.running_mean is None
     if not use_batch:
         return bn.running_mean, bn.running_var
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), unbiased=False)
+    # per-plane statistics, then the law of total variance over the batch (equal plane sizes)
+    var_p, mean_p = plane_var_mean(x, bn.eps, backend)
+    mean = mean_p.mean(0)
+    var = var_p.mean(0) + (mean_p - mean).square().mean(0)
     if bn.training and bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)

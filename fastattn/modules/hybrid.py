@@ -11,6 +11,7 @@ from ..ops.pool import channel_pool
 from ..ops.simam import simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
+from .channel import plane_var_mean
 from ..reference._checks import check_feature_map, like_input
 
 
@@ -64,8 +65,7 @@ class ShuffleAttention(reference.ShuffleAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("ShuffleAttention", x, channels=self.channels)
         b, c, h, w = x.shape
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        var, mean = torch.var_mean(x.to(acc), dim=(2, 3), unbiased=False)      # (B, C) each
+        var, mean = plane_var_mean(x, self.gn.eps, self.backend)      # (B, C) each
         g, half = self.groups, c // (2 * self.groups)
         mean, var = mean.reshape(b, g, 2, half), var.reshape(b, g, 2, half)
         flat = lambda p: p.reshape(half)  # noqa: E731  (1, half, 1, 1) parameters -> (half,)
