@@ -670,3 +670,33 @@ def test_cuda_backend_is_registered():
     x = torch.empty(1, 1, 1, 1, device="cuda")
     for checks in (gate_ops.CHECKS, gate_ops.CS_CHECKS, gate_ops.AG_CHECKS):
         assert checks["cuda"](x) is None
+
+
+def test_inference_calls_run_the_implementation_directly(monkeypatch):
+    """Without autograd, compile or modes, an op with the C++ backend runs its implementation as a
+    plain function (`_dispatch.run`); otherwise through the registered custom op. Same results."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastattn.ops import gate as gate_ops
+    from fastattn.ops import pool as pool_ops
+
+    calls = []
+    for mod, name in ((gate_ops, "_channel_scale"), (pool_ops, "_channel_mean")):
+        op = getattr(mod, name)
+        monkeypatch.setattr(op, "plain", (lambda f, n: lambda *a: calls.append(n) or f(*a))(op.plain, name))
+    x, a = torch.randn(2, 3, 4, 5), torch.rand(2, 3)
+    with torch.no_grad():
+        y1 = gate_ops.channel_scale(x, a, backend="cpu")
+        m1 = pool_ops.channel_mean(x)
+    assert calls == ["_channel_scale", "_channel_mean"]
+    xg = x.clone().requires_grad_()
+    y2 = gate_ops.channel_scale(xg, a, backend="cpu")      # autograd records: the custom op
+    m2 = pool_ops.channel_mean(xg)
+    assert y2.grad_fn is not None and m2.grad_fn is not None
+    with torch.no_grad(), FlopCounterMode(display=False):  # a dispatch mode sees the custom op
+        gate_ops.channel_scale(x, a, backend="cpu")
+    with torch.no_grad():
+        gate_ops.channel_scale(x, a, backend="torch")       # the torch backend: always the custom op
+    assert calls == ["_channel_scale", "_channel_mean"]
+    torch.testing.assert_close(y1, y2.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(m1, m2.detach(), rtol=0, atol=0)

@@ -109,12 +109,21 @@ def cuda_ext_reason(t: torch.Tensor) -> str | None:
     return None
 
 
+_REGISTERED: set = set()     # (raw_op, key) seen registered: a registration is never taken back
+
+
 @torch.compiler.assume_constant_result     # a registry lookup: constant while a graph is traced
 def _registered(raw_op: str, key: str) -> bool:
+    # Cached: the dispatcher query costs ~2 us, paid twice per op call otherwise.
+    if (raw_op, key) in _REGISTERED:
+        return True
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn_C::{raw_op}", key)
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn_C::{raw_op}", key)
     except RuntimeError:        # no schema: an extension built before the op existed
         return False
+    if found:
+        _REGISTERED.add((raw_op, key))
+    return found
 
 
 def cpu_kernel(*raw_ops: str) -> Callable[[torch.Tensor], str | None]:
@@ -176,3 +185,49 @@ def resolve(op: str, t: torch.Tensor, backend: str | None,
         _logged.add(key)
         log.info("fastattn::%s on %s runs the PyTorch reference math (%s)", op, t.device.type, "; ".join(reasons))
     return "torch"
+
+
+def _no_modes() -> bool:
+    """No torch function mode and no dispatch mode is active (False if this torch cannot tell)."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        return not torch._C._is_torch_function_mode_enabled() and _get_current_dispatch_mode() is None
+    except (ImportError, AttributeError):
+        return False
+
+
+def direct(backend: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether an op may run its C++ implementation (backend "cpu" or "cuda") as a plain function
+    call instead of through its registered custom op: eager mode, plain tensors, no autograd
+    graph to record, no torch function / dispatch mode. The custom op is what autograd,
+    torch.compile, torch.export, FakeTensor and the modes need; in inference it only adds the
+    dispatcher's Python round trips (about 7 us per call on the 2-core dev machine, more than
+    some of the kernels at MobileNet shapes). Both paths run the same implementation function.
+    """
+    if backend not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return _no_modes()
+
+
+def custom_op(name: str, **kwargs) -> Callable:
+    """`torch.library.custom_op(name, **kwargs)` that also keeps the undecorated implementation
+    as the op's `.plain`, for `run`."""
+
+    def wrap(fn: Callable) -> Callable:
+        op = torch.library.custom_op(name, **kwargs)(fn)
+        op.plain = fn
+        return op
+
+    return wrap
+
+
+def run(op, *args):
+    """`op(*args)` for an op made by `custom_op` whose last argument is the resolved backend:
+    through the registered custom op, or as the plain function when `direct` allows it."""
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
+    return (op.plain if direct(args[-1], *tensors) else op)(*args)

@@ -121,7 +121,7 @@ def _pool_torch(x: Tensor, level: int, mode: str) -> Tensor:
     return F.avg_pool2d(x, level, level, ceil_mode=True)
 
 
-@torch.library.custom_op("fastattn::bin_mean", mutates_args=(),
+@_dispatch.custom_op("fastattn::bin_mean", mutates_args=(),
                          schema="(Tensor x, int[] levels, str mode, str backend) -> Tensor")
 def _bin_mean(x: Tensor, levels: list[int], mode: str, backend: str) -> Tensor:
     if backend in ("cpu", "cuda"):     # the bin geometry is built (and cached on CUDA) in C++
@@ -247,4 +247,4 @@ def bin_mean(x: Tensor, levels: Sequence[int], *, mode: str, backend: str | None
     if H < 1 or W < 1:
         raise ValueError(f"{BIN_MEAN}: argument 'x' must have H >= 1 and W >= 1 (every bin non-empty), "
                          f"got H x W = {H} x {W}")
-    return _bin_mean(x, list(levels), mode, _dispatch.resolve(BIN_MEAN, x, backend, CHECKS))
+    return _dispatch.run(_bin_mean, x, list(levels), mode, _dispatch.resolve(BIN_MEAN, x, backend, CHECKS))

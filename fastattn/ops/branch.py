@@ -48,7 +48,7 @@ def _weights(logits: Tensor, acc: torch.dtype) -> Tensor:
     return torch.softmax(logits.to(acc), dim=1).contiguous()
 
 
-@torch.library.custom_op("fastattn::branch_softmax_sum", mutates_args=())
+@_dispatch.custom_op("fastattn::branch_softmax_sum", mutates_args=())
 def _branch_softmax_sum(feats: Tensor, logits: Tensor, backend: str) -> Tensor:
     acc = acc_dtype(feats)
     if backend in ("cpu", "cuda"):     # the C++ / CUDA kernels of fastattn._C (softmax included)
@@ -136,7 +136,7 @@ def branch_softmax_sum(feats: Tensor, logits: Tensor, *, backend: str | None = N
     kernels of fastattn._C), "cpu" (its OpenMP C++ kernels, CPU tensors), "torch".
     """
     _check(OP, feats, logits)
-    return _branch_softmax_sum(feats, logits, _dispatch.resolve(OP, feats, backend, CHECKS))
+    return _dispatch.run(_branch_softmax_sum, feats, logits, _dispatch.resolve(OP, feats, backend, CHECKS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def _branches_of(t: Tensor, K: int, reverse: bool) -> Tensor:
     return t.flip(1) if reverse else t
 
 
-@torch.library.custom_op("fastattn::branch_softmax_scale", mutates_args=())
+@_dispatch.custom_op("fastattn::branch_softmax_scale", mutates_args=())
 def _branch_softmax_scale(feats: Tensor, logits: Tensor, reverse: bool, backend: str) -> Tensor:
     acc = acc_dtype(feats)
     if backend in ("cpu", "cuda"):
@@ -236,4 +236,5 @@ def branch_softmax_scale(feats: Tensor, logits: Tensor, *, reverse: bool = False
     _check(OP_SCALE, feats, logits)
     if not isinstance(reverse, bool):
         raise TypeError(f"{OP_SCALE}: argument 'reverse' must be a bool, got {type(reverse).__name__}")
-    return _branch_softmax_scale(feats, logits, reverse, _dispatch.resolve(OP_SCALE, feats, backend, CHECKS_SCALE))
+    backend = _dispatch.resolve(OP_SCALE, feats, backend, CHECKS_SCALE)
+    return _dispatch.run(_branch_softmax_scale, feats, logits, reverse, backend)

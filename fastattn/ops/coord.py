@@ -24,7 +24,7 @@ CHECKS = {"triton": _dispatch.triton_reason,
 
 # --------------------------------------------------------------------------- coord_pool
 
-@torch.library.custom_op("fastattn::coord_pool", mutates_args=())
+@_dispatch.custom_op("fastattn::coord_pool", mutates_args=())
 def _coord_pool(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         from fastattn.kernels.coord import coord_pool_forward
@@ -95,12 +95,12 @@ def coord_pool(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor
     from ..reference._checks import check_feature_map
 
     check_feature_map("coord_pool", x)
-    return _coord_pool(x, _dispatch.resolve("coord_pool", x, backend, CHECKS))
+    return _dispatch.run(_coord_pool, x, _dispatch.resolve("coord_pool", x, backend, CHECKS))
 
 
 # --------------------------------------------------------------------------- coord_scale
 
-@torch.library.custom_op("fastattn::coord_scale", mutates_args=())
+@_dispatch.custom_op("fastattn::coord_scale", mutates_args=())
 def _coord_scale(x: Tensor, a_h: Tensor, a_w: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.coord import coord_scale_forward
@@ -182,4 +182,4 @@ def coord_scale(x: Tensor, a_h: Tensor, a_w: Tensor, *, backend: str | None = No
                              f"got {tuple(a.shape)}")
         if a.device != x.device:
             raise ValueError(f"{op}: argument '{name}' must be on x's device {x.device}, got {a.device}")
-    return _coord_scale(x, a_h, a_w, _dispatch.resolve(op, x, backend, CHECKS))
+    return _dispatch.run(_coord_scale, x, a_h, a_w, _dispatch.resolve(op, x, backend, CHECKS))

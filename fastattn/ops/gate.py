@@ -26,7 +26,7 @@ CHECKS = _checks("channel_scale", "channel_scale_backward")       # channel_scal
 
 
 
-@torch.library.custom_op("fastattn::channel_scale", mutates_args=())
+@_dispatch.custom_op("fastattn::channel_scale", mutates_args=())
 def _channel_scale(x: Tensor, a: Tensor, residual: Tensor | None, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.gate import channel_scale_forward
@@ -103,7 +103,7 @@ def channel_scale(x: Tensor, a: Tensor, residual: Tensor | None = None, *, backe
     if residual is not None:
         check_tensor(OP, "residual", residual, dim=4)
         check_same_shape(OP, "residual", residual, "x", x)
-    return _channel_scale(x, a, residual, _dispatch.resolve(OP, x, backend, CHECKS))
+    return _dispatch.run(_channel_scale, x, a, residual, _dispatch.resolve(OP, x, backend, CHECKS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def _combine_torch(x: Tensor, a: Tensor, s: Tensor, mode: str) -> Tensor:
     return x * (1 + torch.sigmoid(t))
 
 
-@torch.library.custom_op("fastattn::channel_spatial_gate", mutates_args=())
+@_dispatch.custom_op("fastattn::channel_spatial_gate", mutates_args=())
 def _channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.gate import channel_spatial_forward
@@ -224,7 +224,7 @@ def channel_spatial_gate(x: Tensor, a: Tensor, s: Tensor, mode: str = "max", *,
         raise ValueError(f"{CS_OP}: argument 's' must have shape (B, 1, H, W) = {(B, 1, H, W)}, got {tuple(s.shape)}")
     if mode not in CS_MODES:
         raise ValueError(f"{CS_OP}: argument 'mode' must be one of {CS_MODES}, got {mode!r}")
-    return _channel_spatial_gate(x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, CS_CHECKS))
+    return _dispatch.run(_channel_spatial_gate, x, a, s, mode, _dispatch.resolve(CS_OP, x, backend, CS_CHECKS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ AG_OP = "channel_affine_gate"
 AG_CHECKS = _checks("channel_affine_gate", "channel_affine_gate_backward")
 
 
-@torch.library.custom_op("fastattn::channel_affine_gate", mutates_args=())
+@_dispatch.custom_op("fastattn::channel_affine_gate", mutates_args=())
 def _channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.gate import affine_gate_forward
@@ -312,4 +312,4 @@ def channel_affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, *, backend: str 
         if t.shape != x.shape[:2]:
             raise ValueError(f"{AG_OP}: argument '{name}' must have shape (B, C) = {tuple(x.shape[:2])}, "
                              f"got {tuple(t.shape)}")
-    return _channel_affine_gate(x, alpha, beta, _dispatch.resolve(AG_OP, x, backend, AG_CHECKS))
+    return _dispatch.run(_channel_affine_gate, x, alpha, beta, _dispatch.resolve(AG_OP, x, backend, AG_CHECKS))

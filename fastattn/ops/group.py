@@ -71,7 +71,7 @@ def _sge_torch_backward(dy, x, weight, bias, m, mu, sd, groups: int, eps: float)
     return dx, (dt * t0).sum((0, 2)), dt.sum((0, 2))
 
 
-@torch.library.custom_op("fastattn::sge_gate", mutates_args=())
+@_dispatch.custom_op("fastattn::sge_gate", mutates_args=())
 def _sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
@@ -168,4 +168,4 @@ def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float = 
             raise ValueError(f"{OP}: argument '{name}' must be on x's device {x.device}, got {p.device}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{OP}: argument 'eps' must be a non-negative float, got {eps!r}")
-    return _sge_gate(x, weight, bias, groups, float(eps), _dispatch.resolve(OP, x, backend, CHECKS))[0]
+    return _dispatch.run(_sge_gate, x, weight, bias, groups, float(eps), _dispatch.resolve(OP, x, backend, CHECKS))[0]

@@ -39,7 +39,7 @@ def channel_mean_backend(x: Tensor) -> str:
     return "torch"
 
 
-@torch.library.custom_op("fastattn::channel_mean", mutates_args=())
+@_dispatch.custom_op("fastattn::channel_mean", mutates_args=())
 def _channel_mean(x: Tensor) -> Tensor:
     if channel_mean_backend(x) != "torch":
         return torch.ops.fastattn_C.channel_mean(x)
@@ -73,7 +73,7 @@ def channel_mean(x: Tensor) -> Tensor:
     fastattn._C has them (NCHW and channels_last read in place), else PyTorch. Differentiable; torch.compile sees one opaque op.
     """
     check_feature_map("channel_mean", x)
-    return _channel_mean(x)
+    return (_channel_mean.plain if _dispatch.direct(channel_mean_backend(x), x) else _channel_mean)(x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def _format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-@torch.library.custom_op("fastattn::channel_pool", mutates_args=(),
+@_dispatch.custom_op("fastattn::channel_pool", mutates_args=(),
                          schema="(Tensor x, str[] kinds, float eps, str backend) -> Tensor[]")
 def _channel_pool(x: Tensor, kinds: list[str], eps: float, backend: str) -> list[Tensor]:
     # Returns the pooled (B, C) tensors in the order of kinds, in x's dtype, then what the
@@ -257,7 +257,7 @@ def channel_pool(x: Tensor, kinds: Sequence[str], eps: float = 1e-5, *,
     if "std" in kinds and HW < 2:
         raise ValueError(f"{CHANNEL_POOL}: argument 'x' must have H * W >= 2 for kind 'std' (unbiased variance), "
                          f"got H x W = {x.shape[2]} x {x.shape[3]}")
-    outs = _channel_pool(x, kinds, float(eps), _dispatch.resolve(CHANNEL_POOL, x, backend, CHECKS))
+    outs = _dispatch.run(_channel_pool, x, kinds, float(eps), _dispatch.resolve(CHANNEL_POOL, x, backend, CHECKS))
     return tuple(outs[:len(kinds)])
 
 
@@ -266,7 +266,7 @@ def channel_pool(x: Tensor, kinds: Sequence[str], eps: float = 1e-5, *,
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastattn::dct_pool", mutates_args=())
+@_dispatch.custom_op("fastattn::dct_pool", mutates_args=())
 def _dct_pool(x: Tensor, weight: Tensor, backend: str) -> Tensor:
     if backend in ("cpu", "cuda"):
         return torch.ops.fastattn_C.dct_pool(x, weight)
@@ -356,4 +356,4 @@ def dct_pool(x: Tensor, weight: Tensor, *, backend: str | None = None) -> Tensor
                          f"got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"{DCT_POOL}: argument 'weight' must be on x's device {x.device}, got {weight.device}")
-    return _dct_pool(x, weight, _dispatch.resolve(DCT_POOL, x, backend, DCT_CHECKS))
+    return _dispatch.run(_dct_pool, x, weight, _dispatch.resolve(DCT_POOL, x, backend, DCT_CHECKS))

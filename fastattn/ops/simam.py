@@ -30,7 +30,7 @@ def _gate_terms(x: Tensor, e_lambda: float):
     return x, xc, d, r, torch.sigmoid(d * r + 0.5)
 
 
-@torch.library.custom_op("fastattn::simam", mutates_args=())
+@_dispatch.custom_op("fastattn::simam", mutates_args=())
 def _simam(x: Tensor, e_lambda: float, backend: str) -> Tensor:
     if backend == "triton":
         from fastattn.kernels.simam import simam_forward
@@ -107,4 +107,4 @@ def simam(x: Tensor, e_lambda: float = 1e-4, *, backend: str | None = None) -> T
                          f"got H={H}, W={W}")
     if isinstance(e_lambda, bool) or not isinstance(e_lambda, (int, float)) or not 0 < e_lambda < float("inf"):
         raise ValueError(f"{OP}: argument 'e_lambda' must be a positive float, got {e_lambda!r}")
-    return _simam(x, float(e_lambda), _dispatch.resolve(OP, x, backend, CHECKS))
+    return _dispatch.run(_simam, x, float(e_lambda), _dispatch.resolve(OP, x, backend, CHECKS))

@@ -82,7 +82,7 @@ def _pool_backward_torch(dy: Tensor, xv: Tensor, a: Tensor | None, idx: Tensor, 
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastattn::spatial_pool", mutates_args=())
+@_dispatch.custom_op("fastattn::spatial_pool", mutates_args=())
 def _spatial_pool(x: Tensor, a: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     if backend in _NATIVE:
         return torch.ops.fastattn_C.spatial_pool(x, _acc(a, x), 1)
@@ -156,7 +156,7 @@ def spatial_pool(x: Tensor, a: Tensor | None = None, *, backend: str | None = No
     _check_x(op, x, 1)
     if a is not None:
         _check_a(op, a, x)
-    y, _ = _spatial_pool(x, a, _dispatch.resolve(op, x, backend, CHECKS))
+    y, _ = _dispatch.run(_spatial_pool, x, a, _dispatch.resolve(op, x, backend, CHECKS))
     return y
 
 
@@ -169,7 +169,7 @@ def _zpool_format(x: Tensor, dim: int) -> torch.memory_format:
     return _pool_format(x) if dim == 1 else torch.contiguous_format
 
 
-@torch.library.custom_op("fastattn::zpool", mutates_args=())
+@_dispatch.custom_op("fastattn::zpool", mutates_args=())
 def _zpool(x: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     if backend in _NATIVE:
         return torch.ops.fastattn_C.spatial_pool(x, None, dim)
@@ -241,7 +241,7 @@ def zpool(x: Tensor, dim: int, *, backend: str | None = None) -> Tensor:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim not in (1, 2, 3):
         raise ValueError(f"{op}: argument 'dim' must be 1, 2 or 3 (the C, H or W dimension of x), got {dim!r}")
     _check_x(op, x, dim)
-    y, _ = _zpool(x, dim, _dispatch.resolve(op, x, backend, CHECKS))
+    y, _ = _dispatch.run(_zpool, x, dim, _dispatch.resolve(op, x, backend, CHECKS))
     return y
 
 
@@ -250,7 +250,7 @@ def zpool(x: Tensor, dim: int, *, backend: str | None = None) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastattn::spatial_scale", mutates_args=())
+@_dispatch.custom_op("fastattn::spatial_scale", mutates_args=())
 def _spatial_scale(x: Tensor, a: Tensor | None, s: Tensor, backend: str) -> Tensor:
     if backend in _NATIVE:
         return torch.ops.fastattn_C.spatial_scale(x, _acc(a, x), _acc(s, x))
@@ -344,7 +344,7 @@ def spatial_scale(x: Tensor, a: Tensor | None, s: Tensor, *, backend: str | None
     if tuple(s.shape) != want:
         raise ValueError(f"{op}: argument 's' must have shape (B, 1, H, W) = {want}, got {tuple(s.shape)}")
     _check_device(op, "s", s, x)
-    return _spatial_scale(x, a, s, _dispatch.resolve(op, x, backend, CHECKS))
+    return _dispatch.run(_spatial_scale, x, a, s, _dispatch.resolve(op, x, backend, CHECKS))
 
 
 # --------------------------------------------------------------------------------------
