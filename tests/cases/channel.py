@@ -184,9 +184,12 @@ CASES: list[Case] = [
               _bad_reduction("TiledSqueezeExcite", dict(channels=12, reduction=4))]),
     Case("TiledSqueezeExcite", dict(channels=12, reduction=4), [(B, 12, 9, 15)], id="TiledSqueezeExcite@k7",
          gradcheck_shapes=[(1, 12, 3, 4)]),
-    # H and W multiples of the tile: the fast module's broadcast-view path
+    # H and W multiples of the tile: the fast module's row-broadcast path
     Case("TiledSqueezeExcite", dict(channels=12, reduction=4, pool_kernel=3), [(B, 12, 6, 9)],
          id="TiledSqueezeExcite@k3_whole_tiles", gradcheck_shapes=[(1, 12, 3, 6)]),
+    # one (cropped) tile: the fast module's channel_scale path
+    Case("TiledSqueezeExcite", dict(channels=12, reduction=4, pool_kernel=7), [(B, 12, 7, 5)],
+         id="TiledSqueezeExcite@one_tile", gradcheck_shapes=[(1, 12, 3, 2)]),
     # 13. NAM
     Case("NAM", dict(channels=12), [(B, 12, H, W)], gradcheck_shapes=[(1, 12, 3, 4)],
          skip_gradcheck="NAM's channel weights use bn2.weight without gradient (the official .data), so a "
