@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+import functools
+
+from .. import _ext, reference
+from ..ops import _dispatch
 from ..ops.bins import bin_mean
 from ..ops.gate import channel_affine_gate, channel_scale
 from ..ops.pool import channel_mean, channel_pool, dct_pool
@@ -14,7 +17,8 @@ from ..reference._checks import check_feature_map, check_same_shape, check_tenso
 class SqueezeExcite(reference.SqueezeExcite):
     """`fastattn.reference.SqueezeExcite` with a fused pool and gate (+ residual add).
 
-    Two passes over x: the channel mean, then ``x * g (+ residual)`` in one pass.
+    Two passes over x: the channel mean, then ``x * g (+ residual)`` in one pass. In CPU
+    inference, one read of x from memory (see `one_read`).
     """
 
     backend: str | None = None
@@ -24,9 +28,42 @@ class SqueezeExcite(reference.SqueezeExcite):
         if residual is not None:
             check_tensor("SqueezeExcite", "residual", residual, dim=4, shape_hint="(B, C, H, W)")
             check_same_shape("SqueezeExcite", "residual", residual, "x", x)
+        if self.one_read(x, residual):
+            f = lambda t: None if t is None else t.detach().float().reshape(t.shape[0], -1).contiguous()  # noqa: E731
+            b1, b2 = self.fc1.bias, self.fc2.bias
+            return torch.ops.fastattn_C.se_forward(x, f(self.fc1.weight), None if b1 is None else b1.detach().float(),
+                                                   f(self.fc2.weight), None if b2 is None else b2.detach().float(),
+                                                   residual)
         s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
+
+
+    def one_read(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+        """Whether forward runs the one-read C++ inference kernel (`fastattn_C::se_forward`: one
+        sample per thread, its means, its MLP and its scale while it is in that core's cache)
+        instead of the channel_mean + channel_scale pair: backend "auto" or "cpu" on CPU tensors,
+        16/32-bit NCHW x (and residual), no gradient recorded (eager, no tensor subclass or mode),
+        at least one sample per thread, and one sample per thread fits twice over in the
+        last-level cache."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False
+        if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+            return False         # channels_last: its two-op path is faster than this kernel's strided loops
+        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _SE_CHECK(x) is not None:
+            return False
+        if not _dispatch.direct("cpu", x, residual, *self.parameters()):
+            return False
+        threads = torch.get_num_threads()
+        return x.shape[0] >= threads and 2 * threads * x[0].numel() * x.element_size() <= _llc_bytes()
+
+
+_SE_CHECK = _dispatch.cpu_kernel("se_forward")
+
+
+@functools.lru_cache(maxsize=None)
+def _llc_bytes() -> int:
+    return int(_ext.build_info().get("llc_bytes", 0))
 
 
 class ECA(reference.ECA):

@@ -197,6 +197,9 @@ def _no_modes() -> bool:
         return False
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def direct(backend: str, *tensors: torch.Tensor | None) -> bool:
     """Whether an op may run its C++ implementation (backend "cpu" or "cuda") as a plain function
     call instead of through its registered custom op: eager mode, plain tensors, no autograd
@@ -209,7 +212,7 @@ def direct(backend: str, *tensors: torch.Tensor | None) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return False
     return _no_modes()
 

@@ -1,0 +1,22 @@
+// Squeeze-excite inference on the CPU in one read of x from memory (se.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace fastattn {
+
+// y = x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2) (+ r), one sample per thread: the sample's
+// channel means, its excitation MLP and its scale run back to back while the sample is in that
+// core's cache, so x is read from memory once (the two-op path reads it twice). Parallel over
+// samples only: B should be at least the thread count. Fast for contiguous H x W planes (NCHW);
+// other strides are correct, not fast.
+// x, r, y share `dtype` (Float32, Float16, BFloat16) and the sizes (B, C, H, W), each with its
+// own strides; r may be null. w1 is (hidden, C), w2 (C, hidden), b1 (hidden) and b2 (C) float,
+// contiguous; b1 and b2 may be null. Math in fp32; the means are fp32 chunk sums folded in double.
+void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
+                    Strides4 sx, Strides4 sr, Strides4 sy, const float* w1, const float* b1, const float* w2,
+                    const float* b2, int64_t hidden);
+
+}  // namespace fastattn
