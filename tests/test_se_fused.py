@@ -83,3 +83,45 @@ def test_module_inference_takes_the_one_read_kernel(dtype):
     f.backend = "torch"
     with torch.no_grad():
         assert not f.one_read(x)
+
+
+def eca_math(x, w):
+    """float64 ECA: x * sigmoid(conv1d over channels of the mean, zero padding (k - 1) / 2)."""
+    m = x.double().mean((2, 3))[:, None, :]
+    k = w.numel()
+    g = torch.sigmoid(torch.nn.functional.conv1d(m, w.double().view(1, 1, k), padding=(k - 1) // 2))[:, 0]
+    return x.double() * g[:, :, None, None]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("k", [1, 3, 5, 9])
+@pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 4, 3, 5), (5, 37, 1, 1)])
+def test_eca_forward_matches_float64(dtype, tol, k, shape):
+    g = torch.Generator().manual_seed(k + sum(shape))
+    x = torch.randn(shape, generator=g).to(dtype) + 0.5
+    w = torch.randn(k, generator=g)
+    want = eca_math(x, w)
+    for name, xv in layouts(x):
+        y = torch.ops.fastattn_C.eca_forward(xv, w)
+        assert y.dtype == dtype and y.stride() == torch.empty_like(xv).stride(), name
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_eca_forward_errors():
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"argument 'weight' must be 1-D with an odd number of taps"):
+        torch.ops.fastattn_C.eca_forward(x, torch.randn(4))
+    with pytest.raises(TypeError, match=r"argument 'weight' must be float32"):
+        torch.ops.fastattn_C.eca_forward(x, torch.randn(3, dtype=torch.float64))
+
+
+def test_eca_module_inference_takes_the_one_read_kernel():
+    torch.manual_seed(0)
+    r, f = fastattn.reference.ECA(64).eval(), fastattn.ECA(64).eval()
+    f.load_state_dict(r.state_dict())
+    x = torch.randn(2 * torch.get_num_threads(), 64, 5, 6)
+    with torch.no_grad():
+        assert f.one_read(x)
+        torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
+    assert not f.one_read(x.requires_grad_())

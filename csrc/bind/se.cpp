@@ -1,5 +1,6 @@
-// torch.ops.fastattn_C.se_forward: squeeze-excite inference in one read of x (CPU; kernel in
-// csrc/cpu/se.cpp). No backward: fastattn.SqueezeExcite uses it only where no gradient is recorded.
+// torch.ops.fastattn_C.se_forward / eca_forward: squeeze-excite and ECA inference in one read of x
+// (CPU; kernels in csrc/cpu/se.cpp). No backward: fastattn.SqueezeExcite and fastattn.ECA use them
+// only where no gradient is recorded.
 #include "../cpu/se.h"
 #include "common.h"
 
@@ -52,11 +53,35 @@ at::Tensor se_forward(const at::Tensor& x, const at::Tensor& w1, const std::opti
   return y;
 }
 
+// y = x * sigmoid(conv1d over the channels of mean_hw(x)); weight (k,) float32, k odd.
+at::Tensor eca_forward(const at::Tensor& x, const at::Tensor& weight) {
+  check_feature_map(x, "eca_forward");
+  TORCH_CHECK(x.device().is_cpu(), "fastattn::eca_forward: this kernel runs on CPU tensors, got 'x' on ", x.device());
+  const DType dt = dtype_tag(x, "eca_forward", "x");
+  TORCH_CHECK_TYPE(dt != DType::Float64, "fastattn::eca_forward: argument 'x' must be float32, float16 or bfloat16, "
+                   "got ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) % 2 == 1, "fastattn::eca_forward: argument 'weight' must be "
+                    "1-D with an odd number of taps, got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "fastattn::eca_forward: argument 'weight' must be float32, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.is_contiguous() && weight.device().is_cpu(),
+                    "fastattn::eca_forward: argument 'weight' must be a contiguous CPU tensor");
+  at::Tensor y = new_output_like(x);
+  if (y.numel() == 0) return y;
+  eca_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), strides4(x),
+                  strides4(y), weight.data_ptr<float>(), weight.size(0));
+  return y;
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("se_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual) -> Tensor");
+  m.def("eca_forward(Tensor x, Tensor weight) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) { m.impl("se_forward", &fastattn::se_forward); }
+TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
+  m.impl("se_forward", &fastattn::se_forward);
+  m.impl("eca_forward", &fastattn::eca_forward);
+}

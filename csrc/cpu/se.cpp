@@ -82,17 +82,31 @@ void excite(const float* mean, int64_t C, const float* w1, const float* b1, cons
   }
 }
 
-// One sample per thread: its means, its MLP, its scale, while the sample is in that core's cache.
-template <typename T>
-void se_typed(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sr,
-              Strides4 sy, const float* w1, const float* b1, const float* w2, const float* b2, int64_t hidden) {
+// ECA: g = sigmoid(conv1d(mean, w)) along the channels, k taps, zero padding (k - 1) / 2.
+void eca_excite(const float* mean, int64_t C, const float* w, int64_t k, float* g) {
+  const int64_t pad = (k - 1) / 2;
+  for (int64_t c = 0; c < C; ++c) {
+    float acc = 0;
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t i = c - pad + t;
+      if (i >= 0 && i < C) acc += w[t] * mean[i];
+    }
+    g[c] = 1.0f / (1.0f + std::exp(-acc));
+  }
+}
+
+// One sample per thread: its means, its gate (excite(mean, g, scratch)), its scale, while the
+// sample is in that core's cache.
+template <typename T, typename Excite>
+void one_read(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sr,
+              Strides4 sy, int64_t scratch, const Excite& excite) {
 #pragma omp parallel
   {
-    std::vector<float> mean(static_cast<size_t>(C)), g(static_cast<size_t>(C)), hid(static_cast<size_t>(hidden));
+    std::vector<float> mean(static_cast<size_t>(C)), g(static_cast<size_t>(C)), tmp(static_cast<size_t>(scratch));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c = 0; c < C; ++c) mean[c] = plane_mean(x + b * sx.b + c * sx.c, H, W, sx);
-      excite(mean.data(), C, w1, b1, w2, b2, hidden, hid.data(), g.data());
+      excite(mean.data(), g.data(), tmp.data());
       for (int64_t c = 0; c < C; ++c)
         plane_scale(x + b * sx.b + c * sx.c, r ? r + b * sr.b + c * sr.c : nullptr, y + b * sy.b + c * sy.c, g[c],
                     H, W, sx, sr, sy);
@@ -105,15 +119,35 @@ void se_typed(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int
 void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
                     Strides4 sx, Strides4 sr, Strides4 sy, const float* w1, const float* b1, const float* w2,
                     const float* b2, int64_t hidden) {
+  const auto mlp = [=](const float* mean, float* g, float* hid) { excite(mean, C, w1, b1, w2, b2, hidden, hid, g); };
   switch (dtype) {
-#define FA_CASE(TAG, T)                                                                                     \
-  case DType::TAG:                                                                                          \
-    return se_typed(static_cast<const T*>(x), static_cast<const T*>(r), static_cast<T*>(y), B, C, H, W, sx, \
-                    sr, sy, w1, b1, w2, b2, hidden);
-    FA_CASE(Float32, float)
-    FA_CASE(Float16, fp16_t)
-    FA_CASE(BFloat16, bf16_t)
-#undef FA_CASE
+    case DType::Float32:
+      return one_read(static_cast<const float*>(x), static_cast<const float*>(r), static_cast<float*>(y), B, C, H,
+                      W, sx, sr, sy, hidden, mlp);
+    case DType::Float16:
+      return one_read(static_cast<const fp16_t*>(x), static_cast<const fp16_t*>(r), static_cast<fp16_t*>(y), B, C,
+                      H, W, sx, sr, sy, hidden, mlp);
+    case DType::BFloat16:
+      return one_read(static_cast<const bf16_t*>(x), static_cast<const bf16_t*>(r), static_cast<bf16_t*>(y), B, C,
+                      H, W, sx, sr, sy, hidden, mlp);
+    case DType::Float64:
+      break;  // refused by the binding
+  }
+}
+
+void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                     Strides4 sy, const float* w, int64_t k) {
+  const auto conv = [=](const float* mean, float* g, float*) { eca_excite(mean, C, w, k, g); };
+  switch (dtype) {
+    case DType::Float32:
+      return one_read(static_cast<const float*>(x), static_cast<const float*>(nullptr), static_cast<float*>(y), B,
+                      C, H, W, sx, Strides4{0, 0, 0, 0}, sy, 0, conv);
+    case DType::Float16:
+      return one_read(static_cast<const fp16_t*>(x), static_cast<const fp16_t*>(nullptr), static_cast<fp16_t*>(y),
+                      B, C, H, W, sx, Strides4{0, 0, 0, 0}, sy, 0, conv);
+    case DType::BFloat16:
+      return one_read(static_cast<const bf16_t*>(x), static_cast<const bf16_t*>(nullptr), static_cast<bf16_t*>(y),
+                      B, C, H, W, sx, Strides4{0, 0, 0, 0}, sy, 0, conv);
     case DType::Float64:
       break;  // refused by the binding
   }

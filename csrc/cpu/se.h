@@ -1,4 +1,4 @@
-// Squeeze-excite inference on the CPU in one read of x from memory (se.cpp).
+// Squeeze-excite and ECA inference on the CPU in one read of x from memory (se.cpp).
 #pragma once
 
 #include <cstdint>
@@ -18,5 +18,10 @@ namespace fastattn {
 void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
                     Strides4 sx, Strides4 sr, Strides4 sy, const float* w1, const float* b1, const float* w2,
                     const float* b2, int64_t hidden);
+
+// ECA's y = x * sigmoid(conv1d over the channels of mean_hw(x), k taps w, zero padding
+// (k - 1) / 2), in the same one-read scheme; w is k contiguous floats, k odd.
+void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                     Strides4 sy, const float* w, int64_t k);
 
 }  // namespace fastattn

@@ -42,23 +42,28 @@ class SqueezeExcite(reference.SqueezeExcite):
     def one_read(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         """Whether forward runs the one-read C++ inference kernel (`fastattn_C::se_forward`: one
         sample per thread, its means, its MLP and its scale while it is in that core's cache)
-        instead of the channel_mean + channel_scale pair: backend "auto" or "cpu" on CPU tensors,
-        16/32-bit NCHW x (and residual), no gradient recorded (eager, no tensor subclass or mode),
-        at least one sample per thread, and one sample per thread fits twice over in the
-        last-level cache."""
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return False
-        if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
-            return False         # channels_last: its two-op path is faster than this kernel's strided loops
-        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _SE_CHECK(x) is not None:
-            return False
-        if not _dispatch.direct("cpu", x, residual, *self.parameters()):
-            return False
-        threads = torch.get_num_threads()
-        return x.shape[0] >= threads and 2 * threads * x[0].numel() * x.element_size() <= _llc_bytes()
+        instead of the channel_mean + channel_scale pair: see `_one_read_ok`."""
+        return _one_read_ok(self, "se_forward", x, residual)
 
 
-_SE_CHECK = _dispatch.cpu_kernel("se_forward")
+def _one_read_ok(module: torch.nn.Module, raw_op: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """The conditions of the one-read inference kernels (csrc/cpu/se.cpp): backend "auto" or "cpu"
+    on CPU tensors, 16/32-bit NCHW x (and residual), no gradient recorded (eager, no tensor
+    subclass or mode), at least one sample per thread (they run a sample per thread), and one
+    sample per thread fits twice over in the last-level cache."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+        return False         # channels_last: its two-op path is faster than these kernels' strided loops
+    if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS[raw_op](x) is not None:
+        return False
+    if not _dispatch.direct("cpu", x, residual, *module.parameters()):
+        return False
+    threads = torch.get_num_threads()
+    return x.shape[0] >= threads and 2 * threads * x[0].numel() * x.element_size() <= _llc_bytes()
+
+
+_RAW_CHECKS = {op: _dispatch.cpu_kernel(op) for op in ("se_forward", "eca_forward")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,14 +72,24 @@ def _llc_bytes() -> int:
 
 
 class ECA(reference.ECA):
-    """`fastattn.reference.ECA` with a fused pool and gate."""
+    """`fastattn.reference.ECA` with a fused pool and gate; in CPU inference, one read of x
+    (see `one_read`)."""
 
     backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("ECA", x, channels=self.channels)
+        if self.one_read(x):
+            return torch.ops.fastattn_C.eca_forward(x, self.conv.weight.detach().float().reshape(-1).contiguous())
         y = self.conv(_mean(x, self.backend).unsqueeze(1)).squeeze(1)
         return channel_scale(x, torch.sigmoid(y), backend=self.backend)
+
+
+    def one_read(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the one-read C++ inference kernel (`fastattn_C::eca_forward`, as
+        SqueezeExcite's) instead of channel_mean + channel_scale: see `_one_read_ok`; the conv
+        must have an odd number of taps (an even one fails in the reference too)."""
+        return self.conv.kernel_size[0] % 2 == 1 and _one_read_ok(self, "eca_forward", x)
 
 
 class NAM(reference.NAM):
