@@ -125,3 +125,22 @@ def test_eca_module_inference_takes_the_one_read_kernel():
         assert f.one_read(x)
         torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
     assert not f.one_read(x.requires_grad_())
+
+
+@pytest.mark.parametrize("kwargs,one_read", [({}, True), ({"use_mlp": False}, False), ({"extent": 2}, False)],
+                         ids=["global_mlp", "no_mlp", "extent2"])
+def test_gather_excite_inference(monkeypatch, kwargs, one_read):
+    """GatherExcite with the global mean and its ConvMlp is SE's math: the one-read kernel in CPU
+    inference; other configurations keep their own paths. Against the reference either way."""
+    from fastattn.modules import channel as ch
+
+    calls = []
+    orig = ch._se_one_read
+    monkeypatch.setattr(ch, "_se_one_read", lambda *a: calls.append(1) or orig(*a))
+    torch.manual_seed(0)
+    r, f = fastattn.reference.GatherExcite(32, **kwargs).eval(), fastattn.GatherExcite(32, **kwargs).eval()
+    f.load_state_dict(r.state_dict())
+    x = torch.randn(2 * torch.get_num_threads(), 32, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
+    assert bool(calls) == one_read

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import functools
 
 from .. import _ext, reference
+from ..reference.channel import _ConvMlp
 from ..ops import _dispatch
 from ..ops.bins import bin_mean
 from ..ops.gate import channel_affine_gate, channel_scale
@@ -29,11 +30,7 @@ class SqueezeExcite(reference.SqueezeExcite):
             check_tensor("SqueezeExcite", "residual", residual, dim=4, shape_hint="(B, C, H, W)")
             check_same_shape("SqueezeExcite", "residual", residual, "x", x)
         if self.one_read(x, residual):
-            f = lambda t: None if t is None else t.detach().float().reshape(t.shape[0], -1).contiguous()  # noqa: E731
-            b1, b2 = self.fc1.bias, self.fc2.bias
-            return torch.ops.fastattn_C.se_forward(x, f(self.fc1.weight), None if b1 is None else b1.detach().float(),
-                                                   f(self.fc2.weight), None if b2 is None else b2.detach().float(),
-                                                   residual)
+            return _se_one_read(x, self.fc1, self.fc2, residual)
         s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
@@ -61,6 +58,17 @@ def _one_read_ok(module: torch.nn.Module, raw_op: str, x: torch.Tensor, residual
         return False
     threads = torch.get_num_threads()
     return x.shape[0] >= threads and 2 * threads * x[0].numel() * x.element_size() <= _llc_bytes()
+
+
+def _se_one_read(x: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d,
+                 residual: torch.Tensor | None) -> torch.Tensor:
+    """x * sigmoid(fc2(relu(fc1(mean(x))))) (+ residual) by `fastattn_C::se_forward` (fp32 weights)."""
+    def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().float().reshape(t.shape[0], -1).contiguous()
+
+    b1, b2 = flat(fc1.bias), flat(fc2.bias)
+    return torch.ops.fastattn_C.se_forward(x, flat(fc1.weight), None if b1 is None else b1.reshape(-1),
+                                           flat(fc2.weight), None if b2 is None else b2.reshape(-1), residual)
 
 
 _RAW_CHECKS = {op: _dispatch.cpu_kernel(op) for op in ("se_forward", "eca_forward")}
@@ -179,6 +187,8 @@ class GatherExcite(reference.GatherExcite):
                     f"(global gather with extra_params=True), got {tuple(x.shape[-2:])}"
                 )
             g = self.gather_act(self.gather(x))
+        elif isinstance(self.mlp, _ConvMlp) and _one_read_ok(self, "se_forward", x):
+            return _se_one_read(x, self.mlp.fc1, self.mlp.fc2, None)    # SE's math: one read in CPU inference
         else:
             g = _mean(x, self.backend)[:, :, None, None]
         return channel_scale(x, torch.sigmoid(self.mlp(g)).flatten(1), backend=self.backend)
