@@ -76,6 +76,7 @@ def test_module_inference_takes_the_one_read_kernel(dtype):
         assert f.one_read(x) and f.one_read(x, res)
         assert not f.one_read(x.to(memory_format=torch.channels_last))
         assert not f.one_read(x[:1]) or torch.get_num_threads() == 1
+        assert not f.one_read(x, res.double())              # another dtype: the two-op path
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(f(x), r(x), rtol=tol, atol=tol)
         torch.testing.assert_close(f(x, res), r(x, res), rtol=tol, atol=tol)

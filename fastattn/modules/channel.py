@@ -1,10 +1,10 @@
 """Fast channel attention modules: pool once, gate once."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-
-import functools
 
 from .. import _ext, reference
 from ..reference.channel import _ConvMlp
@@ -35,7 +35,6 @@ class SqueezeExcite(reference.SqueezeExcite):
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
 
-
     def one_read(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         """Whether forward runs the one-read C++ inference kernel (`fastattn_C::se_forward`: one
         sample per thread, its means, its MLP and its scale while it is in that core's cache)
@@ -45,13 +44,15 @@ class SqueezeExcite(reference.SqueezeExcite):
 
 def _one_read_ok(module: torch.nn.Module, raw_op: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """The conditions of the one-read inference kernels (csrc/cpu/se.cpp): backend "auto" or "cpu"
-    on CPU tensors, 16/32-bit NCHW x (and residual), no gradient recorded (eager, no tensor
+    on CPU tensors, 16/32-bit NCHW x (and residual, of x's dtype), no gradient recorded (eager, no tensor
     subclass or mode), at least one sample per thread (they run a sample per thread), and one
     sample per thread fits twice over in the last-level cache."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
-    if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+    if not x.is_contiguous():
         return False         # channels_last: its two-op path is faster than these kernels' strided loops
+    if residual is not None and (not residual.is_contiguous() or residual.dtype != x.dtype):
+        return False         # (the two-op path converts a residual of another dtype, as the reference promotes)
     if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS[raw_op](x) is not None:
         return False
     if not _dispatch.direct("cpu", x, residual, *module.parameters()):
@@ -91,7 +92,6 @@ class ECA(reference.ECA):
             return torch.ops.fastattn_C.eca_forward(x, self.conv.weight.detach().float().reshape(-1).contiguous())
         y = self.conv(_mean(x, self.backend).unsqueeze(1)).squeeze(1)
         return channel_scale(x, torch.sigmoid(y), backend=self.backend)
-
 
     def one_read(self, x: torch.Tensor) -> bool:
         """Whether forward runs the one-read C++ inference kernel (`fastattn_C::eca_forward`, as
