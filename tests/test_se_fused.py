@@ -145,3 +145,166 @@ def test_gather_excite_inference(monkeypatch, kwargs, one_read):
     with torch.no_grad():
         torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
     assert bool(calls) == one_read
+
+
+def srm_math(x, a_mean, a_std, bias, eps=1e-5):
+    """float64 SRM with a folded BatchNorm: x * sigmoid(a_mean mean + a_std sqrt(var + eps) + bias)."""
+    xd = x.double().flatten(2)
+    std = (xd.var(dim=2, unbiased=True) + eps).sqrt()
+    g = torch.sigmoid(a_mean.double() * xd.mean(2) + a_std.double() * std + bias.double())
+    return x.double() * g[:, :, None, None]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 33, 1, 5), (5, 16, 13, 1), (1, 8, 70, 70)])
+def test_srm_forward_matches_float64(dtype, tol, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    C = shape[1]
+    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)      # off-centre: the variance is two-pass
+    a_mean, a_std, bias = (torch.randn(C, generator=g) for _ in range(3))
+    want = srm_math(x, a_mean, a_std, bias)
+    for name, xv in layouts(x):
+        y = torch.ops.fastattn_C.srm_forward(xv, a_mean, a_std, bias, 1e-5)
+        assert y.dtype == dtype and y.stride() == torch.empty_like(xv).stride(), name
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_srm_forward_errors():
+    x, v = torch.randn(2, 8, 3, 3), torch.randn(8)
+    with pytest.raises(ValueError, match=r"argument 'a_std' must have shape \(8\)"):
+        torch.ops.fastattn_C.srm_forward(x, v, torch.randn(7), v, 1e-5)
+    with pytest.raises(ValueError, match=r"argument 'x' must have H \* W >= 2"):
+        torch.ops.fastattn_C.srm_forward(torch.randn(2, 8, 1, 1), v, v, v, 1e-5)
+    with pytest.raises(TypeError, match=r"argument 'bias' must be float32"):
+        torch.ops.fastattn_C.srm_forward(x, v, v, v.half(), 1e-5)
+
+
+def cbam_math(x, w1, b1, w2, b2, use_mean, use_max, conv_weight, conv_bias):
+    """float64 CBAM with the spatial BatchNorm folded into (conv_weight (2, k, k), conv_bias)."""
+    xd = x.double()
+    mlp = lambda v: torch.relu(v @ w1.double().t() + b1.double()) @ w2.double().t() + b2.double()  # noqa: E731
+    att = 0
+    if use_mean:
+        att = att + mlp(xd.mean((2, 3)))
+    if use_max:
+        att = att + mlp(xd.amax((2, 3)))
+    y = xd * torch.sigmoid(att)[:, :, None, None]
+    if conv_weight is None:
+        return y
+    k = conv_weight.shape[-1]
+    pooled = torch.stack([y.amax(1), y.mean(1)], 1)
+    s = torch.nn.functional.conv2d(pooled, conv_weight.double()[None], padding=(k - 1) // 2) + conv_bias
+    return y * torch.sigmoid(s)
+
+
+def cbam_args(C, k, g, use_mean=True, use_max=True, spatial=True):
+    hidden = max(1, C // 4)
+    w1, b1 = torch.randn(hidden, C, generator=g) / C ** 0.5, torch.randn(hidden, generator=g)
+    w2, b2 = torch.randn(C, hidden, generator=g) / hidden ** 0.5, torch.randn(C, generator=g)
+    cw = torch.randn(2, k, k, generator=g) / k if spatial else None
+    return w1, b1, w2, b2, use_mean, use_max, cw, 0.3 if spatial else 0.0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 33, 1, 5), (5, 16, 13, 1), (1, 8, 40, 37)])
+@pytest.mark.parametrize("pools", [(True, True), (True, False), (False, True)], ids=["mean_max", "mean", "max"])
+@pytest.mark.parametrize("k,spatial", [(7, True), (3, True), (1, True), (7, False)],
+                         ids=["k7", "k3", "k1", "no_spatial"])
+def test_cbam_forward_matches_float64(dtype, tol, shape, pools, k, spatial):
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    x = (torch.randn(shape, generator=g) + 0.5).to(dtype)
+    args = cbam_args(shape[1], k, g, *pools, spatial=spatial)
+    want = cbam_math(x, *args)
+    for name, xv in layouts(x):
+        y = torch.ops.fastattn_C.cbam_forward(xv, *args)
+        assert y.dtype == dtype and y.stride() == torch.empty_like(xv).stride(), name
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("pools", [(True, True), (False, True)], ids=["mean_max", "max"])
+def test_cbam_forward_propagates_nan_and_inf(pools):
+    """A NaN in one plane makes that sample's channel gate NaN (as torch's amax and mean do);
+    an inf stays out of the other samples."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 5, 6, generator=g)
+    x[0, 2, 1, 3] = float("nan")
+    x[1, 5, 4, 0] = float("inf")
+    args = cbam_args(8, 3, g, *pools)
+    want = cbam_math(x, *args)
+    y = torch.ops.fastattn_C.cbam_forward(x, *args)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert y[0].isnan().all() and not y[2].isnan().any()
+
+
+def test_se_forward_propagates_nan():
+    """A NaN mean goes through the ReLU (as torch.relu) into that sample's gate."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 4, 5, generator=g)
+    x[1, 6, 2, 2] = float("nan")
+    w1, w2, b1, b2 = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), torch.randn(2), torch.randn(8)
+    y = torch.ops.fastattn_C.se_forward(x, w1, b1, w2, b2, None)
+    torch.testing.assert_close(y.double(), se_math(x, w1, b1, w2, b2), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert y[1].isnan().all() and not y[0].isnan().any()
+
+
+def test_cbam_forward_errors():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 5)
+    w1, b1, w2, b2, m, mx, cw, cb = cbam_args(8, 7, g)
+    with pytest.raises(ValueError, match=r"argument 'conv_weight' must have shape \(2, k, k\) with k odd"):
+        torch.ops.fastattn_C.cbam_forward(x, w1, b1, w2, b2, m, mx, torch.randn(2, 4, 4), cb)
+    with pytest.raises(ValueError, match=r"at least one of 'use_mean' and 'use_max'"):
+        torch.ops.fastattn_C.cbam_forward(x, w1, b1, w2, b2, False, False, cw, cb)
+    with pytest.raises(ValueError, match=r"argument 'b1' must have shape \(2\)"):
+        torch.ops.fastattn_C.cbam_forward(x, w1, torch.randn(3), w2, b2, m, mx, cw, cb)
+    with pytest.raises(TypeError, match=r"argument 'x' must be float32, float16 or bfloat16"):
+        torch.ops.fastattn_C.cbam_forward(x.double(), w1, b1, w2, b2, m, mx, cw, cb)
+
+
+def _randomise_batch_norms(module):
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("name,kwargs", [("SRM", {}), ("CBAM", {}), ("CBAM", {"pool_types": ("max",)}),
+                                         ("CBAM", {"no_spatial": True}), ("CBAM", {"kernel_size": 3})],
+                         ids=["srm", "cbam", "cbam_max", "cbam_no_spatial", "cbam_k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_srm_cbam_modules_take_the_one_read_kernel_in_eval(name, kwargs, dtype):
+    """In CPU inference (eval BatchNorms) SRM and CBAM run their one-read kernel and match the
+    reference; in train mode, with a gradient, or with the torch backend they do not."""
+    torch.manual_seed(0)
+    C = 32
+    r = getattr(fastattn.reference, name)(C, **kwargs)
+    _randomise_batch_norms(r)
+    if name == "SRM":
+        r.cfc.data.normal_()
+    r = r.eval().to(dtype)
+    f = getattr(fastattn, name)(C, **kwargs).eval().to(dtype)
+    f.load_state_dict(r.state_dict())
+    x = torch.randn(2 * torch.get_num_threads(), C, 9, 7, dtype=dtype) + 0.3
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        assert f.one_read(x)
+        torch.testing.assert_close(f(x), r(x), rtol=tol, atol=tol)
+        assert not f.one_read(x.to(memory_format=torch.channels_last))
+        f.train()
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in f.modules())
+        assert f.one_read(x) != has_bn            # batch statistics: the general path
+        f.eval()
+    assert not f.one_read(x.requires_grad_())
+    f.backend = "torch"
+    with torch.no_grad():
+        assert not f.one_read(x)
+
+
+def test_cbam_repeated_pool_type_keeps_the_general_path():
+    m = fastattn.CBAM(16, pool_types=("avg", "avg")).eval()
+    with torch.no_grad():
+        assert not m.one_read(torch.randn(2 * torch.get_num_threads(), 16, 4, 4))

@@ -30,3 +30,25 @@ def test_channel_scale_streaming_path(residual):
     y = fastattn.ops.channel_scale(x, a, r, backend="cpu")
     want = x * a[:, :, None, None] + (r if residual else 0)
     torch.testing.assert_close(y, want, rtol=2**-23, atol=2**-23 if residual else 0)
+
+
+@pytest.mark.parametrize("op", ["se", "se_residual", "srm", "cbam"])
+def test_one_read_kernels_streaming_path(op):
+    """The one-read inference kernels (csrc/cpu/se.cpp) stream their fp32 output too."""
+    from test_se_fused import cbam_args, cbam_math, se_math, srm_math
+
+    shape = _big_shape(planes=3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g) + 1
+    C = shape[1]
+    if op.startswith("se"):
+        w1, w2, b1, b2 = torch.randn(2, C, generator=g), torch.randn(C, 2, generator=g), torch.randn(2), torch.randn(C)
+        r = torch.randn(shape, generator=g) if op == "se_residual" else None
+        y, want = torch.ops.fastattn_C.se_forward(x, w1, b1, w2, b2, r), se_math(x, w1, b1, w2, b2, r)
+    elif op == "srm":
+        a = [torch.randn(C, generator=g) for _ in range(3)]
+        y, want = torch.ops.fastattn_C.srm_forward(x, *a, 1e-5), srm_math(x, *a)
+    else:
+        args = cbam_args(C, 7, g)
+        y, want = torch.ops.fastattn_C.cbam_forward(x, *args), cbam_math(x, *args)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)

@@ -1,39 +1,45 @@
-// torch.ops.fastattn_C.se_forward / eca_forward: squeeze-excite and ECA inference in one read of x
-// (CPU; kernels in csrc/cpu/se.cpp). No backward: fastattn.SqueezeExcite and fastattn.ECA use them
-// only where no gradient is recorded.
+// torch.ops.fastattn_C.se_forward / eca_forward / srm_forward / cbam_forward: squeeze-excite, ECA,
+// SRM and CBAM inference in one read of x (CPU; kernels in csrc/cpu/se.cpp). No backward: the
+// fastattn modules use them only where no gradient is recorded.
 #include "../cpu/se.h"
 #include "common.h"
 
 namespace fastattn {
 namespace {
 
-void check_weight(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+// A float32 contiguous CPU weight of shape (rows, cols), or (rows,) when cols is 0.
+void check_weight(const at::Tensor& t, const char* op, const char* name, int64_t rows, int64_t cols) {
   const bool shape_ok = cols ? (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols) : (t.dim() == 1 && t.size(0) == rows);
-  TORCH_CHECK_VALUE(shape_ok, "fastattn::se_forward: argument '", name, "' must have shape (", rows,
+  TORCH_CHECK_VALUE(shape_ok, "fastattn::", op, ": argument '", name, "' must have shape (", rows,
                     cols ? ", " + std::to_string(cols) : std::string(""), "), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "fastattn::se_forward: argument '", name,
-                   "' must be float32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), "fastattn::se_forward: argument '", name, "' must be contiguous");
-  TORCH_CHECK(t.device().is_cpu(), "fastattn::se_forward: argument '", name, "' must be a CPU tensor, got ",
-              t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "fastattn::", op, ": argument '", name, "' must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fastattn::", op, ": argument '", name, "' must be contiguous");
+  TORCH_CHECK(t.device().is_cpu(), "fastattn::", op, ": argument '", name, "' must be a CPU tensor, got ", t.device());
+}
+
+// x: a 16/32-bit CPU feature map (the kernels compute in fp32 and refuse float64).
+DType check_input(const at::Tensor& x, const char* op) {
+  check_feature_map(x, op);
+  TORCH_CHECK(x.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got 'x' on ", x.device());
+  const DType dt = dtype_tag(x, op, "x");
+  TORCH_CHECK_TYPE(dt != DType::Float64, "fastattn::", op, ": argument 'x' must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  return dt;
 }
 
 // y = x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2) (+ residual); y like torch.empty_like(x).
 at::Tensor se_forward(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                       const std::optional<at::Tensor>& residual) {
-  check_feature_map(x, "se_forward");
-  TORCH_CHECK(x.device().is_cpu(), "fastattn::se_forward: this kernel runs on CPU tensors, got 'x' on ", x.device());
-  const DType dt = dtype_tag(x, "se_forward", "x");
-  TORCH_CHECK_TYPE(dt != DType::Float64, "fastattn::se_forward: argument 'x' must be float32, float16 or bfloat16, got ",
-                   x.scalar_type());
+  const DType dt = check_input(x, "se_forward");
   const int64_t C = x.size(1);
   TORCH_CHECK_VALUE(w1.dim() == 2, "fastattn::se_forward: argument 'w1' must be 2-D (hidden, C), got ", w1.sizes());
   const int64_t hidden = w1.size(0);
-  check_weight(w1, "w1", hidden, C);
-  check_weight(w2, "w2", C, hidden);
-  if (b1) check_weight(*b1, "b1", hidden, 0);
-  if (b2) check_weight(*b2, "b2", C, 0);
+  check_weight(w1, "se_forward", "w1", hidden, C);
+  check_weight(w2, "se_forward", "w2", C, hidden);
+  if (b1) check_weight(*b1, "se_forward", "b1", hidden, 0);
+  if (b2) check_weight(*b2, "se_forward", "b2", C, 0);
   const at::Tensor* r = residual.has_value() ? &*residual : nullptr;
   if (r) {
     TORCH_CHECK_VALUE(r->sizes() == x.sizes(), "fastattn::se_forward: argument 'residual' must have the shape of 'x' ",
@@ -55,11 +61,7 @@ at::Tensor se_forward(const at::Tensor& x, const at::Tensor& w1, const std::opti
 
 // y = x * sigmoid(conv1d over the channels of mean_hw(x)); weight (k,) float32, k odd.
 at::Tensor eca_forward(const at::Tensor& x, const at::Tensor& weight) {
-  check_feature_map(x, "eca_forward");
-  TORCH_CHECK(x.device().is_cpu(), "fastattn::eca_forward: this kernel runs on CPU tensors, got 'x' on ", x.device());
-  const DType dt = dtype_tag(x, "eca_forward", "x");
-  TORCH_CHECK_TYPE(dt != DType::Float64, "fastattn::eca_forward: argument 'x' must be float32, float16 or bfloat16, "
-                   "got ", x.scalar_type());
+  const DType dt = check_input(x, "eca_forward");
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) % 2 == 1, "fastattn::eca_forward: argument 'weight' must be "
                     "1-D with an odd number of taps, got shape ", weight.sizes());
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "fastattn::eca_forward: argument 'weight' must be float32, got ",
@@ -73,15 +75,73 @@ at::Tensor eca_forward(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// SRM: y = x * sigmoid(a_mean * mean + a_std * sqrt(unbiased var + eps) + bias), per channel
+// over H x W; a_mean, a_std, bias (C,) float32 (the module's cfc and eval BatchNorm folded).
+at::Tensor srm_forward(const at::Tensor& x, const at::Tensor& a_mean, const at::Tensor& a_std,
+                       const at::Tensor& bias, double eps) {
+  const DType dt = check_input(x, "srm_forward");
+  const int64_t C = x.size(1);
+  check_weight(a_mean, "srm_forward", "a_mean", C, 0);
+  check_weight(a_std, "srm_forward", "a_std", C, 0);
+  check_weight(bias, "srm_forward", "bias", C, 0);
+  TORCH_CHECK_VALUE(x.numel() == 0 || x.size(2) * x.size(3) >= 2, "fastattn::srm_forward: argument 'x' must have "
+                    "H * W >= 2 (unbiased variance), got ", x.size(2), " x ", x.size(3));
+  at::Tensor y = new_output_like(x);
+  if (y.numel() == 0) return y;
+  srm_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), C, x.size(2), x.size(3), strides4(x), strides4(y),
+                  a_mean.data_ptr<float>(), a_std.data_ptr<float>(), bias.data_ptr<float>(), static_cast<float>(eps));
+  return y;
+}
+
+// CBAM: y = x * Mc * Ms (see cbam_forward_cpu in csrc/cpu/se.h). w1 (hidden, C), b1 (hidden),
+// w2 (C, hidden), b2 (C) float32; use_mean / use_max pick the channel pools (at least one);
+// conv_weight (2, k, k) float32, k odd, or None for no spatial gate; conv_bias its bias.
+at::Tensor cbam_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, bool use_mean, bool use_max, const std::optional<at::Tensor>& conv_weight,
+                        double conv_bias) {
+  const DType dt = check_input(x, "cbam_forward");
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2, "fastattn::cbam_forward: argument 'w1' must be 2-D (hidden, C), got ", w1.sizes());
+  const int64_t hidden = w1.size(0);
+  check_weight(w1, "cbam_forward", "w1", hidden, C);
+  check_weight(b1, "cbam_forward", "b1", hidden, 0);
+  check_weight(w2, "cbam_forward", "w2", C, hidden);
+  check_weight(b2, "cbam_forward", "b2", C, 0);
+  TORCH_CHECK_VALUE(use_mean || use_max, "fastattn::cbam_forward: at least one of 'use_mean' and 'use_max' must be "
+                    "true");
+  int64_t k = 0;
+  if (conv_weight) {
+    const at::Tensor& cw = *conv_weight;
+    TORCH_CHECK_VALUE(cw.dim() == 3 && cw.size(0) == 2 && cw.size(1) == cw.size(2) && cw.size(1) % 2 == 1,
+                      "fastattn::cbam_forward: argument 'conv_weight' must have shape (2, k, k) with k odd, got ",
+                      cw.sizes());
+    k = cw.size(1);
+    check_weight(cw.view({2, k * k}), "cbam_forward", "conv_weight", 2, k * k);
+  }
+  at::Tensor y = new_output_like(x);
+  if (y.numel() == 0) return y;
+  const CbamWeights weights{w1.data_ptr<float>(), b1.data_ptr<float>(), w2.data_ptr<float>(), b2.data_ptr<float>(),
+                            hidden, use_mean, use_max, conv_weight ? conv_weight->data_ptr<float>() : nullptr,
+                            static_cast<float>(conv_bias), k};
+  cbam_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), C, x.size(2), x.size(3), strides4(x), strides4(y),
+                   weights);
+  return y;
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("se_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual) -> Tensor");
   m.def("eca_forward(Tensor x, Tensor weight) -> Tensor");
+  m.def("srm_forward(Tensor x, Tensor a_mean, Tensor a_std, Tensor bias, float eps) -> Tensor");
+  m.def("cbam_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool use_mean, bool use_max, "
+        "Tensor? conv_weight, float conv_bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("se_forward", &fastattn::se_forward);
   m.impl("eca_forward", &fastattn::eca_forward);
+  m.impl("srm_forward", &fastattn::srm_forward);
+  m.impl("cbam_forward", &fastattn::cbam_forward);
 }

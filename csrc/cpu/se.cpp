@@ -1,6 +1,11 @@
-// Squeeze-excite inference, one sample per thread: the sample's channel means (read from
-// memory), its excitation MLP, then its scale, which re-reads the sample from that core's cache.
+// Squeeze-excite-like inference (SE, ECA, SRM, CBAM), one sample per thread: the sample's plane
+// statistics (read from memory), its gate, then its scale, which re-reads the sample from that
+// core's cache.
 #include "se.h"
+
+#include <type_traits>
+
+#include "stream.h"
 
 #include <algorithm>
 #include <cmath>
@@ -8,6 +13,16 @@
 
 namespace fastattn {
 namespace {
+
+// Sum of 16 lanes as a tree (four vector steps): the sequential sum was a 16-add dependency
+// chain, a large share of the time on 7 x 7 planes.
+inline float lane_sum(float* l) {
+  for (int w = 8; w > 0; w >>= 1) {
+#pragma omp simd
+    for (int j = 0; j < w; ++j) l[j] += l[j + w];
+  }
+  return l[0];
+}
 
 // The mean of one H x W plane (fp32 chunk sums folded in double).
 template <typename T>
@@ -28,8 +43,7 @@ float plane_mean(const T* p, int64_t H, int64_t W, Strides4 s) {
       }
       float acc = 0;
       for (; i < n; ++i) acc += to_float(q[i]);
-      for (int j = 0; j < 16; ++j) acc += lanes[j];
-      total += acc;
+      total += acc + lane_sum(lanes);
     }
   } else {
     for (int64_t h = 0; h < H; ++h)
@@ -38,12 +52,24 @@ float plane_mean(const T* p, int64_t H, int64_t W, Strides4 s) {
   return static_cast<float>(total / static_cast<double>(HW));
 }
 
-// y = x * g (+ r) over one H x W plane.
+// y = x * g (+ r) over one H x W plane; `stream`: fp32 streaming stores (outputs far larger
+// than the cache, see stream.h).
 template <typename T>
 void plane_scale(const T* x, const T* r, T* y, float g, int64_t H, int64_t W, Strides4 sx, Strides4 sr,
-                 Strides4 sy) {
+                 Strides4 sy, bool stream) {
   const int64_t HW = H * W;
   if (plane_contiguous(sx, H, W) && plane_contiguous(sy, H, W) && (!r || plane_contiguous(sr, H, W))) {
+    if constexpr (std::is_same<T, float>::value) {
+      if (stream) {
+        const vfloat vg = vbroadcast(g);
+        if (r)
+          stream_row_f32(y, HW, [&](int64_t i) { return vfma(vload(x + i), vg, vload(r + i)); },
+                         [&](int64_t i) { return x[i] * g + r[i]; });
+        else
+          stream_row_f32(y, HW, [&](int64_t i) { return vmul(vload(x + i), vg); }, [&](int64_t i) { return x[i] * g; });
+        return;
+      }
+    }
     if (r) {
 #pragma omp simd
       for (int64_t i = 0; i < HW; ++i) y[i] = store<T>(to_float(x[i]) * g + to_float(r[i]));
@@ -61,24 +87,116 @@ void plane_scale(const T* x, const T* r, T* y, float g, int64_t H, int64_t W, St
     }
 }
 
-// g = sigmoid(w2 relu(w1 mean + b1) + b2) for one sample; `hid` is scratch of `hidden` floats.
-void excite(const float* mean, int64_t C, const float* w1, const float* b1, const float* w2, const float* b2,
-            int64_t hidden, float* hid, float* g) {
+// Whether the one-read kernels write this output (B x C x H x W of T) with streaming stores.
+template <typename T>
+bool stream_stores(int64_t B, int64_t C, int64_t H, int64_t W) {
+  return std::is_same<T, float>::value && stream_output(B * C * H * W * static_cast<int64_t>(sizeof(T)));
+}
+
+// NaN-propagating max, as torch.amax (a NaN wins; once m is NaN it stays NaN).
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+// Mean and max of one H x W plane in one read (the max as torch.amax, NaN propagating).
+template <typename T>
+void plane_mean_max(const T* p, int64_t H, int64_t W, Strides4 s, float* mean, float* max) {
+  const int64_t HW = H * W;
+  double total = 0;
+  float m = -INFINITY;
+  if (plane_contiguous(s, H, W)) {
+    float mlanes[16];
+    for (int j = 0; j < 16; ++j) mlanes[j] = -INFINITY;
+    for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+      const int64_t n = std::min(HW - i0, kChunk);
+      const T* q = p + i0;
+      float lanes[16] = {};
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+        for (int j = 0; j < 16; ++j) {
+          const float v = to_float(q[i + j]);
+          lanes[j] += v;
+          mlanes[j] = nan_max(mlanes[j], v);
+        }
+      }
+      float acc = 0;
+      for (; i < n; ++i) {
+        const float v = to_float(q[i]);
+        acc += v;
+        m = nan_max(m, v);
+      }
+      total += acc + lane_sum(lanes);
+    }
+    for (int j = 0; j < 16; ++j) m = nan_max(m, mlanes[j]);
+  } else {
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const float v = to_float(p[h * s.h + w * s.w]);
+        total += v;
+        m = nan_max(m, v);
+      }
+  }
+  *mean = static_cast<float>(total / static_cast<double>(HW));
+  *max = m;
+}
+
+// Mean and sqrt(unbiased variance + eps) of one H x W plane: the mean from memory, the squared
+// deviations from the plane's second read, which hits the core's cache (two-pass variance).
+template <typename T>
+void plane_mean_std(const T* p, int64_t H, int64_t W, Strides4 s, float eps, float* mean, float* std_out) {
+  const int64_t HW = H * W;
+  const float mu = plane_mean(p, H, W, s);
+  double total = 0;
+  if (plane_contiguous(s, H, W)) {
+    for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+      const int64_t n = std::min(HW - i0, kChunk);
+      const T* q = p + i0;
+      float lanes[16] = {};
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+        for (int j = 0; j < 16; ++j) {
+          const float d = to_float(q[i + j]) - mu;
+          lanes[j] += d * d;
+        }
+      }
+      float acc = 0;
+      for (; i < n; ++i) {
+        const float d = to_float(q[i]) - mu;
+        acc += d * d;
+      }
+      total += acc + lane_sum(lanes);
+    }
+  } else {
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const double d = to_float(p[h * s.h + w * s.w]) - mu;
+        total += d * d;
+      }
+  }
+  *mean = mu;
+  *std_out = std::sqrt(static_cast<float>(total / static_cast<double>(HW - 1)) + eps);
+}
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// acc += w2 relu(w1 v + b1) + b2 for one sample's pooled vector v (C); `hid` is scratch of
+// `hidden` floats.
+void mlp_add(const float* v, int64_t C, const float* w1, const float* b1, const float* w2, const float* b2,
+             int64_t hidden, float* hid, float* acc_out) {
   for (int64_t j = 0; j < hidden; ++j) {
     const float* row = w1 + j * C;
     float acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < C; ++c) acc += row[c] * mean[c];
+    for (int64_t c = 0; c < C; ++c) acc += row[c] * v[c];
     acc += b1 ? b1[j] : 0.0f;
-    hid[j] = acc > 0.0f ? acc : 0.0f;
+    hid[j] = acc < 0.0f ? 0.0f : acc;  // NaN passes, as torch.relu
   }
   for (int64_t c = 0; c < C; ++c) {
     const float* row = w2 + c * hidden;
     float acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < hidden; ++j) acc += row[j] * hid[j];
-    acc += b2 ? b2[c] : 0.0f;
-    g[c] = 1.0f / (1.0f + std::exp(-acc));
+    acc_out[c] += acc + (b2 ? b2[c] : 0.0f);
   }
 }
 
@@ -91,66 +209,198 @@ void eca_excite(const float* mean, int64_t C, const float* w, int64_t k, float* 
       const int64_t i = c - pad + t;
       if (i >= 0 && i < C) acc += w[t] * mean[i];
     }
-    g[c] = 1.0f / (1.0f + std::exp(-acc));
+    g[c] = sigmoid(acc);
   }
 }
 
-// One sample per thread: its means, its gate (excite(mean, g, scratch)), its scale, while the
-// sample is in that core's cache.
-template <typename T, typename Excite>
+// One sample per thread: each plane's statistics (pool(plane, stats + nstats * c)), the
+// sample's gate (excite(stats, g, scratch)), its scale, while the sample is in that core's cache.
+template <typename T, typename Pool, typename Excite>
 void one_read(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sr,
-              Strides4 sy, int64_t scratch, const Excite& excite) {
+              Strides4 sy, int64_t nstats, const Pool& pool, int64_t scratch, const Excite& excite) {
+  const bool stream = stream_stores<T>(B, C, H, W);
 #pragma omp parallel
   {
-    std::vector<float> mean(static_cast<size_t>(C)), g(static_cast<size_t>(C)), tmp(static_cast<size_t>(scratch));
+    std::vector<float> stats(static_cast<size_t>(nstats * C)), g(static_cast<size_t>(C)),
+        tmp(static_cast<size_t>(scratch));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t c = 0; c < C; ++c) mean[c] = plane_mean(x + b * sx.b + c * sx.c, H, W, sx);
-      excite(mean.data(), g.data(), tmp.data());
+      for (int64_t c = 0; c < C; ++c) pool(x + b * sx.b + c * sx.c, stats.data() + nstats * c);
+      excite(stats.data(), g.data(), tmp.data());
       for (int64_t c = 0; c < C; ++c)
         plane_scale(x + b * sx.b + c * sx.c, r ? r + b * sr.b + c * sr.c : nullptr, y + b * sy.b + c * sy.c, g[c],
-                    H, W, sx, sr, sy);
+                    H, W, sx, sr, sy, stream);
     }
+    if (stream) stream_fence();
+  }
+}
+
+// CBAM's spatial stage for one sample whose channel gate g is known: [max, mean] over the
+// channels of x * g (map: 2 x H x W), the k x k conv (weights 2 x k x k, BN folded into them and
+// `bias`), its sigmoid (s: H x W), and y = x * g * s.
+template <typename T>
+void cbam_spatial(const T* x, T* y, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sy, const float* g,
+                  const float* cw, float bias, int64_t k, float* map, float* s, bool stream) {
+  const int64_t HW = H * W;
+  float* mx = map;
+  float* sm = map + HW;
+  std::fill(mx, mx + HW, -INFINITY);
+  std::fill(sm, sm + HW, 0.0f);
+  const bool contiguous = plane_contiguous(sx, H, W) && plane_contiguous(sy, H, W);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* q = x + c * sx.c;
+    const float gc = g[c];
+    if (contiguous) {
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) {
+        const float v = to_float(q[i]) * gc;
+        mx[i] = nan_max(mx[i], v);
+        sm[i] += v;
+      }
+    } else {
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const float v = to_float(q[h * sx.h + w * sx.w]) * gc;
+          mx[h * W + w] = nan_max(mx[h * W + w], v);
+          sm[h * W + w] += v;
+        }
+    }
+  }
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (int64_t i = 0; i < HW; ++i) sm[i] *= inv_c;
+  // The conv, zero padded, one tap at a time over whole rows (vectorised along W).
+  const int64_t pad = (k - 1) / 2;
+  std::fill(s, s + HW, bias);
+  for (int64_t ch = 0; ch < 2; ++ch)
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        const float wt = cw[(ch * k + i) * k + j];
+        const int64_t dh = i - pad, dw = j - pad;
+        const int64_t h0 = std::max<int64_t>(0, -dh), h1 = std::min<int64_t>(H, H - dh);
+        const int64_t w0 = std::max<int64_t>(0, -dw), w1 = std::min<int64_t>(W, W - dw);
+        for (int64_t h = h0; h < h1; ++h) {
+          float* out = s + h * W;
+          const float* in = map + ch * HW + (h + dh) * W + dw;
+#pragma omp simd
+          for (int64_t w = w0; w < w1; ++w) out[w] += wt * in[w];
+        }
+      }
+  for (int64_t i = 0; i < HW; ++i) s[i] = sigmoid(s[i]);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* q = x + c * sx.c;
+    T* o = y + c * sy.c;
+    const float gc = g[c];
+    if constexpr (std::is_same<T, float>::value) {
+      if (contiguous && stream) {
+        const vfloat vg = vbroadcast(gc);
+        stream_row_f32(o, HW, [&](int64_t i) { return vmul(vmul(vload(q + i), vg), vload(s + i)); },
+                       [&](int64_t i) { return q[i] * gc * s[i]; });
+        continue;
+      }
+    }
+    if (contiguous) {
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) o[i] = store<T>(to_float(q[i]) * gc * s[i]);
+    } else {
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w)
+          o[h * sy.h + w * sy.w] = store<T>(to_float(q[h * sx.h + w * sx.w]) * gc * s[h * W + w]);
+    }
+  }
+}
+
+// CBAM inference, one sample per thread: the channel pools (mean and max in one read), the
+// shared MLP, then (with a conv) the spatial stage from the core's cache, else y = x * g.
+template <typename T>
+void cbam_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sy,
+                   const CbamWeights& p) {
+  const int64_t HW = H * W;
+  const bool stream = stream_stores<T>(B, C, H, W);
+#pragma omp parallel
+  {
+    std::vector<float> mean(static_cast<size_t>(C)), max(static_cast<size_t>(C)), g(static_cast<size_t>(C)),
+        hid(static_cast<size_t>(p.hidden)), map(p.conv_weight ? static_cast<size_t>(2 * HW) : 0),
+        s(p.conv_weight ? static_cast<size_t>(HW) : 0);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const T* xb = x + b * sx.b;
+      T* yb = y + b * sy.b;
+      for (int64_t c = 0; c < C; ++c) plane_mean_max(xb + c * sx.c, H, W, sx, &mean[c], &max[c]);
+      std::fill(g.begin(), g.end(), 0.0f);
+      if (p.use_mean) mlp_add(mean.data(), C, p.w1, p.b1, p.w2, p.b2, p.hidden, hid.data(), g.data());
+      if (p.use_max) mlp_add(max.data(), C, p.w1, p.b1, p.w2, p.b2, p.hidden, hid.data(), g.data());
+      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+      if (p.conv_weight) {
+        cbam_spatial(xb, yb, C, H, W, sx, sy, g.data(), p.conv_weight, p.conv_bias, p.kernel_size, map.data(),
+                     s.data(), stream);
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          plane_scale(xb + c * sx.c, static_cast<const T*>(nullptr), yb + c * sy.c, g[c], H, W, sx, sx, sy, stream);
+      }
+    }
+    if (stream) stream_fence();
   }
 }
 
 }  // namespace
 
+// Calls f(typed pointer tag) for the 16/32-bit dtypes (Float64 is refused by the bindings).
+template <typename F>
+void for_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float16: return f(fp16_t{});
+    case DType::BFloat16: return f(bf16_t{});
+    case DType::Float64: break;
+  }
+}
+
 void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
                     Strides4 sx, Strides4 sr, Strides4 sy, const float* w1, const float* b1, const float* w2,
                     const float* b2, int64_t hidden) {
-  const auto mlp = [=](const float* mean, float* g, float* hid) { excite(mean, C, w1, b1, w2, b2, hidden, hid, g); };
-  switch (dtype) {
-    case DType::Float32:
-      return one_read(static_cast<const float*>(x), static_cast<const float*>(r), static_cast<float*>(y), B, C, H,
-                      W, sx, sr, sy, hidden, mlp);
-    case DType::Float16:
-      return one_read(static_cast<const fp16_t*>(x), static_cast<const fp16_t*>(r), static_cast<fp16_t*>(y), B, C,
-                      H, W, sx, sr, sy, hidden, mlp);
-    case DType::BFloat16:
-      return one_read(static_cast<const bf16_t*>(x), static_cast<const bf16_t*>(r), static_cast<bf16_t*>(y), B, C,
-                      H, W, sx, sr, sy, hidden, mlp);
-    case DType::Float64:
-      break;  // refused by the binding
-  }
+  for_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto pool = [=](const T* p, float* st) { st[0] = plane_mean(p, H, W, sx); };
+    const auto mlp = [=](const float* mean, float* g, float* hid) {
+      std::fill(g, g + C, 0.0f);
+      mlp_add(mean, C, w1, b1, w2, b2, hidden, hid, g);
+      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+    };
+    one_read(static_cast<const T*>(x), static_cast<const T*>(r), static_cast<T*>(y), B, C, H, W, sx, sr, sy, 1,
+             pool, hidden, mlp);
+  });
 }
 
 void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                      Strides4 sy, const float* w, int64_t k) {
-  const auto conv = [=](const float* mean, float* g, float*) { eca_excite(mean, C, w, k, g); };
-  switch (dtype) {
-    case DType::Float32:
-      return one_read(static_cast<const float*>(x), static_cast<const float*>(nullptr), static_cast<float*>(y), B,
-                      C, H, W, sx, Strides4{0, 0, 0, 0}, sy, 0, conv);
-    case DType::Float16:
-      return one_read(static_cast<const fp16_t*>(x), static_cast<const fp16_t*>(nullptr), static_cast<fp16_t*>(y),
-                      B, C, H, W, sx, Strides4{0, 0, 0, 0}, sy, 0, conv);
-    case DType::BFloat16:
-      return one_read(static_cast<const bf16_t*>(x), static_cast<const bf16_t*>(nullptr), static_cast<bf16_t*>(y),
-                      B, C, H, W, sx, Strides4{0, 0, 0, 0}, sy, 0, conv);
-    case DType::Float64:
-      break;  // refused by the binding
-  }
+  for_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto pool = [=](const T* p, float* st) { st[0] = plane_mean(p, H, W, sx); };
+    const auto conv = [=](const float* mean, float* g, float*) { eca_excite(mean, C, w, k, g); };
+    one_read(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B, C, H, W, sx,
+             Strides4{0, 0, 0, 0}, sy, 1, pool, 0, conv);
+  });
+}
+
+void srm_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                     Strides4 sy, const float* a_mean, const float* a_std, const float* bias, float eps) {
+  for_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto pool = [=](const T* p, float* st) { plane_mean_std(p, H, W, sx, eps, st, st + 1); };
+    const auto gate = [=](const float* st, float* g, float*) {
+      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(a_mean[c] * st[2 * c] + a_std[c] * st[2 * c + 1] + bias[c]);
+    };
+    one_read(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B, C, H, W, sx,
+             Strides4{0, 0, 0, 0}, sy, 2, pool, 0, gate);
+  });
+}
+
+void cbam_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                      Strides4 sy, const CbamWeights& weights) {
+  for_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cbam_one_read(static_cast<const T*>(x), static_cast<T*>(y), B, C, H, W, sx, sy, weights);
+  });
 }
 
 }  // namespace fastattn

@@ -1,4 +1,5 @@
-// Squeeze-excite and ECA inference on the CPU in one read of x from memory (se.cpp).
+// Squeeze-excite-like module inference on the CPU in one read of x from memory (se.cpp):
+// SqueezeExcite, ECA, SRM and CBAM.
 #pragma once
 
 #include <cstdint>
@@ -23,5 +24,33 @@ void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t 
 // (k - 1) / 2), in the same one-read scheme; w is k contiguous floats, k odd.
 void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                      Strides4 sy, const float* w, int64_t k);
+
+// SRM's y = x * sigmoid(a_mean * mean + a_std * std + bias), std = sqrt(unbiased variance + eps)
+// over H x W (H * W >= 2), the BatchNorm folded into the three (C) coefficient vectors; same
+// one-read scheme (the variance's second read of each plane hits the cache).
+void srm_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                     Strides4 sy, const float* a_mean, const float* a_std, const float* bias, float eps);
+
+// CBAM's parameters for cbam_forward_cpu. The channel gate: Mc = sigmoid(sum over the pools used
+// (mean, max over H x W) of w2 relu(w1 pooled + b1) + b2), w1 (hidden, C), w2 (C, hidden). The
+// spatial gate when conv_weight is set: Ms = sigmoid(conv_k([max, mean] over C of x * Mc) + bias),
+// conv_weight (2, k, k), k odd, zero padding, the BatchNorm folded into weight and bias.
+struct CbamWeights {
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  int64_t hidden;
+  bool use_mean;
+  bool use_max;
+  const float* conv_weight;  // null: no spatial gate (y = x * Mc)
+  float conv_bias;
+  int64_t kernel_size;
+};
+
+// CBAM's y = x * Mc * Ms, one sample per thread: the channel pools (one read from memory), the
+// MLP, [max, mean] over the channels of x * Mc and the scale (both from that core's cache).
+void cbam_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                      Strides4 sy, const CbamWeights& weights);
 
 }  // namespace fastattn

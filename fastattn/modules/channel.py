@@ -55,8 +55,10 @@ def _one_read_ok(module: torch.nn.Module, raw_op: str, x: torch.Tensor, residual
         return False         # (the two-op path converts a residual of another dtype, as the reference promotes)
     if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS[raw_op](x) is not None:
         return False
-    if not _dispatch.direct("cpu", x, residual, *module.parameters()):
+    if not _dispatch.direct("cpu", x, residual):
         return False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        return False         # the parameters' gradients need the autograd path
     threads = torch.get_num_threads()
     return x.shape[0] >= threads and 2 * threads * x[0].numel() * x.element_size() <= _llc_bytes()
 
@@ -72,7 +74,7 @@ def _se_one_read(x: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d,
                                            flat(fc2.weight), None if b2 is None else b2.reshape(-1), residual)
 
 
-_RAW_CHECKS = {op: _dispatch.cpu_kernel(op) for op in ("se_forward", "eca_forward")}
+_RAW_CHECKS = {op: _dispatch.cpu_kernel(op) for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,7 +248,8 @@ def _mean(x: torch.Tensor, backend: str | None) -> torch.Tensor:
 
 
 class SRM(reference.SRM):
-    """`fastattn.reference.SRM`: mean and std in one read, then the gate in one pass."""
+    """`fastattn.reference.SRM`: mean and std in one read, then the gate in one pass; in CPU
+    inference, one read of x from memory (see `one_read`)."""
 
     backend: str | None = None
 
@@ -257,9 +260,40 @@ class SRM(reference.SRM):
                 "SRM: argument 'x' must have at least 2 spatial positions (H * W >= 2, for the "
                 f"unbiased standard deviation), got H x W = {x.shape[2]} x {x.shape[3]}"
             )
+        if self.one_read(x):
+            return _srm_one_read(self, x)
         mean, std = channel_pool(x, ("mean", "std"), eps=1e-5, backend=self.backend)
         z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
         return channel_scale(x, torch.sigmoid(self.bn(z[:, :, None, None])).flatten(1), backend=self.backend)
+
+    def one_read(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the one-read C++ inference kernel (`fastattn_C::srm_forward`, as
+        SqueezeExcite's) instead of channel_pool + channel_scale: see `_one_read_ok`; the
+        BatchNorm must use its running statistics (eval mode)."""
+        return _bn_frozen(self.bn) and _one_read_ok(self, "srm_forward", x)
+
+
+def _bn_frozen(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether `bn` normalises with its running statistics (an affine map that can be folded)."""
+    return not bn.training and bn.running_mean is not None and bn.running_var is not None
+
+
+def _bn_fold(bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), float32, of a frozen BatchNorm: bn(z) = z * scale + shift per channel."""
+    scale = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().float()
+    shift = -bn.running_mean.detach().float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().float()
+    return scale, shift
+
+
+def _srm_one_read(m: SRM, x: torch.Tensor) -> torch.Tensor:
+    """SRM's eval forward by `fastattn_C::srm_forward`, the BatchNorm folded into the cfc."""
+    scale, shift = _bn_fold(m.bn)
+    a = (m.cfc.detach().float().t() * scale).contiguous()       # (2, C): rows a_mean, a_std
+    return torch.ops.fastattn_C.srm_forward(x, a[0], a[1], shift, 1e-5)
 
 
 class MultiSpectralAttention(reference.MultiSpectralAttention):

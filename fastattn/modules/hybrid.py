@@ -11,7 +11,7 @@ from ..ops.pool import channel_pool
 from ..ops.simam import simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
-from .channel import plane_var_mean
+from .channel import _bn_fold, _bn_frozen, _one_read_ok, plane_var_mean
 from ..reference._checks import check_feature_map, like_input
 
 
@@ -93,6 +93,9 @@ class CBAM(reference.CBAM):
     2. [max, mean] over the channels of ``x * Mc`` without materialising it;
     3. ``x * Mc * Ms`` in one pass (one write).
 
+    In CPU inference the three passes run per sample in one C++ kernel, so that x is read from
+    memory once (see `one_read`).
+
     The official "lp" and "lse" channel pools have no fused kernel: a module using them runs
     the reference forward (say so in `fused`).
     """
@@ -107,6 +110,8 @@ class CBAM(reference.CBAM):
         if not self.fused:
             return super().forward(x)
         check_feature_map("CBAM", x, channels=self.channels)
+        if self.one_read(x):
+            return _cbam_one_read(self, x)
         gate = self.ChannelGate
         kinds = [_CBAM_FUSED_POOLS[p] for p in gate.pool_types]
         pooled = channel_pool(x, kinds, backend=self.backend)
@@ -118,6 +123,33 @@ class CBAM(reference.CBAM):
             return channel_scale(x, a, backend=self.backend)
         s = torch.sigmoid(self.SpatialGate.spatial(spatial_pool(x, a, backend=self.backend)))
         return spatial_scale(x, a, s, backend=self.backend)
+
+    def one_read(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the one-read C++ inference kernel (`fastattn_C::cbam_forward`: one
+        sample per thread, its channel pools, MLP, spatial pool, 7x7 conv and scale while it is in
+        that core's cache) instead of the three-pass path: the conditions of SqueezeExcite's
+        (`fastattn.modules.channel._one_read_ok`), pools among "avg" and "max" without repeats,
+        and the spatial gate's BatchNorm with its running statistics (eval mode)."""
+        pools = self.ChannelGate.pool_types
+        if not self.fused or len(set(pools)) != len(pools):
+            return False
+        if not self.no_spatial and not _bn_frozen(self.SpatialGate.spatial.bn):
+            return False
+        return _one_read_ok(self, "cbam_forward", x)
+
+
+def _cbam_one_read(m: CBAM, x: torch.Tensor) -> torch.Tensor:
+    """CBAM's eval forward by `fastattn_C::cbam_forward`, the spatial BatchNorm folded into the conv."""
+    mlp = m.ChannelGate.mlp
+    fc1, fc2 = mlp[1], mlp[3]
+    w = [t.detach().float().contiguous() for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
+    pools = m.ChannelGate.pool_types
+    conv_weight, conv_bias = None, 0.0
+    if not m.no_spatial:
+        scale, shift = _bn_fold(m.SpatialGate.spatial.bn)          # (1,) each
+        conv_weight = (m.SpatialGate.spatial.conv.weight.detach().float()[0] * scale).contiguous()
+        conv_bias = float(shift)
+    return torch.ops.fastattn_C.cbam_forward(x, *w, "avg" in pools, "max" in pools, conv_weight, conv_bias)
 
 
 class TripletAttention(reference.TripletAttention):
