@@ -308,3 +308,112 @@ def test_cbam_repeated_pool_type_keeps_the_general_path():
     m = fastattn.CBAM(16, pool_types=("avg", "avg")).eval()
     with torch.no_grad():
         assert not m.one_read(torch.randn(2 * torch.get_num_threads(), 16, 4, 4))
+
+
+# --- training: the two backward passes of the pooled-gate modules (fastattn.modules.channel._PooledGate)
+
+ALL_DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3), (torch.float64, 1e-12)]
+
+
+@pytest.mark.parametrize("dtype,tol", ALL_DTYPES, ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 33, 1, 5), (1, 8, 70, 70)])
+def test_channel_dot_and_affine_backward_match_float64(dtype, tol, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gate, k, a = (torch.randn(shape[:2], generator=g).to(acc) for _ in range(3))
+    want_dot = (dy.double() * x.double()).sum((2, 3))
+    want_dx = dy.double() * gate.double()[..., None, None] + k.double()[..., None, None] * x.double() \
+        + a.double()[..., None, None]
+    hw = shape[2] * shape[3]
+    for name, xv in layouts(x):
+        for dname, dyv in (("same", dy.to(memory_format=torch.channels_last) if name == "channels_last" else dy),
+                           ("expanded", dy[:1, :1, :1, :1].expand(shape))):
+            if dname == "expanded":
+                wd = (dy[:1, :1, :1, :1].double() * x.double()).sum((2, 3))
+                wx = dy[:1, :1, :1, :1].double() * gate.double()[..., None, None] \
+                    + k.double()[..., None, None] * x.double() + a.double()[..., None, None]
+            else:
+                wd, wx = want_dot, want_dx
+            got = torch.ops.fastattn_C.channel_dot(dyv, xv)
+            assert got.dtype == acc and got.shape == shape[:2]
+            torch.testing.assert_close(got.double(), wd, rtol=tol, atol=tol * hw ** 0.5,
+                                       msg=lambda m: f"{name}/{dname}: {m}")
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a)
+            assert dx.dtype == dtype and dx.stride() == torch.empty_like(xv).stride()
+            torch.testing.assert_close(dx.double(), wx, rtol=tol, atol=tol, msg=lambda m: f"{name}/{dname}: {m}")
+
+
+def test_channel_dot_and_affine_backward_errors():
+    x = torch.randn(2, 4, 3, 3)
+    v = torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"argument 'dy' must have the shape of 'x'"):
+        torch.ops.fastattn_C.channel_dot(torch.randn(2, 4, 3, 2), x)
+    with pytest.raises(TypeError, match=r"argument 'dy' must have the dtype of 'x'"):
+        torch.ops.fastattn_C.channel_dot(x.double(), x)
+    with pytest.raises(ValueError, match=r"argument 'k' must have shape \(B, C\) = \(2, 4\)"):
+        torch.ops.fastattn_C.channel_scale_affine_backward(x, x, v, torch.randn(2, 3), v)
+    with pytest.raises(TypeError, match=r"argument 'a' must be Float for 'x' of dtype BFloat16"):
+        torch.ops.fastattn_C.channel_scale_affine_backward(x.bfloat16(), x.bfloat16(), v, v, v.bfloat16())
+
+
+def _count_pooled_gate(monkeypatch):
+    from fastattn.modules import channel as ch
+
+    calls = []
+    orig = ch._PooledGate.apply
+    monkeypatch.setattr(ch._PooledGate, "apply", lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["SqueezeExcite", "ECA", "SRM", "GatherExcite"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "params_only"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_pooled_gate_training_path_matches_reference(monkeypatch, name, dtype, tol, x_grad, train):
+    """With a gradient to record on CPU NCHW, SE/ECA/SRM/GatherExcite take the two-pass training
+    path; output, every gradient and the BatchNorm running statistics match the reference."""
+    calls = _count_pooled_gate(monkeypatch)
+    torch.manual_seed(0)
+    r = getattr(fastattn.reference, name)(32).to(dtype)
+    if name == "SRM":
+        r.cfc.data.normal_()
+    _randomise_batch_norms(r)
+    f = getattr(fastattn, name)(32).to(dtype)
+    f.load_state_dict(r.state_dict())
+    r.train(train), f.train(train)
+    x = torch.randn(3, 32, 7, 9, dtype=dtype) * 2 + 1
+    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    dy = torch.randn_like(x)
+    yr, yf = r(xr), f(xf)
+    assert calls, "the training path was not taken"
+    torch.autograd.backward(yr, dy)
+    torch.autograd.backward(yf, dy)
+    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
+    if x_grad:
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
+    for (pname, pr), pf in zip(r.named_parameters(), f.parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"{pname}: {m}")
+    for br, bf in zip(r.buffers(), f.buffers()):
+        torch.testing.assert_close(bf, br, rtol=tol, atol=tol)
+
+
+def test_pooled_gate_training_path_conditions(monkeypatch):
+    calls = _count_pooled_gate(monkeypatch)
+    f = fastattn.SqueezeExcite(16)
+    x = torch.randn(2, 16, 5, 5)
+    f(x.to(memory_format=torch.channels_last)).sum().backward()     # channels_last: the op path
+    f(x, torch.randn_like(x)).sum().backward()                       # a residual: the op path
+    with torch.no_grad():
+        f(x)                                                         # nothing to record
+    f.requires_grad_(False)
+    f(x)                                                             # no gradient anywhere
+    assert not calls
+    f.requires_grad_(True)
+    f.backend = "torch"
+    f(x).sum().backward()
+    assert not calls
+    f.backend = None
+    f(x).sum().backward()
+    assert len(calls) == 1

@@ -52,3 +52,14 @@ def test_one_read_kernels_streaming_path(op):
         args = cbam_args(C, 7, g)
         y, want = torch.ops.fastattn_C.cbam_forward(x, *args), cbam_math(x, *args)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_scale_affine_backward_streaming_path():
+    shape = _big_shape(planes=3)
+    g = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    gate, k, a = (torch.randn(shape[:2], generator=g) for _ in range(3))
+    dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, gate, k, a)
+    want = dy.double() * gate.double()[..., None, None] + k.double()[..., None, None] * x.double() \
+        + a.double()[..., None, None]
+    torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)

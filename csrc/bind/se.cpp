@@ -1,6 +1,8 @@
 // torch.ops.fastattn_C.se_forward / eca_forward / srm_forward / cbam_forward: squeeze-excite, ECA,
 // SRM and CBAM inference in one read of x (CPU; kernels in csrc/cpu/se.cpp). No backward: the
 // fastattn modules use them only where no gradient is recorded.
+// channel_dot / channel_scale_affine_backward: the two passes of the backward of those modules'
+// training path (fastattn/modules/channel.py, _PooledGate).
 #include "../cpu/se.h"
 #include "common.h"
 
@@ -128,6 +130,52 @@ at::Tensor cbam_forward(const at::Tensor& x, const at::Tensor& w1, const at::Ten
   return y;
 }
 
+// dy and x: CPU feature maps of one shape and dtype (any of the four float dtypes).
+DType check_grad_pair(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  check_feature_map(x, op);
+  TORCH_CHECK(x.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got 'x' on ", x.device());
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastattn::", op, ": argument 'dy' must have the shape of 'x' ",
+                    x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op, ": argument 'dy' must have the dtype of "
+                   "'x' (", x.scalar_type(), "), got ", dy.scalar_type());
+  TORCH_CHECK(dy.device().is_cpu(), "fastattn::", op, ": argument 'dy' must be a CPU tensor, got ", dy.device());
+  return dtype_tag(x, op, "x");
+}
+
+// (B, C) in x's accumulation dtype: sum over H x W of dy * x.
+at::Tensor channel_dot(const at::Tensor& dy, const at::Tensor& x) {
+  const DType dt = check_grad_pair("channel_dot", dy, x);
+  at::Tensor out = at::zeros({x.size(0), x.size(1)}, x.options().dtype(acc_scalar_type(x)));
+  if (x.numel() == 0) return out;
+  channel_dot_cpu(dy.data_ptr(), x.data_ptr(), out.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3),
+                  strides4(dy), strides4(x));
+  return out;
+}
+
+// dx = dy * g + k * x + a; g, k, a (B, C) contiguous in x's accumulation dtype; dx like
+// torch.empty_like(x).
+at::Tensor channel_scale_affine_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g,
+                                         const at::Tensor& k, const at::Tensor& a) {
+  const char* op = "channel_scale_affine_backward";
+  const DType dt = check_grad_pair(op, dy, x);
+  const at::ScalarType acc = acc_scalar_type(x);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{g, "g"}, {k, "k"}, {a, "a"}}) {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), "fastattn::", op,
+                      ": argument '", name, "' must have shape (B, C) = (", x.size(0), ", ", x.size(1), "), got ",
+                      t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, "fastattn::", op, ": argument '", name, "' must be ", acc,
+                     " for 'x' of dtype ", x.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "fastattn::", op, ": argument '", name,
+                      "' must be a contiguous CPU tensor");
+  }
+  at::Tensor dx = new_output_like(x);
+  if (dx.numel() == 0) return dx;
+  channel_scale_affine_backward_cpu(dy.data_ptr(), x.data_ptr(), g.data_ptr(), k.data_ptr(), a.data_ptr(),
+                                    dx.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), strides4(dy),
+                                    strides4(x), strides4(dx));
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -137,6 +185,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("srm_forward(Tensor x, Tensor a_mean, Tensor a_std, Tensor bias, float eps) -> Tensor");
   m.def("cbam_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool use_mean, bool use_max, "
         "Tensor? conv_weight, float conv_bias) -> Tensor");
+  m.def("channel_dot(Tensor dy, Tensor x) -> Tensor");
+  m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor k, Tensor a) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
@@ -144,4 +194,6 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("eca_forward", &fastattn::eca_forward);
   m.impl("srm_forward", &fastattn::srm_forward);
   m.impl("cbam_forward", &fastattn::cbam_forward);
+  m.impl("channel_dot", &fastattn::channel_dot);
+  m.impl("channel_scale_affine_backward", &fastattn::channel_scale_affine_backward);
 }

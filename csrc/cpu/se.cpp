@@ -439,3 +439,123 @@ void cbam_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C,
 }
 
 }  // namespace fastattn
+
+// ---------------------------------------------------------------------------------------------
+// Training: the two passes of the pooled-gate modules' backward (see se.h)
+// ---------------------------------------------------------------------------------------------
+
+namespace fastattn {
+namespace {
+
+template <typename T>
+void channel_dot_typed(const T* dy, const T* x, acc_t<T>* out, int64_t B, int64_t C, int64_t H, int64_t W,
+                       Strides4 sdy, Strides4 sx) {
+  using A = acc_t<T>;
+  const int64_t HW = H * W;
+  const bool contiguous = plane_contiguous(sdy, H, W) && plane_contiguous(sx, H, W);
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * C; ++bc) {
+    const int64_t b = bc / C, c = bc % C;
+    const T* pdy = dy + b * sdy.b + c * sdy.c;
+    const T* px = x + b * sx.b + c * sx.c;
+    double total = 0;
+    if (contiguous) {
+      for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+        const int64_t n = std::min(HW - i0, kChunk);
+        A lanes[16] = {};
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+          for (int j = 0; j < 16; ++j)
+            lanes[j] += static_cast<A>(to_float(pdy[i0 + i + j])) * static_cast<A>(to_float(px[i0 + i + j]));
+        }
+        A acc = 0;
+        for (; i < n; ++i) acc += static_cast<A>(to_float(pdy[i0 + i])) * static_cast<A>(to_float(px[i0 + i]));
+        for (int w = 8; w > 0; w >>= 1)
+          for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+        total += acc + lanes[0];
+      }
+    } else {
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w)
+          total += static_cast<double>(to_float(pdy[h * sdy.h + w * sdy.w])) * to_float(px[h * sx.h + w * sx.w]);
+    }
+    out[bc] = static_cast<A>(total);
+  }
+}
+
+template <typename T>
+void scale_affine_backward_typed(const T* dy, const T* x, const acc_t<T>* g, const acc_t<T>* k, const acc_t<T>* a,
+                                 T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
+                                 Strides4 sdx) {
+  using A = acc_t<T>;
+  const int64_t HW = H * W;
+  const bool contiguous = plane_contiguous(sdy, H, W) && plane_contiguous(sx, H, W) && plane_contiguous(sdx, H, W);
+  const bool stream = contiguous && stream_stores<T>(B, C, H, W);
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t bc = 0; bc < B * C; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      const T* pdy = dy + b * sdy.b + c * sdy.c;
+      const T* px = x + b * sx.b + c * sx.c;
+      T* pdx = dx + b * sdx.b + c * sdx.c;
+      const A gg = g[bc], kk = k[bc], aa = a[bc];
+      if constexpr (std::is_same<T, float>::value) {
+        if (stream) {
+          const vfloat vg = vbroadcast(gg), vk = vbroadcast(kk), va = vbroadcast(aa);
+          stream_row_f32(pdx, HW, [&](int64_t i) { return vfma(vload(pdy + i), vg, vfma(vload(px + i), vk, va)); },
+                         [&](int64_t i) { return pdy[i] * gg + (px[i] * kk + aa); });
+          continue;
+        }
+      }
+      if (contiguous) {
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i)
+          pdx[i] = store<T>(static_cast<A>(to_float(pdy[i])) * gg + (static_cast<A>(to_float(px[i])) * kk + aa));
+      } else {
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w)
+            pdx[h * sdx.h + w * sdx.w] = store<T>(static_cast<A>(to_float(pdy[h * sdy.h + w * sdy.w])) * gg +
+                                                  (static_cast<A>(to_float(px[h * sx.h + w * sx.w])) * kk + aa));
+      }
+    }
+    if (stream) stream_fence();
+  }
+}
+
+// Calls f(tag) for all four float dtypes.
+template <typename F>
+void for_every_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float16: return f(fp16_t{});
+    case DType::BFloat16: return f(bf16_t{});
+    case DType::Float64: return f(double{});
+  }
+}
+
+}  // namespace
+
+void channel_dot_cpu(const void* dy, const void* x, void* out, DType dtype, int64_t B, int64_t C, int64_t H,
+                     int64_t W, Strides4 sdy, Strides4 sx) {
+  for_every_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    channel_dot_typed(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<acc_t<T>*>(out), B, C, H, W,
+                      sdy, sx);
+  });
+}
+
+void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void* g, const void* k, const void* a,
+                                       void* dx, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
+                                       Strides4 sdy, Strides4 sx, Strides4 sdx) {
+  for_every_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    scale_affine_backward_typed(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(g),
+                                static_cast<const A*>(k), static_cast<const A*>(a), static_cast<T*>(dx), B, C, H, W,
+                                sdy, sx, sdx);
+  });
+}
+
+}  // namespace fastattn

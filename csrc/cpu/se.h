@@ -1,5 +1,6 @@
-// Squeeze-excite-like module inference on the CPU in one read of x from memory (se.cpp):
-// SqueezeExcite, ECA, SRM and CBAM.
+// Squeeze-excite-like modules on the CPU (se.cpp): inference in one read of x from memory
+// (SqueezeExcite, ECA, SRM, CBAM), and the two passes of the backward of y = x * gate(stats(x))
+// in training (SqueezeExcite, ECA, SRM, GatherExcite).
 #pragma once
 
 #include <cstdint>
@@ -52,5 +53,17 @@ struct CbamWeights {
 // MLP, [max, mean] over the channels of x * Mc and the scale (both from that core's cache).
 void cbam_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                       Strides4 sy, const CbamWeights& weights);
+
+// Training, backward pass 1: out[b, c] = sum over H x W of dy * x (B x C of acc_t: float, or
+// double for Float64), fp32 chunks folded in double. All four float dtypes, any strides.
+void channel_dot_cpu(const void* dy, const void* x, void* out, DType dtype, int64_t B, int64_t C, int64_t H,
+                     int64_t W, Strides4 sdy, Strides4 sx);
+
+// Training, backward pass 2: dx = dy * g + k * x + a, with g, k, a (B x C of acc_t) the gate and
+// the pooling's gradient terms (a mean's dmean / HW in a; a standard deviation's (x - mean)
+// term in k and a). fp32 outputs of at least LLC / 2 are streamed.
+void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void* g, const void* k, const void* a,
+                                       void* dx, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
+                                       Strides4 sdy, Strides4 sx, Strides4 sdx);
 
 }  // namespace fastattn

@@ -31,6 +31,8 @@ class SqueezeExcite(reference.SqueezeExcite):
             check_same_shape("SqueezeExcite", "residual", residual, "x", x)
         if self.one_read(x, residual):
             return _se_one_read(x, self.fc1, self.fc2, residual)
+        if residual is None and _train_fused_ok(self, x):
+            return _pooled_gate(self, x, lambda m: self.gate(self.fc2(self.act(self.fc1(m[:, :, None, None])))).flatten(1))
         s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
@@ -75,6 +77,85 @@ def _se_one_read(x: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d,
 
 
 _RAW_CHECKS = {op: _dispatch.cpu_kernel(op) for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward")}
+_RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine_backward", "channel_pool",
+                                            "channel_scale")
+
+
+def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """The conditions of `_PooledGate`, the CPU training path of the pooled-gate modules:
+    backend "auto" or "cpu" on a CPU tensor of NCHW planes (its passes run plane by plane), a
+    gradient to record (of x or of a parameter), eager mode with plain tensors, and not
+    compiling (torch.compile traces the op path)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return False
+    if not x.is_contiguous() or not torch.is_grad_enabled():
+        return False
+    if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["train"](x) is not None:
+        return False
+    params = list(module.parameters())
+    if not (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    if torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+        return False
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)
+
+
+class _PooledGate(torch.autograd.Function):
+    """y = x * gate(stats(x)) on CPU in training, its backward in two passes over x.
+
+    stats are per-plane means (and, for SRM, standard deviations sqrt(unbiased var + eps));
+    gate maps them to a (B, C) gate with the module's own layers, recorded by autograd at forward
+    (so a BatchNorm updates its running statistics once). Backward: pass 1 sums dy * x per plane
+    (the gate's gradient), autograd takes it through the gate to the statistics and parameters,
+    pass 2 writes dx = dy * g + (the statistics' gradient terms) in one go. The op path instead
+    writes dy * g, the pooling's gradient and their sum: three full passes more.
+    """
+
+    @staticmethod
+    def forward(ctx, x, with_std, eps, gate_fn, *params):
+        if with_std:   # mean and std in x's dtype (for the gate), then in the accumulation dtype
+            mean, std, mean_acc, std_acc = torch.ops.fastattn_C.channel_pool(x, ["mean", "std"], eps)
+            stats, saved = [mean, std], [mean_acc, std_acc]
+        else:
+            stats, saved = [torch.ops.fastattn_C.channel_mean(x)], []
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in stats]
+            g = gate_fn(*leaves)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        g_acc = g.detach().to(acc).contiguous()
+        ctx.save_for_backward(x, g_acc, *saved)
+        ctx.graph = (g, leaves, params)
+        ctx.with_std = with_std
+        return torch.ops.fastattn_C.channel_scale(x, g_acc, None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, g_acc, *saved = ctx.saved_tensors
+        g, leaves, params = ctx.graph
+        ctx.graph = None
+        dg = torch.ops.fastattn_C.channel_dot(dy, x)
+        want = [p for p in params if p.requires_grad]
+        need_x = ctx.needs_input_grad[0]
+        grads = torch.autograd.grad(g, (leaves if need_x else []) + want, dg.to(g.dtype), allow_unused=True)
+        dx = None
+        if need_x:
+            hw = x.shape[2] * x.shape[3]
+            dmean = grads[0] if grads[0] is not None else torch.zeros_like(g_acc)
+            a = dmean.to(g_acc.dtype) / hw
+            k = torch.zeros_like(a)
+            if ctx.with_std and grads[1] is not None:
+                mean, std = saved          # d std / dx = (x - mean) / ((HW - 1) std)
+                k = grads[1].to(g_acc.dtype) / ((hw - 1) * std)
+                a = a - k * mean
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, g_acc, k.contiguous(), a.contiguous())
+        param_grads = iter(grads[len(leaves) if need_x else 0:])
+        return (dx, None, None, None, *[next(param_grads) if p.requires_grad else None for p in params])
+
+
+def _pooled_gate(module: torch.nn.Module, x: torch.Tensor, gate_fn, with_std: bool = False,
+                 eps: float = 1e-5) -> torch.Tensor:
+    return _PooledGate.apply(x, with_std, eps, gate_fn, *module.parameters())
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,6 +173,8 @@ class ECA(reference.ECA):
         check_feature_map("ECA", x, channels=self.channels)
         if self.one_read(x):
             return torch.ops.fastattn_C.eca_forward(x, self.conv.weight.detach().float().reshape(-1).contiguous())
+        if _train_fused_ok(self, x):
+            return _pooled_gate(self, x, lambda m: torch.sigmoid(self.conv(m.unsqueeze(1)).squeeze(1)))
         y = self.conv(_mean(x, self.backend).unsqueeze(1)).squeeze(1)
         return channel_scale(x, torch.sigmoid(y), backend=self.backend)
 
@@ -191,6 +274,8 @@ class GatherExcite(reference.GatherExcite):
             g = self.gather_act(self.gather(x))
         elif isinstance(self.mlp, _ConvMlp) and _one_read_ok(self, "se_forward", x):
             return _se_one_read(x, self.mlp.fc1, self.mlp.fc2, None)    # SE's math: one read in CPU inference
+        elif _train_fused_ok(self, x):
+            return _pooled_gate(self, x, lambda m: torch.sigmoid(self.mlp(m[:, :, None, None])).flatten(1))
         else:
             g = _mean(x, self.backend)[:, :, None, None]
         return channel_scale(x, torch.sigmoid(self.mlp(g)).flatten(1), backend=self.backend)
@@ -262,6 +347,11 @@ class SRM(reference.SRM):
             )
         if self.one_read(x):
             return _srm_one_read(self, x)
+        if _train_fused_ok(self, x):
+            def gate(mean, std):
+                z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
+                return torch.sigmoid(self.bn(z[:, :, None, None])).flatten(1)
+            return _pooled_gate(self, x, gate, with_std=True, eps=1e-5)
         mean, std = channel_pool(x, ("mean", "std"), eps=1e-5, backend=self.backend)
         z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
         return channel_scale(x, torch.sigmoid(self.bn(z[:, :, None, None])).flatten(1), backend=self.backend)
