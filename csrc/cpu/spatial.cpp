@@ -104,7 +104,7 @@ void pool_fwd_tiles(const T* x, const acc_t<T>* a, T* y, int32_t* idx, int64_t B
     double tot[kMaxTile];
     const int64_t t = job % nT, r = job / nT, p1 = r % P1, b = r / P1;
     const int64_t i0 = t * TP, n = std::min(TP, P2 - i0);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < std::max<int64_t>(n, kLanes); ++i) {
       mx[i] = -std::numeric_limits<A>::infinity();
       id[i] = 0;
       tot[i] = 0.0;
@@ -112,8 +112,24 @@ void pool_fwd_tiles(const T* x, const acc_t<T>* a, T* y, int32_t* idx, int64_t B
     const T* base = x + b * sx.b + p1 * sx.h + i0;
     for (int64_t c0 = 0; c0 < N; c0 += kChunk) {   // fp32 sums over kChunk rows, folded into double
       const int64_t c1 = std::min(N, c0 + kChunk);
-      for (int64_t i = 0; i < n; ++i) sm[i] = A(0);
-      for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t i = 0; i < std::max<int64_t>(n, kLanes); ++i) sm[i] = A(0);
+      for (int64_t c = c0; c < c1 && n < kLanes; ++c) {
+        // A tile narrower than the SIMD width (Triplet's H-pool of a 14 x 14 map): a fixed
+        // kLanes-wide loop with masked loads; a loop of n < width ran scalar.
+        const T* __restrict__ row = base + c * sx.c;
+        const A ac = kA ? a[b * N + c] : A(1);
+        const int32_t cc = static_cast<int32_t>(c);
+#pragma omp simd
+        for (int i = 0; i < kLanes; ++i) {
+          A v = i < n ? static_cast<A>(to_float(row[i])) : A(0);
+          if (kA) v *= ac;
+          sm[i] += v;
+          const bool gt = beats(v, mx[i]);
+          mx[i] = gt ? v : mx[i];
+          id[i] = gt ? cc : id[i];
+        }
+      }
+      for (int64_t c = c0; c < c1 && n >= kLanes; ++c) {
         const T* __restrict__ row = base + c * sx.c;
         const A ac = kA ? a[b * N + c] : A(1);
         const int32_t cc = static_cast<int32_t>(c);
@@ -209,6 +225,49 @@ void pool_fwd_rows(const T* x, const acc_t<T>* a, T* y, int32_t* idx, int64_t B,
     const int64_t b = job / nseg, q0 = (job % nseg) * per, q1 = std::min(P, q0 + per);
     const A* ar = kA ? a + b * N : nullptr;
     int64_t p1 = q0 / P2, p2 = q0 % P2;
+    if (N < kLanes) {
+      // Short rows (Triplet's W-pool of a 14 x 14 map): kLanes rows at a time, one SIMD lane per
+      // row; per row, the lanes' set-up and merge of reduce_row cost more than the row itself.
+      for (int64_t q = q0; q < q1; q += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, q1 - q);
+        int64_t off[kLanes], yoff[kLanes], ioff[kLanes];
+        for (int64_t r = 0; r < n; ++r) {
+          off[r] = b * sx.b + p1 * sx.h + p2 * sx.w;
+          yoff[r] = b * sy.b + p1 * sy.h + p2 * sy.w;
+          ioff[r] = b * P + p1 * px.i1 + p2 * px.i2;
+          if (++p2 == P2) {
+            p2 = 0;
+            ++p1;
+          }
+        }
+        for (int64_t r = n; r < kLanes; ++r) off[r] = off[n - 1];  // padding lanes repeat a row
+        A m[kLanes], sum[kLanes];
+        int32_t best[kLanes];
+        for (int r = 0; r < kLanes; ++r) {
+          m[r] = -std::numeric_limits<A>::infinity();
+          sum[r] = A(0);
+          best[r] = 0;
+        }
+        for (int64_t c = 0; c < N; ++c) {
+          const A ac = kA ? ar[c] : A(1);
+#pragma omp simd
+          for (int r = 0; r < kLanes; ++r) {
+            A v = static_cast<A>(to_float(x[off[r] + c]));
+            if (kA) v *= ac;
+            sum[r] += v;
+            const bool gt = beats(v, m[r]);
+            m[r] = gt ? v : m[r];
+            best[r] = gt ? static_cast<int32_t>(c) : best[r];
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          y[yoff[r]] = store<T>(m[r]);
+          y[yoff[r] + sy.c] = store<T>(static_cast<A>(static_cast<double>(sum[r]) / dn));
+          idx[ioff[r]] = best[r];
+        }
+      }
+      continue;
+    }
     for (int64_t q = q0; q < q1; ++q) {
       A m;
       int32_t i;
