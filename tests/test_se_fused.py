@@ -304,10 +304,20 @@ def test_srm_cbam_modules_take_the_one_read_kernel_in_eval(name, kwargs, dtype):
         assert not f.one_read(x)
 
 
-def test_cbam_repeated_pool_type_keeps_the_general_path():
-    m = fastattn.CBAM(16, pool_types=("avg", "avg")).eval()
+@pytest.mark.parametrize("pools", [("avg", "avg"), ("max", "avg", "max")])
+def test_cbam_repeated_pool_type_keeps_the_general_path(pools):
+    """A pool named twice counts twice in the reference's sum: the op path (which pools it once)."""
+    torch.manual_seed(0)
+    r = fastattn.reference.CBAM(16, reduction=4, pool_types=pools)
+    m = fastattn.CBAM(16, reduction=4, pool_types=pools)
+    m.load_state_dict(r.state_dict())
+    x = torch.randn(2 * torch.get_num_threads(), 16, 4, 4)
+    assert not m.train_fused(x.requires_grad_())
+    torch.testing.assert_close(m(x), r(x), rtol=1e-5, atol=1e-5)
+    m.eval(), r.eval()
     with torch.no_grad():
-        assert not m.one_read(torch.randn(2 * torch.get_num_threads(), 16, 4, 4))
+        assert not m.one_read(x)
+        torch.testing.assert_close(m(x), r(x), rtol=1e-5, atol=1e-5)
 
 
 # --- training: the two backward passes of the pooled-gate modules (fastattn.modules.channel._PooledGate)
@@ -417,3 +427,97 @@ def test_pooled_gate_training_path_conditions(monkeypatch):
     f.backend = None
     f(x).sum().backward()
     assert len(calls) == 1
+
+
+# --- CBAM training: three backward passes (fastattn.modules.hybrid._CBAMTrain)
+
+
+def _count_cbam_train(monkeypatch):
+    from fastattn.modules import hybrid
+
+    calls = []
+    orig = hybrid._CBAMTrain.apply
+    monkeypatch.setattr(hybrid._CBAMTrain, "apply", lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"pool_types": ("max",)}, {"pool_types": ("avg",)},
+                                    {"pool_types": ("max", "avg")}, {"kernel_size": 3}],
+                         ids=["avg_max", "max", "avg", "max_avg", "k3"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "params_only"])
+@pytest.mark.parametrize("shape", [(4, 32, 7, 9), (2, 16, 1, 13), (3, 24, 11, 1)], ids=["7x9", "1x13", "11x1"])
+def test_cbam_training_path_matches_reference(monkeypatch, kwargs, dtype, tol, x_grad, shape):
+    calls = _count_cbam_train(monkeypatch)
+    torch.manual_seed(sum(shape))
+    C = shape[1]
+    r = fastattn.reference.CBAM(C, reduction=4, **kwargs).to(dtype)
+    f = fastattn.CBAM(C, reduction=4, **kwargs).to(dtype)
+    f.load_state_dict(r.state_dict())
+    x = torch.randn(shape, dtype=dtype)
+    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    dy = torch.randn_like(x)
+    yr, yf = r(xr), f(xf)
+    assert calls == [1]
+    yr.backward(dy)
+    yf.backward(dy)
+    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
+    if x_grad:
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
+    for (name, pr), pf in zip(r.named_parameters(), f.parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    for br, bf in zip(r.buffers(), f.buffers()):                     # the spatial BatchNorm's statistics
+        torch.testing.assert_close(bf, br, rtol=tol, atol=tol)
+
+
+def test_cbam_training_path_ties_match_the_op_path(monkeypatch):
+    """Ties in both max pools: the three-pass backward sends the max gradients where the op
+    path does (the first maximum), non-contiguous dy included."""
+    calls = _count_cbam_train(monkeypatch)
+    torch.manual_seed(0)
+    f = fastattn.CBAM(16, reduction=4)
+    x = torch.randn(2, 16, 5, 6).round()                           # many equal values
+    x[:, :, 2, :] = 3.0                                             # a tied row of maxima per plane
+    dy = torch.randn(2, 6, 5, 16).permute(0, 3, 2, 1)               # non-contiguous dy
+    grads = []
+    for fused in (True, False):
+        f.zero_grad()
+        xx = x.clone().requires_grad_()
+        if not fused:
+            f.backend = "cpu"
+            monkeypatch.setattr(fastattn.CBAM, "train_fused", lambda self, x: False)
+        f(xx).backward(dy)
+        grads.append([xx.grad] + [p.grad.clone() for p in f.parameters()])
+    assert calls == [1]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cbam_training_path_conditions(monkeypatch):
+    calls = _count_cbam_train(monkeypatch)
+    f = fastattn.CBAM(16, reduction=4)
+    x = torch.randn(2 * torch.get_num_threads(), 16, 5, 5)
+    f(x.to(memory_format=torch.channels_last)).sum().backward()     # channels_last: the op path
+    fastattn.CBAM(16, reduction=4, no_spatial=True)(x).sum().backward()
+    fastattn.CBAM(16, reduction=4, pool_types=("avg", "avg"))(x).sum().backward()
+    with torch.no_grad():
+        f(x)
+    if torch.get_num_threads() > 1:
+        f(x[:1]).sum().backward()                                   # fewer samples than threads
+    assert not calls
+    f(x).sum().backward()
+    assert calls == [1]
+
+
+def test_cbam_backward_raw_errors():
+    x = torch.randn(2, 4, 3, 3)
+    a, s = torch.rand(2, 4), torch.rand(2, 9)
+    with pytest.raises(ValueError, match=r"argument 'x' must be NCHW-contiguous"):
+        torch.ops.fastattn_C.cbam_backward_sums(x, x.transpose(2, 3), a, s)
+    with pytest.raises(ValueError, match=r"argument 's' must have shape \(2, 9\)"):
+        torch.ops.fastattn_C.cbam_backward_sums(x, x, a, torch.rand(2, 8))
+    with pytest.raises(TypeError, match=r"argument 'idx_c' must be Int"):
+        torch.ops.fastattn_C.cbam_backward_pool_grad(x, s, s, torch.zeros(2, 9, dtype=torch.int64))
+    z, iz = torch.zeros(2, 9, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"argument 'idx_p' must hold positions in \[0, H \* W = 9\)"):
+        torch.ops.fastattn_C.cbam_backward_dx(x, a, s, s, s, z, a, a, iz + 9)

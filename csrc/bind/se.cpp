@@ -2,7 +2,8 @@
 // SRM and CBAM inference in one read of x (CPU; kernels in csrc/cpu/se.cpp). No backward: the
 // fastattn modules use them only where no gradient is recorded.
 // channel_dot / channel_scale_affine_backward: the two passes of the backward of those modules'
-// training path (fastattn/modules/channel.py, _PooledGate).
+// training path (fastattn/modules/channel.py, _PooledGate); cbam_backward_*: the three passes of
+// CBAM's (fastattn/modules/hybrid.py, _CBAMTrain).
 #include "../cpu/se.h"
 #include "common.h"
 
@@ -176,6 +177,91 @@ at::Tensor channel_scale_affine_backward(const at::Tensor& dy, const at::Tensor&
   return dx;
 }
 
+// CBAM's backward passes take NCHW-contiguous x and dy (the module makes dy contiguous).
+DType check_nchw(const char* op, const at::Tensor& x, const char* name) {
+  check_feature_map(x, op);
+  TORCH_CHECK(x.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got '", name, "' on ",
+              x.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "fastattn::", op, ": argument '", name, "' must be NCHW-contiguous, got "
+                    "strides ", x.strides());
+  return dtype_tag(x, op, name);
+}
+
+// A contiguous CPU tensor of shape (rows, cols) and dtype `want`.
+void check_table(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                 at::ScalarType want) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fastattn::", op, ": argument '", name,
+                    "' must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "fastattn::", op, ": argument '", name, "' must be ", want, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "fastattn::", op, ": argument '", name,
+                    "' must be a contiguous CPU tensor");
+}
+
+// Pass 1: (da (B, C), ds (B, H * W)) = (sum_p dy x s, sum_c dy x a), in x's accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> cbam_backward_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a,
+                                                      const at::Tensor& s) {
+  const char* op = "cbam_backward_sums";
+  const DType dt = check_nchw(op, x, "x");
+  check_grad_pair(op, dy, x);
+  TORCH_CHECK_VALUE(dy.is_contiguous(), "fastattn::", op, ": argument 'dy' must be NCHW-contiguous");
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const at::ScalarType acc = acc_scalar_type(x);
+  check_table(op, a, "a", B, C, acc);
+  check_table(op, s, "s", B, HW, acc);
+  at::Tensor da = at::zeros({B, C}, a.options()), ds = at::zeros({B, HW}, s.options());
+  if (x.numel() == 0) return {da, ds};
+  cbam_backward_sums_cpu(dy.data_ptr(), x.data_ptr(), a.data_ptr(), s.data_ptr(), da.data_ptr(), ds.data_ptr(), dt, B,
+                         C, HW);
+  return {da, ds};
+}
+
+// Pass 2: da (B, C) = sum_p x (dpmean / C + [idx_c == c] dpmax).
+at::Tensor cbam_backward_pool_grad(const at::Tensor& x, const at::Tensor& dpmax, const at::Tensor& dpmean,
+                                   const at::Tensor& idx_c) {
+  const char* op = "cbam_backward_pool_grad";
+  const DType dt = check_nchw(op, x, "x");
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const at::ScalarType acc = acc_scalar_type(x);
+  check_table(op, dpmax, "dpmax", B, HW, acc);
+  check_table(op, dpmean, "dpmean", B, HW, acc);
+  check_table(op, idx_c, "idx_c", B, HW, at::kInt);
+  at::Tensor da = at::zeros({B, C}, dpmax.options());
+  if (x.numel() == 0) return da;
+  cbam_backward_pool_grad_cpu(x.data_ptr(), dpmax.data_ptr(), dpmean.data_ptr(), idx_c.data_ptr<int32_t>(),
+                              da.data_ptr(), dt, B, C, HW);
+  return da;
+}
+
+// Pass 3: dx = dy a s + a dpmean / C + [idx_c == c] a dpmax + dmean / HW + [p == idx_p] dmax.
+at::Tensor cbam_backward_dx(const at::Tensor& dy, const at::Tensor& a, const at::Tensor& s, const at::Tensor& dpmax,
+                            const at::Tensor& dpmean, const at::Tensor& idx_c, const at::Tensor& dmean,
+                            const at::Tensor& dmax, const at::Tensor& idx_p) {
+  const char* op = "cbam_backward_dx";
+  const DType dt = check_nchw(op, dy, "dy");
+  const int64_t B = dy.size(0), C = dy.size(1), HW = dy.size(2) * dy.size(3);
+  const at::ScalarType acc = acc_scalar_type(dy);
+  check_table(op, a, "a", B, C, acc);
+  check_table(op, s, "s", B, HW, acc);
+  check_table(op, dpmax, "dpmax", B, HW, acc);
+  check_table(op, dpmean, "dpmean", B, HW, acc);
+  check_table(op, idx_c, "idx_c", B, HW, at::kInt);
+  check_table(op, dmean, "dmean", B, C, acc);
+  check_table(op, dmax, "dmax", B, C, acc);
+  check_table(op, idx_p, "idx_p", B, C, at::kLong);
+  if (idx_p.numel() > 0) {
+    const auto range = at::aminmax(idx_p);
+    TORCH_CHECK_VALUE(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < HW,
+                      "fastattn::", op, ": argument 'idx_p' must hold positions in [0, H * W = ", HW, ")");
+  }
+  at::Tensor dx = new_output_like(dy);
+  if (dx.numel() == 0) return dx;
+  cbam_backward_dx_cpu(dy.data_ptr(), a.data_ptr(), s.data_ptr(), dpmax.data_ptr(), dpmean.data_ptr(),
+                       idx_c.data_ptr<int32_t>(), dmean.data_ptr(), dmax.data_ptr(), idx_p.data_ptr<int64_t>(),
+                       dx.data_ptr(), dt, B, C, HW);
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -187,6 +273,10 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
         "Tensor? conv_weight, float conv_bias) -> Tensor");
   m.def("channel_dot(Tensor dy, Tensor x) -> Tensor");
   m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor k, Tensor a) -> Tensor");
+  m.def("cbam_backward_sums(Tensor dy, Tensor x, Tensor a, Tensor s) -> (Tensor, Tensor)");
+  m.def("cbam_backward_pool_grad(Tensor x, Tensor dpmax, Tensor dpmean, Tensor idx_c) -> Tensor");
+  m.def("cbam_backward_dx(Tensor dy, Tensor a, Tensor s, Tensor dpmax, Tensor dpmean, Tensor idx_c, Tensor dmean, "
+        "Tensor dmax, Tensor idx_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
@@ -196,4 +286,7 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("cbam_forward", &fastattn::cbam_forward);
   m.impl("channel_dot", &fastattn::channel_dot);
   m.impl("channel_scale_affine_backward", &fastattn::channel_scale_affine_backward);
+  m.impl("cbam_backward_sums", &fastattn::cbam_backward_sums);
+  m.impl("cbam_backward_pool_grad", &fastattn::cbam_backward_pool_grad);
+  m.impl("cbam_backward_dx", &fastattn::cbam_backward_dx);
 }

@@ -559,3 +559,159 @@ void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void
 }
 
 }  // namespace fastattn
+
+// ---------------------------------------------------------------------------------------------
+// Training: CBAM's backward in three passes (see se.h)
+// ---------------------------------------------------------------------------------------------
+
+namespace fastattn {
+namespace {
+
+// Sum of n products p[i] * q[i] * r[i] (r null: of p[i] * q[i]) in 16 lanes, fp32 chunks in double.
+template <typename T, typename A>
+double lane_dot(const T* p, const T* q, const A* r, int64_t n) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t m = std::min(n - i0, kChunk);
+    A lanes[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= m; i += 16) {
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) {
+        const int64_t k = i0 + i + j;
+        lanes[j] += static_cast<A>(to_float(p[k])) * static_cast<A>(to_float(q[k])) * (r ? r[k] : A(1));
+      }
+    }
+    A acc = 0;
+    for (; i < m; ++i) {
+      const int64_t k = i0 + i;
+      acc += static_cast<A>(to_float(p[k])) * static_cast<A>(to_float(q[k])) * (r ? r[k] : A(1));
+    }
+    for (int w = 8; w > 0; w >>= 1)
+      for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+    total += static_cast<double>(acc + lanes[0]);
+  }
+  return total;
+}
+
+template <typename T>
+void cbam_sums_typed(const T* dy, const T* x, const acc_t<T>* a, const acc_t<T>* s, acc_t<T>* da, acc_t<T>* ds,
+                     int64_t B, int64_t C, int64_t HW) {
+  using A = acc_t<T>;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    A* dsb = ds + b * HW;
+    const A* sb = s + b * HW;
+    std::fill(dsb, dsb + HW, A(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const T* pdy = dy + (b * C + c) * HW;
+      const T* px = x + (b * C + c) * HW;
+      const A ac = a[b * C + c];
+      da[b * C + c] = static_cast<A>(lane_dot(pdy, px, sb, HW));
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) dsb[i] += static_cast<A>(to_float(pdy[i])) * static_cast<A>(to_float(px[i])) * ac;
+    }
+  }
+}
+
+template <typename T>
+void cbam_pool_grad_typed(const T* x, const acc_t<T>* dpmax, const acc_t<T>* dpmean, const int32_t* idx_c,
+                          acc_t<T>* da, int64_t B, int64_t C, int64_t HW) {
+  using A = acc_t<T>;
+#pragma omp parallel
+  {
+    std::vector<A> w(static_cast<size_t>(HW));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const A inv_c = A(1) / static_cast<A>(C);
+      const A* pm = dpmax + b * HW;
+      const A* pa = dpmean + b * HW;
+      const int32_t* ib = idx_c + b * HW;
+      for (int64_t i = 0; i < HW; ++i) w[i] = pa[i] * inv_c;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* px = x + (b * C + c) * HW;
+        double total = 0;
+        A lanes[16] = {};
+        int64_t i = 0;
+        for (; i + 16 <= HW; i += 16) {
+#pragma omp simd
+          for (int j = 0; j < 16; ++j) {
+            const int64_t k = i + j;
+            lanes[j] += static_cast<A>(to_float(px[k])) * (w[k] + (ib[k] == c ? pm[k] : A(0)));
+          }
+          if ((i & (kChunk - 1)) == kChunk - 16) {  // fold into double every kChunk elements
+            for (int j = 0; j < 16; ++j) {
+              total += static_cast<double>(lanes[j]);
+              lanes[j] = 0;
+            }
+          }
+        }
+        for (; i < HW; ++i) total += static_cast<double>(to_float(px[i])) * (w[i] + (ib[i] == c ? pm[i] : A(0)));
+        for (int j = 0; j < 16; ++j) total += static_cast<double>(lanes[j]);
+        da[b * C + c] = static_cast<A>(total);
+      }
+    }
+  }
+}
+
+template <typename T>
+void cbam_dx_typed(const T* dy, const acc_t<T>* a, const acc_t<T>* s, const acc_t<T>* dpmax, const acc_t<T>* dpmean,
+                   const int32_t* idx_c, const acc_t<T>* dmean, const acc_t<T>* dmax, const int64_t* idx_p, T* dx,
+                   int64_t B, int64_t C, int64_t HW) {
+  using A = acc_t<T>;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const A inv_c = A(1) / static_cast<A>(C), inv_hw = A(1) / static_cast<A>(HW);
+    const A* sb = s + b * HW;
+    const A* pm = dpmax + b * HW;
+    const A* pa = dpmean + b * HW;
+    const int32_t* ib = idx_c + b * HW;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* pdy = dy + (b * C + c) * HW;
+      T* pdx = dx + (b * C + c) * HW;
+      const A ac = a[b * C + c], am = ac * inv_c, m = dmean[b * C + c] * inv_hw;
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i)
+        pdx[i] = store<T>(static_cast<A>(to_float(pdy[i])) * ac * sb[i] + am * pa[i] + m +
+                          (ib[i] == c ? ac * pm[i] : A(0)));
+      const int64_t k = idx_p[b * C + c];  // the channel max's position
+      pdx[k] = store<T>(static_cast<A>(to_float(pdx[k])) + dmax[b * C + c]);
+    }
+  }
+}
+
+}  // namespace
+
+void cbam_backward_sums_cpu(const void* dy, const void* x, const void* a, const void* s, void* da, void* ds,
+                            DType dtype, int64_t B, int64_t C, int64_t HW) {
+  for_every_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    cbam_sums_typed(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(a),
+                    static_cast<const A*>(s), static_cast<A*>(da), static_cast<A*>(ds), B, C, HW);
+  });
+}
+
+void cbam_backward_pool_grad_cpu(const void* x, const void* dpmax, const void* dpmean, const int32_t* idx_c,
+                                 void* da, DType dtype, int64_t B, int64_t C, int64_t HW) {
+  for_every_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    cbam_pool_grad_typed(static_cast<const T*>(x), static_cast<const A*>(dpmax), static_cast<const A*>(dpmean),
+                         idx_c, static_cast<A*>(da), B, C, HW);
+  });
+}
+
+void cbam_backward_dx_cpu(const void* dy, const void* a, const void* s, const void* dpmax, const void* dpmean,
+                          const int32_t* idx_c, const void* dmean, const void* dmax, const int64_t* idx_p, void* dx,
+                          DType dtype, int64_t B, int64_t C, int64_t HW) {
+  for_every_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    cbam_dx_typed(static_cast<const T*>(dy), static_cast<const A*>(a), static_cast<const A*>(s),
+                  static_cast<const A*>(dpmax), static_cast<const A*>(dpmean), idx_c, static_cast<const A*>(dmean),
+                  static_cast<const A*>(dmax), idx_p, static_cast<T*>(dx), B, C, HW);
+  });
+}
+
+}  // namespace fastattn

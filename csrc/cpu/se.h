@@ -66,4 +66,21 @@ void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void
                                        void* dx, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
                                        Strides4 sdy, Strides4 sx, Strides4 sdx);
 
+// CBAM training, backward in three passes over NCHW-contiguous tensors (HW = H * W; a, s, da,
+// ds, dp*, dmean, dmax of acc_t, contiguous): with y = x * a[b, c] * s[b, p], the spatial pool
+// [max, mean] over the channels of x * a (argmax idx_c (B, HW) int32) and the channel pools
+// mean, max over H x W of x (argmax idx_p (B, C) int64):
+// pass 1: da[b, c] = sum_p dy x s, ds[b, p] = sum_c dy x a (the scale's gradients; reads dy, x);
+void cbam_backward_sums_cpu(const void* dy, const void* x, const void* a, const void* s, void* da, void* ds,
+                            DType dtype, int64_t B, int64_t C, int64_t HW);
+// pass 2: da[b, c] = sum_p x (dpmean / C + [idx_c == c] dpmax) (the spatial pool's gradient
+// to a; reads x);
+void cbam_backward_pool_grad_cpu(const void* x, const void* dpmax, const void* dpmean, const int32_t* idx_c,
+                                 void* da, DType dtype, int64_t B, int64_t C, int64_t HW);
+// pass 3: dx = dy a s + a dpmean / C + [idx_c == c] a dpmax + dmean / HW + [p == idx_p] dmax
+// (every path to x at once; reads dy, writes dx).
+void cbam_backward_dx_cpu(const void* dy, const void* a, const void* s, const void* dpmax, const void* dpmean,
+                          const int32_t* idx_c, const void* dmean, const void* dmax, const int64_t* idx_p, void* dx,
+                          DType dtype, int64_t B, int64_t C, int64_t HW);
+
 }  // namespace fastattn

@@ -79,6 +79,8 @@ def _se_one_read(x: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d,
 _RAW_CHECKS = {op: _dispatch.cpu_kernel(op) for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward")}
 _RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine_backward", "channel_pool",
                                             "channel_scale")
+_RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_backward_pool_grad", "cbam_backward_dx",
+                                                 "spatial_pool", "spatial_scale")
 
 
 def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -86,6 +88,8 @@ def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
     backend "auto" or "cpu" on a CPU tensor of NCHW planes (its passes run plane by plane), a
     gradient to record (of x or of a parameter), eager mode with plain tensors, and not
     compiling (torch.compile traces the op path)."""
+    if torch.compiler.is_compiling():
+        return False
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return False
     if not x.is_contiguous() or not torch.is_grad_enabled():
@@ -95,7 +99,7 @@ def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
     params = list(module.parameters())
     if not (x.requires_grad or any(p.requires_grad for p in params)):
         return False
-    if torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+    if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
         return False
     return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)
 

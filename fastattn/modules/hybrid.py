@@ -11,7 +11,7 @@ from ..ops.pool import channel_pool
 from ..ops.simam import simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
-from .channel import _bn_fold, _bn_frozen, _one_read_ok, plane_var_mean
+from .channel import _bn_fold, _bn_frozen, _one_read_ok, _RAW_CHECKS, _train_fused_ok, plane_var_mean
 from ..reference._checks import check_feature_map, like_input
 
 
@@ -112,12 +112,15 @@ class CBAM(reference.CBAM):
         check_feature_map("CBAM", x, channels=self.channels)
         if self.one_read(x):
             return _cbam_one_read(self, x)
+        if self.train_fused(x):
+            return _CBAMTrain.apply(x, self, *self.parameters())
         gate = self.ChannelGate
         kinds = [_CBAM_FUSED_POOLS[p] for p in gate.pool_types]
-        pooled = channel_pool(x, kinds, backend=self.backend)
-        att = gate.mlp(pooled[0])
-        for p in pooled[1:]:
-            att = att + gate.mlp(p)
+        distinct = list(dict.fromkeys(kinds))             # a pool named twice is computed once
+        pooled = dict(zip(distinct, channel_pool(x, distinct, backend=self.backend)))
+        att = gate.mlp(pooled[kinds[0]])
+        for k in kinds[1:]:
+            att = att + gate.mlp(pooled[k])
         a = torch.sigmoid(att)
         if self.no_spatial:
             return channel_scale(x, a, backend=self.backend)
@@ -136,6 +139,80 @@ class CBAM(reference.CBAM):
         if not self.no_spatial and not _bn_frozen(self.SpatialGate.spatial.bn):
             return False
         return _one_read_ok(self, "cbam_forward", x)
+
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the CPU training path `_CBAMTrain` (backward in three passes over
+        memory) instead of the op path: the conditions of the pooled-gate modules' training path
+        (`fastattn.modules.channel._train_fused_ok`), the spatial gate present, pools among "avg"
+        and "max" without repeats, and at least one sample per thread (its passes run a sample
+        per thread)."""
+        pools = self.ChannelGate.pool_types
+        if torch.compiler.is_compiling() or self.no_spatial or not self.fused or len(set(pools)) != len(pools):
+            return False
+        if x.shape[0] < torch.get_num_threads() or _RAW_CHECKS["cbam_train"](x) is not None:
+            return False
+        return _train_fused_ok(self, x)
+
+
+class _CBAMTrain(torch.autograd.Function):
+    """CBAM with a gradient to record, on CPU: the forward's three passes (channel pools, spatial
+    pool, scale), the gates' layers recorded by autograd in between; the backward in three passes
+    over memory (fastattn_C::cbam_backward_sums, _pool_grad, _dx) with autograd through the
+    recorded gates in between. The op path's backward writes dx three times (scale, spatial pool,
+    channel pools) and adds them up: about 17 tensor passes against 5.
+    """
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        gate = module.ChannelGate
+        kinds = [_CBAM_FUSED_POOLS[p] for p in gate.pool_types]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        pooled = torch.ops.fastattn_C.channel_pool(x, kinds, 1e-5)
+        stats, idx_p = pooled[:len(kinds)], (pooled[len(kinds)] if "max" in kinds else None)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in stats]
+            att = gate.mlp(leaves[0])
+            for leaf in leaves[1:]:
+                att = att + gate.mlp(leaf)
+            a = torch.sigmoid(att)
+        a_acc = a.detach().to(acc).contiguous()
+        sp, idx_c = torch.ops.fastattn_C.spatial_pool(x, a_acc, 1)
+        with torch.enable_grad():
+            sp_leaf = sp.detach().requires_grad_()
+            s = torch.sigmoid(module.SpatialGate.spatial(sp_leaf))
+        s_acc = s.detach().to(acc).reshape(x.shape[0], -1).contiguous()
+        ctx.save_for_backward(x, a_acc, s_acc, idx_c, idx_p)
+        spatial_ids = {id(p) for p in module.SpatialGate.parameters()}
+        ctx.graph = (a, leaves, kinds, s, sp_leaf, params, spatial_ids)
+        return torch.ops.fastattn_C.spatial_scale(x, a_acc, s_acc.view(x.shape[0], 1, *x.shape[2:]))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, a_acc, s_acc, idx_c, idx_p = ctx.saved_tensors
+        a, leaves, kinds, s, sp_leaf, params, spatial_ids = ctx.graph
+        ctx.graph = None
+        dy = dy.contiguous()
+        B, C, HW = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+        need_x = ctx.needs_input_grad[0]
+        spatial_params = [p for p in params if p.requires_grad and id(p) in spatial_ids]
+        channel_params = [p for p in params if p.requires_grad and id(p) not in spatial_ids]
+        da1, ds = torch.ops.fastattn_C.cbam_backward_sums(dy, x, a_acc, s_acc)
+        g = torch.autograd.grad(s, [sp_leaf] + spatial_params, ds.view(s.shape).to(s.dtype), allow_unused=True)
+        dsp = g[0].to(a_acc.dtype).reshape(B, 2, HW)
+        dpmax, dpmean = dsp[:, 0].contiguous(), dsp[:, 1].contiguous()
+        da = da1 + torch.ops.fastattn_C.cbam_backward_pool_grad(x, dpmax, dpmean, idx_c)
+        h = torch.autograd.grad(a, leaves + channel_params, da.to(a.dtype), allow_unused=True)
+        dx = None
+        if need_x:
+            zeros = torch.zeros_like(a_acc)
+            dstats = {k: (d.to(a_acc.dtype).contiguous() if d is not None else zeros) for k, d in zip(kinds, h)}
+            dx = torch.ops.fastattn_C.cbam_backward_dx(
+                dy, a_acc, s_acc, dpmax, dpmean, idx_c, dstats.get("mean", zeros), dstats.get("max", zeros),
+                idx_p if idx_p is not None else torch.zeros(B, C, dtype=torch.int64))
+        grads = dict(zip(map(id, spatial_params), g[1:]))
+        grads.update(zip(map(id, channel_params), h[len(leaves):]))
+        return (dx, None, *[grads.get(id(p)) for p in params])
 
 
 def _cbam_one_read(m: CBAM, x: torch.Tensor) -> torch.Tensor:
