@@ -521,3 +521,48 @@ def test_cbam_backward_raw_errors():
     z, iz = torch.zeros(2, 9, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"argument 'idx_p' must hold positions in \[0, H \* W = 9\)"):
         torch.ops.fastattn_C.cbam_backward_dx(x, a, s, s, s, z, a, a, iz + 9)
+
+
+# --- FcaNet (MultiSpectralAttention) inference: the DCT pool as the squeeze
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 33, 1, 5), (1, 8, 70, 70)])
+def test_fca_forward_matches_float64(dtype, tol, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    B, C, H, W = shape
+    hidden = max(1, C // 4)
+    x = torch.randn(shape, generator=g).to(dtype)
+    filt = torch.randn(C, H, W, generator=g) / (H * W) ** 0.5
+    w1, w2 = torch.randn(hidden, C, generator=g) / C ** 0.5, torch.randn(C, hidden, generator=g) / hidden ** 0.5
+    d = (x.double() * filt.double()).sum((2, 3))
+    want = x.double() * torch.sigmoid(torch.relu(d @ w1.double().t()) @ w2.double().t())[:, :, None, None]
+    for name, xv in layouts(x):
+        y = torch.ops.fastattn_C.fca_forward(xv, filt, w1, w2)
+        assert y.dtype == dtype and y.stride() == torch.empty_like(xv).stride(), name
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_fca_forward_errors():
+    x = torch.randn(2, 8, 7, 7)
+    w1, w2 = torch.randn(2, 8), torch.randn(8, 2)
+    with pytest.raises(ValueError, match=r"argument 'filter' must have shape \(C, H, W\) = \(8, 7, 7\)"):
+        torch.ops.fastattn_C.fca_forward(x, torch.randn(8, 7, 6), w1, w2)
+    with pytest.raises(ValueError, match=r"argument 'filter' must be contiguous"):
+        torch.ops.fastattn_C.fca_forward(x, torch.randn(8, 7, 7).transpose(1, 2), w1, w2)
+    with pytest.raises(ValueError, match=r"argument 'w2' must have shape \(8, 2\)"):
+        torch.ops.fastattn_C.fca_forward(x, torch.randn(8, 7, 7), w1, torch.randn(8, 3))
+
+
+@pytest.mark.parametrize("dct,one_read", [((7, 7), True), ((14, 14), False)], ids=["dct_map", "adaptive_pool"])
+def test_multispectral_inference_takes_the_one_read_kernel(dct, one_read):
+    torch.manual_seed(0)
+    r = fastattn.reference.MultiSpectralAttention(64, *dct).eval()
+    f = fastattn.MultiSpectralAttention(64, *dct).eval()
+    f.load_state_dict(r.state_dict())
+    x = torch.randn(2 * torch.get_num_threads(), 64, 7, 7)
+    with torch.no_grad():
+        assert f.one_read(x) == one_read
+        torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
+    assert not f.one_read(x.requires_grad_())

@@ -78,6 +78,27 @@ at::Tensor eca_forward(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// FcaNet: y = x * sigmoid(w2 relu(w1 d)), d = sum over H x W of x * filter (C, H, W) float32.
+at::Tensor fca_forward(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& w1, const at::Tensor& w2) {
+  const char* op = "fca_forward";
+  const DType dt = check_input(x, op);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(filter.dim() == 3 && filter.size(0) == C && filter.size(1) == H && filter.size(2) == W,
+                    "fastattn::", op, ": argument 'filter' must have shape (C, H, W) = (", C, ", ", H, ", ", W,
+                    "), got ", filter.sizes());
+  TORCH_CHECK_VALUE(filter.is_contiguous(), "fastattn::", op, ": argument 'filter' must be contiguous");
+  check_weight(filter.view({C, H * W}), op, "filter", C, H * W);
+  TORCH_CHECK_VALUE(w1.dim() == 2, "fastattn::", op, ": argument 'w1' must be 2-D (hidden, C), got ", w1.sizes());
+  const int64_t hidden = w1.size(0);
+  check_weight(w1, op, "w1", hidden, C);
+  check_weight(w2, op, "w2", C, hidden);
+  at::Tensor y = new_output_like(x);
+  if (y.numel() == 0) return y;
+  fca_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), C, H, W, strides4(x), strides4(y),
+                  filter.data_ptr<float>(), w1.data_ptr<float>(), w2.data_ptr<float>(), hidden);
+  return y;
+}
+
 // SRM: y = x * sigmoid(a_mean * mean + a_std * sqrt(unbiased var + eps) + bias), per channel
 // over H x W; a_mean, a_std, bias (C,) float32 (the module's cfc and eval BatchNorm folded).
 at::Tensor srm_forward(const at::Tensor& x, const at::Tensor& a_mean, const at::Tensor& a_std,
@@ -119,6 +140,7 @@ at::Tensor cbam_forward(const at::Tensor& x, const at::Tensor& w1, const at::Ten
                       "fastattn::cbam_forward: argument 'conv_weight' must have shape (2, k, k) with k odd, got ",
                       cw.sizes());
     k = cw.size(1);
+    TORCH_CHECK_VALUE(cw.is_contiguous(), "fastattn::cbam_forward: argument 'conv_weight' must be contiguous");
     check_weight(cw.view({2, k * k}), "cbam_forward", "conv_weight", 2, k * k);
   }
   at::Tensor y = new_output_like(x);
@@ -268,6 +290,7 @@ at::Tensor cbam_backward_dx(const at::Tensor& dy, const at::Tensor& a, const at:
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("se_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual) -> Tensor");
   m.def("eca_forward(Tensor x, Tensor weight) -> Tensor");
+  m.def("fca_forward(Tensor x, Tensor filter, Tensor w1, Tensor w2) -> Tensor");
   m.def("srm_forward(Tensor x, Tensor a_mean, Tensor a_std, Tensor bias, float eps) -> Tensor");
   m.def("cbam_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool use_mean, bool use_max, "
         "Tensor? conv_weight, float conv_bias) -> Tensor");
@@ -282,6 +305,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("se_forward", &fastattn::se_forward);
   m.impl("eca_forward", &fastattn::eca_forward);
+  m.impl("fca_forward", &fastattn::fca_forward);
   m.impl("srm_forward", &fastattn::srm_forward);
   m.impl("cbam_forward", &fastattn::cbam_forward);
   m.impl("channel_dot", &fastattn::channel_dot);

@@ -51,6 +51,33 @@ float plane_mean(const T* p, int64_t H, int64_t W, Strides4 s) {
   return static_cast<float>(total / static_cast<double>(HW));
 }
 
+// sum over one H x W plane of x * f (f: H x W contiguous floats; FcaNet's DCT pool).
+template <typename T>
+float plane_filter_dot(const T* p, const float* f, int64_t H, int64_t W, Strides4 s) {
+  const int64_t HW = H * W;
+  double total = 0;
+  if (plane_contiguous(s, H, W)) {
+    for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+      const int64_t n = std::min(HW - i0, kChunk);
+      const T* q = p + i0;
+      const float* fq = f + i0;
+      float lanes[16] = {};
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+        for (int j = 0; j < 16; ++j) lanes[j] += to_float(q[i + j]) * fq[i + j];
+      }
+      float acc = 0;
+      for (; i < n; ++i) acc += to_float(q[i]) * fq[i];
+      total += acc + lane_sum(lanes);
+    }
+  } else {
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) total += static_cast<double>(to_float(p[h * s.h + w * s.w])) * f[h * W + w];
+  }
+  return static_cast<float>(total);
+}
+
 // y = x * g (+ r) over one H x W plane; `stream`: fp32 streaming stores (outputs far larger
 // than the cache, see stream.h).
 template <typename T>
@@ -242,7 +269,7 @@ void eca_excite(const float* mean, int64_t C, const float* w, int64_t k, float* 
   }
 }
 
-// One sample per thread: each plane's statistics (pool(plane, stats + nstats * c)), the
+// One sample per thread: each plane's statistics (pool(plane, c, stats + nstats * c)), the
 // sample's gate (excite(stats, g, scratch)), its scale, while the sample is in that core's cache.
 template <typename T, typename Pool, typename Excite>
 void one_read(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sr,
@@ -254,7 +281,7 @@ void one_read(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int
         tmp(static_cast<size_t>(scratch));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t c = 0; c < C; ++c) pool(x + b * sx.b + c * sx.c, stats.data() + nstats * c);
+      for (int64_t c = 0; c < C; ++c) pool(x + b * sx.b + c * sx.c, c, stats.data() + nstats * c);
       excite(stats.data(), g.data(), tmp.data());
       for (int64_t c = 0; c < C; ++c)
         plane_scale(x + b * sx.b + c * sx.c, r ? r + b * sr.b + c * sr.c : nullptr, y + b * sy.b + c * sy.c, g[c],
@@ -394,7 +421,7 @@ void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t 
   const float* w2t = w2t_buffer.data();
   for_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto pool = [=](const T* p, float* st) { st[0] = plane_mean(p, H, W, sx); };
+    const auto pool = [=](const T* p, int64_t, float* st) { st[0] = plane_mean(p, H, W, sx); };
     const auto mlp = [=](const float* mean, float* g, float* hid) {
       std::fill(hid, hid + hidden, 0.0f);
       mlp_hidden_add(mean, C, w1, b1, hidden, hid);
@@ -410,10 +437,29 @@ void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
                      Strides4 sy, const float* w, int64_t k) {
   for_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto pool = [=](const T* p, float* st) { st[0] = plane_mean(p, H, W, sx); };
+    const auto pool = [=](const T* p, int64_t, float* st) { st[0] = plane_mean(p, H, W, sx); };
     const auto conv = [=](const float* mean, float* g, float*) { eca_excite(mean, C, w, k, g); };
     one_read(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B, C, H, W, sx,
              Strides4{0, 0, 0, 0}, sy, 1, pool, 0, conv);
+  });
+}
+
+void fca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                     Strides4 sy, const float* filter, const float* w1, const float* w2, int64_t hidden) {
+  const std::vector<float> w2t_buffer = transposed(w2, C, hidden);
+  const float* w2t = w2t_buffer.data();
+  const int64_t HW = H * W;
+  for_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto pool = [=](const T* p, int64_t c, float* st) { st[0] = plane_filter_dot(p, filter + c * HW, H, W, sx); };
+    const auto mlp = [=](const float* y_dct, float* g, float* hid) {
+      std::fill(hid, hid + hidden, 0.0f);
+      mlp_hidden_add(y_dct, C, w1, nullptr, hidden, hid);
+      mlp_output(hid, C, w2t, nullptr, 1.0f, hidden, g);
+      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+    };
+    one_read(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B, C, H, W, sx,
+             Strides4{0, 0, 0, 0}, sy, 1, pool, hidden, mlp);
   });
 }
 
@@ -421,7 +467,7 @@ void srm_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
                      Strides4 sy, const float* a_mean, const float* a_std, const float* bias, float eps) {
   for_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto pool = [=](const T* p, float* st) { plane_mean_std(p, H, W, sx, eps, st, st + 1); };
+    const auto pool = [=](const T* p, int64_t, float* st) { plane_mean_std(p, H, W, sx, eps, st, st + 1); };
     const auto gate = [=](const float* st, float* g, float*) {
       for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(a_mean[c] * st[2 * c] + a_std[c] * st[2 * c + 1] + bias[c]);
     };

@@ -26,6 +26,12 @@ void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t 
 void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                      Strides4 sy, const float* w, int64_t k);
 
+// FcaNet's (MultiSpectralAttention's) y = x * sigmoid(w2 relu(w1 d)), d[c] = sum over H x W of
+// x * filter[c] (the DCT pool), w1 (hidden, C), w2 (C, hidden), no biases; filter (C, H, W)
+// contiguous floats; same one-read scheme.
+void fca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                     Strides4 sy, const float* filter, const float* w1, const float* w2, int64_t hidden);
+
 // SRM's y = x * sigmoid(a_mean * mean + a_std * std + bias), std = sqrt(unbiased variance + eps)
 // over H x W (H * W >= 2), the BatchNorm folded into the three (C) coefficient vectors; same
 // one-read scheme (the variance's second read of each plane hits the cache).

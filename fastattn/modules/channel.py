@@ -76,7 +76,8 @@ def _se_one_read(x: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d,
                                            flat(fc2.weight), None if b2 is None else b2.reshape(-1), residual)
 
 
-_RAW_CHECKS = {op: _dispatch.cpu_kernel(op) for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward")}
+_RAW_CHECKS = {op: _dispatch.cpu_kernel(op)
+               for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward", "fca_forward")}
 _RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine_backward", "channel_pool",
                                             "channel_scale")
 _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_backward_pool_grad", "cbam_backward_dx",
@@ -392,14 +393,29 @@ def _srm_one_read(m: SRM, x: torch.Tensor) -> torch.Tensor:
 
 class MultiSpectralAttention(reference.MultiSpectralAttention):
     """`fastattn.reference.MultiSpectralAttention` (FcaNet): the DCT pool in one read (after
-    PyTorch's adaptive pool when the map is not dct_h x dct_w), then the gate in one pass."""
+    PyTorch's adaptive pool when the map is not dct_h x dct_w), then the gate in one pass; in CPU
+    inference on a dct_h x dct_w map, one read of x from memory (see `one_read`)."""
 
     backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("MultiSpectralAttention", x, channels=self.channels)
+        if self.one_read(x):
+            w = [t.detach().float().contiguous() for t in (self.dct_layer.weight, self.fc[0].weight, self.fc[2].weight)]
+            return torch.ops.fastattn_C.fca_forward(x, *w)
         pooled = x
         if x.shape[-2:] != (self.dct_h, self.dct_w):
             pooled = F.adaptive_avg_pool2d(x, (self.dct_h, self.dct_w))
         y = dct_pool(pooled, self.dct_layer.weight, backend=self.backend)
         return channel_scale(x, self.fc(y), backend=self.backend)   # fc ends in a sigmoid
+
+    def one_read(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the one-read C++ inference kernel (`fastattn_C::fca_forward`, as
+        SqueezeExcite's, with the DCT pool as the squeeze) instead of dct_pool + channel_scale:
+        the conditions of `_one_read_ok`, a dct_h x dct_w map (no adaptive pool) and the official
+        fc (Linear, ReLU, Linear, Sigmoid, no biases)."""
+        fc = self.fc
+        official = (len(fc) == 4 and type(fc[1]) is torch.nn.ReLU and type(fc[3]) is torch.nn.Sigmoid
+                    and fc[0].bias is None and fc[2].bias is None)
+        return (official and tuple(x.shape[-2:]) == (self.dct_h, self.dct_w)
+                and _one_read_ok(self, "fca_forward", x))
