@@ -332,7 +332,8 @@ def test_channel_dot_and_affine_backward_match_float64(dtype, tol, shape):
     x = torch.randn(shape, generator=g).to(dtype)
     dy = torch.randn(shape, generator=g).to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    gate, k, a = (torch.randn(shape[:2], generator=g).to(acc) for _ in range(3))
+    gate, k, a, e = (torch.randn(shape[:2], generator=g).to(acc) for _ in range(4))
+    filt = torch.randn(shape[1:], generator=g).to(acc)
     want_dot = (dy.double() * x.double()).sum((2, 3))
     want_dx = dy.double() * gate.double()[..., None, None] + k.double()[..., None, None] * x.double() \
         + a.double()[..., None, None]
@@ -350,9 +351,12 @@ def test_channel_dot_and_affine_backward_match_float64(dtype, tol, shape):
             assert got.dtype == acc and got.shape == shape[:2]
             torch.testing.assert_close(got.double(), wd, rtol=tol, atol=tol * hw ** 0.5,
                                        msg=lambda m: f"{name}/{dname}: {m}")
-            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a)
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a, None, None)
             assert dx.dtype == dtype and dx.stride() == torch.empty_like(xv).stride()
             torch.testing.assert_close(dx.double(), wx, rtol=tol, atol=tol, msg=lambda m: f"{name}/{dname}: {m}")
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a, filt, e)
+            torch.testing.assert_close(dx.double(), wx + e.double()[..., None, None] * filt.double(), rtol=tol,
+                                       atol=tol, msg=lambda m: f"{name}/{dname}, filter: {m}")
 
 
 def test_channel_dot_and_affine_backward_errors():
@@ -362,10 +366,14 @@ def test_channel_dot_and_affine_backward_errors():
         torch.ops.fastattn_C.channel_dot(torch.randn(2, 4, 3, 2), x)
     with pytest.raises(TypeError, match=r"argument 'dy' must have the dtype of 'x'"):
         torch.ops.fastattn_C.channel_dot(x.double(), x)
-    with pytest.raises(ValueError, match=r"argument 'k' must have shape \(B, C\) = \(2, 4\)"):
-        torch.ops.fastattn_C.channel_scale_affine_backward(x, x, v, torch.randn(2, 3), v)
-    with pytest.raises(TypeError, match=r"argument 'a' must be Float for 'x' of dtype BFloat16"):
-        torch.ops.fastattn_C.channel_scale_affine_backward(x.bfloat16(), x.bfloat16(), v, v, v.bfloat16())
+    with pytest.raises(ValueError, match=r"argument 'k' must have shape \(2, 4\)"):
+        torch.ops.fastattn_C.channel_scale_affine_backward(x, x, v, torch.randn(2, 3), v, None, None)
+    with pytest.raises(TypeError, match=r"argument 'a' must be Float, got BFloat16"):
+        torch.ops.fastattn_C.channel_scale_affine_backward(x.bfloat16(), x.bfloat16(), v, v, v.bfloat16(), None, None)
+    with pytest.raises(ValueError, match=r"arguments 'filter' and 'e' must be given together"):
+        torch.ops.fastattn_C.channel_scale_affine_backward(x, x, v, v, v, torch.randn(4, 3, 3), None)
+    with pytest.raises(ValueError, match=r"argument 'filter' must have shape \(C, H, W\) = \(4, 3, 3\)"):
+        torch.ops.fastattn_C.channel_scale_affine_backward(x, x, v, v, v, torch.randn(4, 3, 2), v)
 
 
 def _count_pooled_gate(monkeypatch):
@@ -377,7 +385,7 @@ def _count_pooled_gate(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["SqueezeExcite", "ECA", "SRM", "GatherExcite"])
+@pytest.mark.parametrize("name", ["SqueezeExcite", "ECA", "SRM", "GatherExcite", "MultiSpectralAttention"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "params_only"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -386,11 +394,12 @@ def test_pooled_gate_training_path_matches_reference(monkeypatch, name, dtype, t
     path; output, every gradient and the BatchNorm running statistics match the reference."""
     calls = _count_pooled_gate(monkeypatch)
     torch.manual_seed(0)
-    r = getattr(fastattn.reference, name)(32).to(dtype)
+    args = (32, 7, 9) if name == "MultiSpectralAttention" else (32,)     # FcaNet: the DCT grid is the map
+    r = getattr(fastattn.reference, name)(*args).to(dtype)
     if name == "SRM":
         r.cfc.data.normal_()
     _randomise_batch_norms(r)
-    f = getattr(fastattn, name)(32).to(dtype)
+    f = getattr(fastattn, name)(*args).to(dtype)
     f.load_state_dict(r.state_dict())
     r.train(train), f.train(train)
     x = torch.randn(3, 32, 7, 9, dtype=dtype) * 2 + 1

@@ -58,8 +58,9 @@ def test_channel_scale_affine_backward_streaming_path():
     shape = _big_shape(planes=3)
     g = torch.Generator().manual_seed(4)
     x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    gate, k, a = (torch.randn(shape[:2], generator=g) for _ in range(3))
-    dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, gate, k, a)
+    gate, k, a, e = (torch.randn(shape[:2], generator=g) for _ in range(4))
+    filt = torch.randn(shape[1:], generator=g)
+    dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, gate, k, a, filt, e)
     want = dy.double() * gate.double()[..., None, None] + k.double()[..., None, None] * x.double() \
-        + a.double()[..., None, None]
+        + a.double()[..., None, None] + e.double()[..., None, None] * filt.double()
     torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)

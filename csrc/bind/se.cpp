@@ -165,6 +165,17 @@ DType check_grad_pair(const char* op, const at::Tensor& dy, const at::Tensor& x)
   return dtype_tag(x, op, "x");
 }
 
+// A contiguous CPU tensor of shape (rows, cols) and dtype `want`.
+void check_table(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                 at::ScalarType want) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fastattn::", op, ": argument '", name,
+                    "' must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "fastattn::", op, ": argument '", name, "' must be ", want, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "fastattn::", op, ": argument '", name,
+                    "' must be a contiguous CPU tensor");
+}
+
 // (B, C) in x's accumulation dtype: sum over H x W of dy * x.
 at::Tensor channel_dot(const at::Tensor& dy, const at::Tensor& x) {
   const DType dt = check_grad_pair("channel_dot", dy, x);
@@ -175,27 +186,32 @@ at::Tensor channel_dot(const at::Tensor& dy, const at::Tensor& x) {
   return out;
 }
 
-// dx = dy * g + k * x + a; g, k, a (B, C) contiguous in x's accumulation dtype; dx like
-// torch.empty_like(x).
+// dx = dy * g + k * x + a (+ e * filter); g, k, a, e (B, C) and filter (C, H, W) contiguous in
+// x's accumulation dtype (filter and e both or neither); dx like torch.empty_like(x).
 at::Tensor channel_scale_affine_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g,
-                                         const at::Tensor& k, const at::Tensor& a) {
+                                         const at::Tensor& k, const at::Tensor& a,
+                                         const std::optional<at::Tensor>& filter, const std::optional<at::Tensor>& e) {
   const char* op = "channel_scale_affine_backward";
   const DType dt = check_grad_pair(op, dy, x);
   const at::ScalarType acc = acc_scalar_type(x);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{g, "g"}, {k, "k"}, {a, "a"}}) {
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), "fastattn::", op,
-                      ": argument '", name, "' must have shape (B, C) = (", x.size(0), ", ", x.size(1), "), got ",
-                      t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == acc, "fastattn::", op, ": argument '", name, "' must be ", acc,
-                     " for 'x' of dtype ", x.scalar_type(), ", got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "fastattn::", op, ": argument '", name,
-                      "' must be a contiguous CPU tensor");
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(filter.has_value() == e.has_value(), "fastattn::", op, ": arguments 'filter' and 'e' must be "
+                    "given together");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{g, "g"}, {k, "k"}, {a, "a"}})
+    check_table(op, t, name, B, C, acc);
+  if (filter) {
+    check_table(op, *e, "e", B, C, acc);
+    TORCH_CHECK_VALUE(filter->dim() == 3 && filter->size(0) == C && filter->size(1) == x.size(2) &&
+                      filter->size(2) == x.size(3), "fastattn::", op, ": argument 'filter' must have shape (C, H, W) = (",
+                      C, ", ", x.size(2), ", ", x.size(3), "), got ", filter->sizes());
+    TORCH_CHECK_VALUE(filter->is_contiguous(), "fastattn::", op, ": argument 'filter' must be contiguous");
+    check_table(op, filter->view({C, HW}), "filter", C, HW, acc);
   }
   at::Tensor dx = new_output_like(x);
   if (dx.numel() == 0) return dx;
   channel_scale_affine_backward_cpu(dy.data_ptr(), x.data_ptr(), g.data_ptr(), k.data_ptr(), a.data_ptr(),
-                                    dx.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), strides4(dy),
-                                    strides4(x), strides4(dx));
+                                    filter ? filter->data_ptr() : nullptr, e ? e->data_ptr() : nullptr, dx.data_ptr(),
+                                    dt, B, C, x.size(2), x.size(3), strides4(dy), strides4(x), strides4(dx));
   return dx;
 }
 
@@ -207,17 +223,6 @@ DType check_nchw(const char* op, const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.is_contiguous(), "fastattn::", op, ": argument '", name, "' must be NCHW-contiguous, got "
                     "strides ", x.strides());
   return dtype_tag(x, op, name);
-}
-
-// A contiguous CPU tensor of shape (rows, cols) and dtype `want`.
-void check_table(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-                 at::ScalarType want) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fastattn::", op, ": argument '", name,
-                    "' must have shape (", rows, ", ", cols, "), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == want, "fastattn::", op, ": argument '", name, "' must be ", want, ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "fastattn::", op, ": argument '", name,
-                    "' must be a contiguous CPU tensor");
 }
 
 // Pass 1: (da (B, C), ds (B, H * W)) = (sum_p dy x s, sum_c dy x a), in x's accumulation dtype.
@@ -295,7 +300,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("cbam_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool use_mean, bool use_max, "
         "Tensor? conv_weight, float conv_bias) -> Tensor");
   m.def("channel_dot(Tensor dy, Tensor x) -> Tensor");
-  m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor k, Tensor a) -> Tensor");
+  m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor k, Tensor a, Tensor? filter, "
+        "Tensor? e) -> Tensor");
   m.def("cbam_backward_sums(Tensor dy, Tensor x, Tensor a, Tensor s) -> (Tensor, Tensor)");
   m.def("cbam_backward_pool_grad(Tensor x, Tensor dpmax, Tensor dpmean, Tensor idx_c) -> Tensor");
   m.def("cbam_backward_dx(Tensor dy, Tensor a, Tensor s, Tensor dpmax, Tensor dpmean, Tensor idx_c, Tensor dmean, "

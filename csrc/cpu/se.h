@@ -65,12 +65,13 @@ void cbam_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C,
 void channel_dot_cpu(const void* dy, const void* x, void* out, DType dtype, int64_t B, int64_t C, int64_t H,
                      int64_t W, Strides4 sdy, Strides4 sx);
 
-// Training, backward pass 2: dx = dy * g + k * x + a, with g, k, a (B x C of acc_t) the gate and
-// the pooling's gradient terms (a mean's dmean / HW in a; a standard deviation's (x - mean)
-// term in k and a). fp32 outputs of at least LLC / 2 are streamed.
+// Training, backward pass 2: dx = dy * g + k * x + a (+ e * filter[c]), with g, k, a (B x C of
+// acc_t) the gate and the pooling's gradient terms (a mean's dmean / HW in a; a standard
+// deviation's (x - mean) term in k and a; a DCT pool's gradient e with its filter (C x H x W of
+// acc_t, contiguous), or null filter and e). fp32 outputs of at least LLC / 2 are streamed.
 void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void* g, const void* k, const void* a,
-                                       void* dx, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
-                                       Strides4 sdy, Strides4 sx, Strides4 sdx);
+                                       const void* filter, const void* e, void* dx, DType dtype, int64_t B, int64_t C,
+                                       int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx);
 
 // CBAM training, backward in three passes over NCHW-contiguous tensors (HW = H * W; a, s, da,
 // ds, dp*, dmean, dmax of acc_t, contiguous): with y = x * a[b, c] * s[b, p], the spatial pool

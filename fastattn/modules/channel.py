@@ -108,7 +108,8 @@ def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
 class _PooledGate(torch.autograd.Function):
     """y = x * gate(stats(x)) on CPU in training, its backward in two passes over x.
 
-    stats are per-plane means (and, for SRM, standard deviations sqrt(unbiased var + eps));
+    stats are per-plane means (and, for SRM, standard deviations sqrt(unbiased var + eps)), or
+    FcaNet's DCT pool (the sum of x * filter[c] per plane: `filt`);
     gate maps them to a (B, C) gate with the module's own layers, recorded by autograd at forward
     (so a BatchNorm updates its running statistics once). Backward: pass 1 sums dy * x per plane
     (the gate's gradient), autograd takes it through the gate to the statistics and parameters,
@@ -117,8 +118,10 @@ class _PooledGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, with_std, eps, gate_fn, *params):
-        if with_std:   # mean and std in x's dtype (for the gate), then in the accumulation dtype
+    def forward(ctx, x, with_std, eps, gate_fn, filt, *params):
+        if filt is not None:
+            stats, saved = [torch.ops.fastattn_C.dct_pool(x, filt)], []
+        elif with_std:   # mean and std in x's dtype (for the gate), then in the accumulation dtype
             mean, std, mean_acc, std_acc = torch.ops.fastattn_C.channel_pool(x, ["mean", "std"], eps)
             stats, saved = [mean, std], [mean_acc, std_acc]
         else:
@@ -131,6 +134,7 @@ class _PooledGate(torch.autograd.Function):
         ctx.save_for_backward(x, g_acc, *saved)
         ctx.graph = (g, leaves, params)
         ctx.with_std = with_std
+        ctx.filt = filt
         return torch.ops.fastattn_C.channel_scale(x, g_acc, None)
 
     @staticmethod
@@ -146,21 +150,23 @@ class _PooledGate(torch.autograd.Function):
         dx = None
         if need_x:
             hw = x.shape[2] * x.shape[3]
-            dmean = grads[0] if grads[0] is not None else torch.zeros_like(g_acc)
-            a = dmean.to(g_acc.dtype) / hw
-            k = torch.zeros_like(a)
+            dstat = grads[0].to(g_acc.dtype) if grads[0] is not None else torch.zeros_like(g_acc)
+            k, a, filt, e = torch.zeros_like(g_acc), dstat / hw, None, None    # d mean / dx = 1 / HW
+            if ctx.filt is not None:       # d sum(x * filter) / dx = filter
+                a, filt, e = torch.zeros_like(g_acc), ctx.filt.to(g_acc.dtype).contiguous(), dstat
             if ctx.with_std and grads[1] is not None:
                 mean, std = saved          # d std / dx = (x - mean) / ((HW - 1) std)
                 k = grads[1].to(g_acc.dtype) / ((hw - 1) * std)
                 a = a - k * mean
-            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, g_acc, k.contiguous(), a.contiguous())
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, g_acc, k.contiguous(), a.contiguous(),
+                                                                    filt, e)
         param_grads = iter(grads[len(leaves) if need_x else 0:])
-        return (dx, None, None, None, *[next(param_grads) if p.requires_grad else None for p in params])
+        return (dx, None, None, None, None, *[next(param_grads) if p.requires_grad else None for p in params])
 
 
 def _pooled_gate(module: torch.nn.Module, x: torch.Tensor, gate_fn, with_std: bool = False,
-                 eps: float = 1e-5) -> torch.Tensor:
-    return _PooledGate.apply(x, with_std, eps, gate_fn, *module.parameters())
+                 eps: float = 1e-5, filt: torch.Tensor | None = None) -> torch.Tensor:
+    return _PooledGate.apply(x, with_std, eps, gate_fn, filt, *module.parameters())
 
 
 @functools.lru_cache(maxsize=None)
@@ -403,6 +409,8 @@ class MultiSpectralAttention(reference.MultiSpectralAttention):
         if self.one_read(x):
             w = [t.detach().float().contiguous() for t in (self.dct_layer.weight, self.fc[0].weight, self.fc[2].weight)]
             return torch.ops.fastattn_C.fca_forward(x, *w)
+        if tuple(x.shape[-2:]) == (self.dct_h, self.dct_w) and _train_fused_ok(self, x):
+            return _pooled_gate(self, x, self.fc, filt=self.dct_layer.weight.detach().to(x.dtype).contiguous())
         pooled = x
         if x.shape[-2:] != (self.dct_h, self.dct_w):
             pooled = F.adaptive_avg_pool2d(x, (self.dct_h, self.dct_w))
