@@ -575,3 +575,61 @@ def test_multispectral_inference_takes_the_one_read_kernel(dct, one_read):
         assert f.one_read(x) == one_read
         torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
     assert not f.one_read(x.requires_grad_())
+
+
+# --- scSE inference in one read
+
+
+def scse_math(x, w1, b1, w2, b2, conv_w, conv_b, combine):
+    xd = x.double()
+    g = torch.sigmoid(torch.relu(xd.mean((2, 3)) @ w1.double().t() + b1.double()) @ w2.double().t() + b2.double())
+    s = torch.sigmoid((xd * conv_w.double()[None, :, None, None]).sum(1, keepdim=True) + conv_b)
+    c, z = xd * g[:, :, None, None], xd * s
+    return torch.maximum(c, z) if combine == "max" else c + z
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 33, 1, 5), (1, 8, 70, 70)])
+@pytest.mark.parametrize("combine", ["max", "add"])
+def test_scse_forward_matches_float64(dtype, tol, shape, combine):
+    g = torch.Generator().manual_seed(sum(shape))
+    C = shape[1]
+    hidden = max(1, C // 2)
+    x = torch.randn(shape, generator=g).to(dtype)
+    w1, b1 = torch.randn(hidden, C, generator=g) / C ** 0.5, torch.randn(hidden, generator=g)
+    w2, b2 = torch.randn(C, hidden, generator=g) / hidden ** 0.5, torch.randn(C, generator=g)
+    conv_w = torch.randn(C, generator=g) / C ** 0.5
+    want = scse_math(x, w1, b1, w2, b2, conv_w, 0.2, combine)
+    for name, xv in layouts(x):
+        y = torch.ops.fastattn_C.scse_forward(xv, w1, b1, w2, b2, conv_w, 0.2, combine)
+        assert y.dtype == dtype and y.stride() == torch.empty_like(xv).stride(), name
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_scse_forward_nan_and_errors():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 4, 4, generator=g)
+    x[1, 3, 2, 1] = float("nan")
+    args = (torch.randn(4, 8, generator=g), torch.randn(4, generator=g), torch.randn(8, 4, generator=g),
+            torch.randn(8, generator=g), torch.randn(8, generator=g), -0.1)
+    y = torch.ops.fastattn_C.scse_forward(x, *args, "max")
+    torch.testing.assert_close(y.double(), scse_math(x, *args, "max"), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert y[1].isnan().all() and not y[0].isnan().any()           # the NaN poisons its sample's gates
+    with pytest.raises(ValueError, match=r"argument 'combine' must be 'max' or 'add', got 'mul'"):
+        torch.ops.fastattn_C.scse_forward(x, *args, "mul")
+    with pytest.raises(ValueError, match=r"argument 'conv_w' must have shape \(8\)"):
+        torch.ops.fastattn_C.scse_forward(x, *args[:4], torch.randn(7), 0.0, "max")
+
+
+@pytest.mark.parametrize("combine", ["max", "add"])
+def test_scse_module_inference_takes_the_one_read_kernel(combine):
+    torch.manual_seed(0)
+    r, f = fastattn.reference.SCSE(32, combine=combine).eval(), fastattn.SCSE(32, combine=combine).eval()
+    f.load_state_dict(r.state_dict())
+    x = torch.randn(2 * torch.get_num_threads(), 32, 6, 7)
+    with torch.no_grad():
+        assert f.one_read(x)
+        torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
+        assert not f.one_read(x.to(memory_format=torch.channels_last))
+    assert not f.one_read(x.requires_grad_())

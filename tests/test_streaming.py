@@ -32,10 +32,10 @@ def test_channel_scale_streaming_path(residual):
     torch.testing.assert_close(y, want, rtol=2**-23, atol=2**-23 if residual else 0)
 
 
-@pytest.mark.parametrize("op", ["se", "se_residual", "srm", "cbam"])
+@pytest.mark.parametrize("op", ["se", "se_residual", "srm", "cbam", "scse_max", "scse_add"])
 def test_one_read_kernels_streaming_path(op):
     """The one-read inference kernels (csrc/cpu/se.cpp) stream their fp32 output too."""
-    from test_se_fused import cbam_args, cbam_math, se_math, srm_math
+    from test_se_fused import cbam_args, cbam_math, scse_math, se_math, srm_math
 
     shape = _big_shape(planes=3)
     g = torch.Generator().manual_seed(2)
@@ -48,9 +48,13 @@ def test_one_read_kernels_streaming_path(op):
     elif op == "srm":
         a = [torch.randn(C, generator=g) for _ in range(3)]
         y, want = torch.ops.fastattn_C.srm_forward(x, *a, 1e-5), srm_math(x, *a)
-    else:
+    elif op == "cbam":
         args = cbam_args(C, 7, g)
         y, want = torch.ops.fastattn_C.cbam_forward(x, *args), cbam_math(x, *args)
+    else:
+        args = (torch.randn(2, C, generator=g), torch.randn(2, generator=g), torch.randn(C, 2, generator=g),
+                torch.randn(C, generator=g), torch.randn(C, generator=g), 0.1, op[5:])
+        y, want = torch.ops.fastattn_C.scse_forward(x, *args), scse_math(x, *args)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 

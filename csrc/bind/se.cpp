@@ -78,6 +78,32 @@ at::Tensor eca_forward(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// scSE: y = max(x g, x s) (combine "max") or x g + x s ("add"); g the cSE gate (w1 (hidden, C),
+// b1, w2 (C, hidden), b2), s = sigmoid(conv_w . x + conv_b) the sSE gate (conv_w (C,)), float32.
+at::Tensor scse_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, const at::Tensor& conv_w, double conv_b, c10::string_view combine) {
+  const char* op = "scse_forward";
+  const DType dt = check_input(x, op);
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2, "fastattn::", op, ": argument 'w1' must be 2-D (hidden, C), got ", w1.sizes());
+  const int64_t hidden = w1.size(0);
+  check_weight(w1, op, "w1", hidden, C);
+  check_weight(b1, op, "b1", hidden, 0);
+  check_weight(w2, op, "w2", C, hidden);
+  check_weight(b2, op, "b2", C, 0);
+  check_weight(conv_w, op, "conv_w", C, 0);
+  TORCH_CHECK_VALUE(combine == "max" || combine == "add", "fastattn::", op, ": argument 'combine' must be 'max' or "
+                    "'add', got '", std::string(combine), "'");
+  at::Tensor y = new_output_like(x);
+  if (y.numel() == 0) return y;
+  const ScseWeights weights{w1.data_ptr<float>(), b1.data_ptr<float>(),    w2.data_ptr<float>(),
+                            b2.data_ptr<float>(), hidden,                   conv_w.data_ptr<float>(),
+                            static_cast<float>(conv_b), combine == "max"};
+  scse_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), C, x.size(2), x.size(3), strides4(x), strides4(y),
+                   weights);
+  return y;
+}
+
 // FcaNet: y = x * sigmoid(w2 relu(w1 d)), d = sum over H x W of x * filter (C, H, W) float32.
 at::Tensor fca_forward(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& w1, const at::Tensor& w2) {
   const char* op = "fca_forward";
@@ -295,6 +321,8 @@ at::Tensor cbam_backward_dx(const at::Tensor& dy, const at::Tensor& a, const at:
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("se_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual) -> Tensor");
   m.def("eca_forward(Tensor x, Tensor weight) -> Tensor");
+  m.def("scse_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor conv_w, float conv_b, "
+        "str combine) -> Tensor");
   m.def("fca_forward(Tensor x, Tensor filter, Tensor w1, Tensor w2) -> Tensor");
   m.def("srm_forward(Tensor x, Tensor a_mean, Tensor a_std, Tensor bias, float eps) -> Tensor");
   m.def("cbam_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool use_mean, bool use_max, "
@@ -311,6 +339,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("se_forward", &fastattn::se_forward);
   m.impl("eca_forward", &fastattn::eca_forward);
+  m.impl("scse_forward", &fastattn::scse_forward);
   m.impl("fca_forward", &fastattn::fca_forward);
   m.impl("srm_forward", &fastattn::srm_forward);
   m.impl("cbam_forward", &fastattn::cbam_forward);

@@ -401,6 +401,93 @@ void cbam_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
   }
 }
 
+// scSE inference, one sample per thread. Pass 1 (from memory): each plane's mean and its share of
+// the spatial squeeze s[p] += conv_w[c] x[c, p]; then the cSE MLP (g) and s = sigmoid(s + bias);
+// pass 2 (from the core's cache): y = max(x g, x s) (NaN-propagating, as torch.maximum) or
+// x g + x s.
+template <typename T>
+void scse_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sy,
+                   const ScseWeights& p) {
+  const int64_t HW = H * W;
+  const std::vector<float> w2t_buffer = transposed(p.w2, C, p.hidden);
+  const float* w2t = w2t_buffer.data();
+  const bool contiguous = plane_contiguous(sx, H, W) && plane_contiguous(sy, H, W);
+  const bool stream = contiguous && stream_stores<T>(B, C, H, W);
+#pragma omp parallel
+  {
+    std::vector<float> mean(static_cast<size_t>(C)), g(static_cast<size_t>(C)), hid(static_cast<size_t>(p.hidden)),
+        sp(static_cast<size_t>(HW));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      std::fill(sp.begin(), sp.end(), 0.0f);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* q = x + b * sx.b + c * sx.c;
+        const float wc = p.conv_w[c];
+        float* s = sp.data();
+        if (contiguous) {
+          mean[c] = plane_mean(q, H, W, sx);   // the plane is in L1 for the conv's read below
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) s[i] += wc * to_float(q[i]);
+        } else {
+          mean[c] = plane_mean(q, H, W, sx);
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w) s[h * W + w] += wc * to_float(q[h * sx.h + w * sx.w]);
+        }
+      }
+      std::fill(hid.begin(), hid.end(), 0.0f);
+      mlp_hidden_add(mean.data(), C, p.w1, p.b1, p.hidden, hid.data());
+      mlp_output(hid.data(), C, w2t, p.b2, 1.0f, p.hidden, g.data());
+      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+      for (int64_t i = 0; i < HW; ++i) sp[i] = sigmoid(sp[i] + p.conv_b);
+      const float* s = sp.data();
+      for (int64_t c = 0; c < C; ++c) {
+        const T* q = x + b * sx.b + c * sx.c;
+        T* o = y + b * sy.b + c * sy.c;
+        const float gc = g[c];
+        if constexpr (std::is_same<T, float>::value) {
+          if (stream && p.combine_max) {
+            stream_row_f32(o, HW, [&](int64_t i) {
+                             const vfloat v = vload(q + i);
+                             return vnan_max(vmul(v, vbroadcast(gc)), vmul(v, vload(s + i)));
+                           },
+                           [&](int64_t i) { return nan_max(q[i] * gc, q[i] * s[i]); });
+            continue;
+          }
+          if (stream) {
+            stream_row_f32(o, HW, [&](int64_t i) {
+                             const vfloat v = vload(q + i);
+                             return vfma(v, vbroadcast(gc), vmul(v, vload(s + i)));
+                           },
+                           [&](int64_t i) { return q[i] * gc + q[i] * s[i]; });
+            continue;
+          }
+        }
+        if (contiguous && p.combine_max) {
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) {
+            const float v = to_float(q[i]);
+            o[i] = store<T>(nan_max(v * gc, v * s[i]));
+          }
+        } else if (contiguous) {
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) {
+            const float v = to_float(q[i]);
+            o[i] = store<T>(v * gc + v * s[i]);
+          }
+        } else {
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w) {
+              const float v = to_float(q[h * sx.h + w * sx.w]);
+              const float a = v * gc, z = v * s[h * W + w];
+              o[h * sy.h + w * sy.w] = store<T>(p.combine_max ? nan_max(a, z) : a + z);
+            }
+        }
+      }
+    }
+    if (stream) stream_fence();
+  }
+}
+
 }  // namespace
 
 // Calls f(typed pointer tag) for the 16/32-bit dtypes (Float64 is refused by the bindings).
@@ -441,6 +528,14 @@ void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
     const auto conv = [=](const float* mean, float* g, float*) { eca_excite(mean, C, w, k, g); };
     one_read(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B, C, H, W, sx,
              Strides4{0, 0, 0, 0}, sy, 1, pool, 0, conv);
+  });
+}
+
+void scse_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                      Strides4 sy, const ScseWeights& weights) {
+  for_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scse_one_read(static_cast<const T*>(x), static_cast<T*>(y), B, C, H, W, sx, sy, weights);
   });
 }
 

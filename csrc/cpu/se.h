@@ -26,6 +26,24 @@ void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t 
 void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                      Strides4 sy, const float* w, int64_t k);
 
+// scSE's parameters for scse_forward_cpu: cSE's MLP g = sigmoid(w2 relu(w1 mean + b1) + b2),
+// w1 (hidden, C), w2 (C, hidden), biases (hidden), (C); sSE's 1x1 conv s = sigmoid(conv_w . x[:, p]
+// + conv_b), conv_w (C); combine_max: y = max(x g, x s), else y = x g + x s.
+struct ScseWeights {
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  int64_t hidden;
+  const float* conv_w;
+  float conv_b;
+  bool combine_max;
+};
+
+// scSE inference in one read of x from memory, one sample per thread.
+void scse_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                      Strides4 sy, const ScseWeights& weights);
+
 // FcaNet's (MultiSpectralAttention's) y = x * sigmoid(w2 relu(w1 d)), d[c] = sum over H x W of
 // x * filter[c] (the DCT pool), w1 (hidden, C), w2 (C, hidden), no biases; filter (C, H, W)
 // contiguous floats; same one-read scheme.

@@ -28,6 +28,11 @@ inline vfloat vbroadcast(float v) { return _mm512_set1_ps(v); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstream(float* p, vfloat v) { _mm512_stream_ps(p, v); }
+// a NaN in either wins (torch.maximum): b where b > a or b is NaN, else a.
+inline vfloat vnan_max(vfloat a, vfloat b) {
+  const __mmask16 take_b = _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+  return _mm512_mask_blend_ps(take_b, a, b);
+}
 #elif defined(__AVX__)
 using vfloat = __m256;
 constexpr int64_t kVecWidth = 8;
@@ -40,6 +45,10 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, 
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
 #endif
 inline void vstream(float* p, vfloat v) { _mm256_stream_ps(p, v); }
+inline vfloat vnan_max(vfloat a, vfloat b) {
+  const __m256 take_b = _mm256_or_ps(_mm256_cmp_ps(b, a, _CMP_GT_OQ), _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+  return _mm256_blendv_ps(a, b, take_b);
+}
 #else
 struct vfloat { float v; };
 constexpr int64_t kVecWidth = 0;
@@ -48,6 +57,7 @@ inline vfloat vbroadcast(float v) { return {v}; }
 inline vfloat vmul(vfloat a, vfloat b) { return {a.v * b.v}; }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return {a.v * b.v + c.v}; }
 inline void vstream(float* p, vfloat v) { *p = v.v; }
+inline vfloat vnan_max(vfloat a, vfloat b) { return {(b.v > a.v || b.v != b.v) ? b.v : a.v}; }
 #endif
 
 // Bytes of the last-level cache of this CPU: sysfs (what lscpu reports), else sysconf (which on

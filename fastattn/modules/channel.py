@@ -77,7 +77,7 @@ def _se_one_read(x: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d,
 
 
 _RAW_CHECKS = {op: _dispatch.cpu_kernel(op)
-               for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward", "fca_forward")}
+               for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward", "fca_forward", "scse_forward")}
 _RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine_backward", "channel_pool",
                                             "channel_scale")
 _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_backward_pool_grad", "cbam_backward_dx",

@@ -18,7 +18,8 @@ from ..reference._checks import check_feature_map, like_input
 class SCSE(reference.SCSE):
     """`fastattn.reference.SCSE` with one fused combine: max(x * a, x * s) (or x * a + x * s).
 
-    The channel gate reads x once (mean), the spatial gate once (1x1 conv), the combine once.
+    The channel gate reads x once (mean), the spatial gate once (1x1 conv), the combine once. In
+    CPU inference, one read of x from memory (see `one_read`).
     """
 
     backend: str | None = None
@@ -26,9 +27,22 @@ class SCSE(reference.SCSE):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("SCSE", x, channels=self.channels)
         cse, sse = self.cSE, self.sSE
+        if self.one_read(x):
+            w = [t.detach().float().reshape(t.shape[0], -1).contiguous() if t.dim() > 1 else t.detach().float()
+                 for t in (cse.fc1.weight, cse.fc1.bias, cse.fc2.weight, cse.fc2.bias)]
+            conv_w = sse.conv.weight.detach().float().reshape(-1).contiguous()
+            conv_b = float(sse.conv.bias) if sse.conv.bias is not None else 0.0
+            return torch.ops.fastattn_C.scse_forward(x, *w, conv_w, conv_b, self.combine)
         a = torch.sigmoid(cse.fc2(F.relu(cse.fc1(channel_mean(x)))))
         s = torch.sigmoid(sse.conv(x))
         return channel_spatial_gate(x, a, s, self.combine, backend=self.backend)
+
+    def one_read(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the one-read C++ inference kernel (`fastattn_C::scse_forward`: one
+        sample per thread; its means and the 1x1 conv's sums in one read, the gates, the combine
+        from that core's cache) instead of the three-pass path: the conditions of SqueezeExcite's
+        (`fastattn.modules.channel._one_read_ok`)."""
+        return _one_read_ok(self, "scse_forward", x)
 
 
 class BAM(reference.BAM):
