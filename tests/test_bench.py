@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import cases, e2e, harness, micro, models, plot, report  # noqa: E402
+from bench import cases, e2e, harness, micro, models, plot, report, runs  # noqa: E402
 from bench.__main__ import main as bench_main  # noqa: E402
 
 SHAPE = (2, 8, 4, 4)            # N = 256 elements, B*C = 16
@@ -209,6 +209,19 @@ def test_tables_and_plot_data():
     assert ovh[("resnet50+SqueezeExcite", "eager", "train", "fp32", "nchw", "2x3x64x64")] == pytest.approx(0.2)
     assert plot.speedups(rows)[("SqueezeExcite", "compile", "forward", "fp32", "nchw", "2x8x4x4")] == 2.0
     assert report.summary_stats(rows)[("SqueezeExcite", "forward")]["eager"] == pytest.approx(4.0)
+
+
+def test_median_over_runs_table():
+    """bench.runs: each provider's time is the median over the runs; a cell slower than compile
+    is listed."""
+    rows = []
+    for eager, compiled, fast in ((4.0, 1.0, 2.0), (8.0, 3.0, 2.5), (6.0, 1.5, 1.0)):
+        for provider, ms in (("eager", eager), ("compile", compiled), ("fastattn-cpu", fast)):
+            rows.append(_row(kind="module", name="CBAM", provider=provider, median_ms=ms, pct_roofline=40.0))
+    rows.append(_row(kind="module", name="CBAM", provider="eager", shape="2x8x8x8", median_ms=1.0))
+    table, slower = runs.median_table(rows, ["2x8x4x4"])
+    assert table[2] == "| CBAM | 2x8x4x4 | forward | 6.00 | 1.50 | 2.00 | 3.00x | 0.75x | 40% |"
+    assert len(table) == 3 and slower == ["CBAM 2x8x4x4 forward: 3.00x / 0.75x"]
 
 
 class _StubPlt:
