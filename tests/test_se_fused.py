@@ -74,7 +74,12 @@ def test_module_inference_takes_the_one_read_kernel(dtype):
     res = torch.randn_like(x)
     with torch.no_grad():
         assert f.one_read(x) and f.one_read(x, res)
-        assert not f.one_read(x.to(memory_format=torch.channels_last))
+        xcl, rescl = (t.to(memory_format=torch.channels_last) for t in (x, res))
+        assert f.one_read(xcl) and f.one_read(xcl, rescl)             # the channels_last loop
+        assert not f.one_read(xcl, res)                               # a residual in another layout
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(f(xcl, rescl), r(xcl, rescl), rtol=tol, atol=tol)
+        assert f(xcl).is_contiguous(memory_format=torch.channels_last)
         assert not f.one_read(x[:1]) or torch.get_num_threads() == 1
         assert not f.one_read(x, res.double())              # another dtype: the two-op path
         tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -125,6 +130,9 @@ def test_eca_module_inference_takes_the_one_read_kernel():
     with torch.no_grad():
         assert f.one_read(x)
         torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
+        xcl = x.to(memory_format=torch.channels_last)
+        assert f.one_read(xcl)
+        torch.testing.assert_close(f(xcl), r(xcl), rtol=1e-5, atol=1e-5)
     assert not f.one_read(x.requires_grad_())
 
 

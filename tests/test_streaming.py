@@ -68,3 +68,19 @@ def test_channel_scale_affine_backward_streaming_path():
     want = dy.double() * gate.double()[..., None, None] + k.double()[..., None, None] * x.double() \
         + a.double()[..., None, None] + e.double()[..., None, None] * filt.double()
     torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_se_forward_channels_last_streaming_path(residual):
+    """SE's channels_last loop streams rows of C (a multiple of 16) when the output is large."""
+    from test_se_fused import se_math
+
+    B, C, H, W = _big_shape(planes=16)
+    shape = (B, C, H, W)
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(shape, generator=g) + 1).to(memory_format=torch.channels_last)
+    w1, w2, b1, b2 = torch.randn(4, C, generator=g), torch.randn(C, 4, generator=g), torch.randn(4), torch.randn(C)
+    r = torch.randn(shape, generator=g).to(memory_format=torch.channels_last) if residual else None
+    y = torch.ops.fastattn_C.se_forward(x, w1, b1, w2, b2, r)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), se_math(x, w1, b1, w2, b2, r), rtol=1e-5, atol=1e-5)

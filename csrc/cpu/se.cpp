@@ -291,6 +291,72 @@ void one_read(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int
   }
 }
 
+// Channels_last (channels unit-stride in x, y and r): one sample per thread, its channel means
+// summed pixel by pixel into C lanes (fp32 runs of kMeanRun pixels folded into double), its gate
+// (excite(mean, g, scratch)), then y[p, :] = x[p, :] g (+ r[p, :]) from the core's cache.
+constexpr int64_t kMeanRun = 256;
+
+template <typename T, typename Excite>
+void one_read_channels_last(const T* x, const T* r, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
+                            Strides4 sr, Strides4 sy, int64_t scratch, const Excite& excite) {
+  const bool stream = stream_stores<T>(B, C, H, W) && C % 16 == 0;
+  const int64_t HW = H * W;
+#pragma omp parallel
+  {
+    std::vector<float> run(static_cast<size_t>(C)), g(static_cast<size_t>(C)), tmp(static_cast<size_t>(scratch));
+    std::vector<double> total(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t p0 = 0; p0 < HW; p0 += kMeanRun) {
+        std::fill(run.begin(), run.end(), 0.0f);
+        float* acc = run.data();
+        for (int64_t p = p0; p < std::min(HW, p0 + kMeanRun); ++p) {
+          const T* row = x + b * sx.b + (p / W) * sx.h + (p % W) * sx.w;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc[c] += to_float(row[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) total[c] += acc[c];
+      }
+      for (int64_t c = 0; c < C; ++c) run[c] = static_cast<float>(total[c] / static_cast<double>(HW));
+      excite(run.data(), g.data(), tmp.data());
+      const float* gp = g.data();
+      for (int64_t p = 0; p < HW; ++p) {
+        const int64_t h = p / W, w = p % W;
+        const T* xr = x + b * sx.b + h * sx.h + w * sx.w;
+        const T* rr = r ? r + b * sr.b + h * sr.h + w * sr.w : nullptr;
+        T* yr = y + b * sy.b + h * sy.h + w * sy.w;
+        if constexpr (std::is_same<T, float>::value) {
+          if (stream) {
+            if (rr)
+              stream_row_f32(yr, C, [&](int64_t c) { return vfma(vload(xr + c), vload(gp + c), vload(rr + c)); },
+                             [&](int64_t c) { return xr[c] * gp[c] + rr[c]; });
+            else
+              stream_row_f32(yr, C, [&](int64_t c) { return vmul(vload(xr + c), vload(gp + c)); },
+                             [&](int64_t c) { return xr[c] * gp[c]; });
+            continue;
+          }
+        }
+        if (rr) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) yr[c] = store<T>(to_float(xr[c]) * gp[c] + to_float(rr[c]));
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) yr[c] = store<T>(to_float(xr[c]) * gp[c]);
+        }
+      }
+    }
+    if (stream) stream_fence();
+  }
+}
+
+// Whether the one-read mean kernels take the channels_last loop: channels unit-stride in every
+// operand and the planes not (an NCHW map with C or H * W of 1 keeps the plane loop).
+inline bool channels_last_operands(int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sy, const void* r,
+                                   Strides4 sr) {
+  return C > 1 && sx.c == 1 && sy.c == 1 && (!r || sr.c == 1) && !plane_contiguous(sx, H, W);
+}
+
 // CBAM's spatial stage for one sample whose channel gate g is known: [max, mean] over the
 // channels of x * g (map: 2 x H x W), the k x k conv (weights 2 x k x k, BN folded into them and
 // `bias`), its sigmoid (s: H x W), and y = x * g * s.
@@ -515,6 +581,9 @@ void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t 
       mlp_output(hid, C, w2t, b2, 1.0f, hidden, g);
       for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
     };
+    if (channels_last_operands(C, H, W, sx, sy, r, sr))
+      return one_read_channels_last(static_cast<const T*>(x), static_cast<const T*>(r), static_cast<T*>(y), B, C, H,
+                                    W, sx, sr, sy, hidden, mlp);
     one_read(static_cast<const T*>(x), static_cast<const T*>(r), static_cast<T*>(y), B, C, H, W, sx, sr, sy, 1,
              pool, hidden, mlp);
   });
@@ -526,6 +595,9 @@ void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t, float* st) { st[0] = plane_mean(p, H, W, sx); };
     const auto conv = [=](const float* mean, float* g, float*) { eca_excite(mean, C, w, k, g); };
+    if (channels_last_operands(C, H, W, sx, sy, nullptr, Strides4{0, 0, 0, 0}))
+      return one_read_channels_last(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B,
+                                    C, H, W, sx, Strides4{0, 0, 0, 0}, sy, 0, conv);
     one_read(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B, C, H, W, sx,
              Strides4{0, 0, 0, 0}, sy, 1, pool, 0, conv);
   });

@@ -44,16 +44,24 @@ class SqueezeExcite(reference.SqueezeExcite):
         return _one_read_ok(self, "se_forward", x, residual)
 
 
+_CHANNELS_LAST_KERNELS = ("se_forward", "eca_forward")
+
+
 def _one_read_ok(module: torch.nn.Module, raw_op: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """The conditions of the one-read inference kernels (csrc/cpu/se.cpp): backend "auto" or "cpu"
-    on CPU tensors, 16/32-bit NCHW x (and residual, of x's dtype), no gradient recorded (eager, no tensor
+    on CPU tensors, 16/32-bit NCHW x (channels_last too for SE's and ECA's kernels; a residual in
+    x's layout and dtype), no gradient recorded (eager, no tensor
     subclass or mode), at least one sample per thread (they run a sample per thread), and one
     sample per thread fits twice over in the last-level cache."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
+    # NCHW, or channels_last for the kernels with a channels_last loop (the mean-gated ones)
+    fmt = torch.contiguous_format
     if not x.is_contiguous():
-        return False         # channels_last: its two-op path is faster than these kernels' strided loops
-    if residual is not None and (not residual.is_contiguous() or residual.dtype != x.dtype):
+        if raw_op not in _CHANNELS_LAST_KERNELS or not x.is_contiguous(memory_format=torch.channels_last):
+            return False
+        fmt = torch.channels_last
+    if residual is not None and (not residual.is_contiguous(memory_format=fmt) or residual.dtype != x.dtype):
         return False         # (the two-op path converts a residual of another dtype, as the reference promotes)
     if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS[raw_op](x) is not None:
         return False
