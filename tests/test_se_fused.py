@@ -641,3 +641,22 @@ def test_scse_module_inference_takes_the_one_read_kernel(combine):
         torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
         assert not f.one_read(x.to(memory_format=torch.channels_last))
     assert not f.one_read(x.requires_grad_())
+
+
+@pytest.mark.parametrize("name", ["SqueezeExcite", "SRM", "CBAM"])
+def test_training_paths_backward_twice_with_retain_graph(monkeypatch, name):
+    """backward(retain_graph=True) then backward again: the module paths keep their gate graphs,
+    so the gradients accumulate to twice one backward's."""
+    pooled_gate, cbam = _count_pooled_gate(monkeypatch), _count_cbam_train(monkeypatch)
+    torch.manual_seed(0)
+    f = getattr(fastattn, name)(16)
+    x = torch.randn(2 * torch.get_num_threads(), 16, 5, 6, requires_grad=True)
+    dy = torch.randn_like(x)
+    y = f(x)
+    assert len(pooled_gate) + len(cbam) == 1
+    y.backward(dy, retain_graph=True)
+    once = [x.grad.clone()] + [p.grad.clone() for p in f.parameters()]
+    y.backward(dy)
+    twice = [x.grad] + [p.grad for p in f.parameters()]
+    for a, b in zip(once, twice):
+        torch.testing.assert_close(b, 2 * a, rtol=1e-5, atol=1e-6)

@@ -150,11 +150,13 @@ class _PooledGate(torch.autograd.Function):
     def backward(ctx, dy):
         x, g_acc, *saved = ctx.saved_tensors
         g, leaves, params = ctx.graph
-        ctx.graph = None
         dg = torch.ops.fastattn_C.channel_dot(dy, x)
         want = [p for p in params if p.requires_grad]
         need_x = ctx.needs_input_grad[0]
-        grads = torch.autograd.grad(g, (leaves if need_x else []) + want, dg.to(g.dtype), allow_unused=True)
+        # retain_graph: the outer graph may be run again (backward(retain_graph=True)); the gate's
+        # small graph is freed with it
+        grads = torch.autograd.grad(g, (leaves if need_x else []) + want, dg.to(g.dtype), allow_unused=True,
+                                    retain_graph=True)
         dx = None
         if need_x:
             hw = x.shape[2] * x.shape[3]

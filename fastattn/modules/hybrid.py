@@ -205,18 +205,19 @@ class _CBAMTrain(torch.autograd.Function):
     def backward(ctx, dy):
         x, a_acc, s_acc, idx_c, idx_p = ctx.saved_tensors
         a, leaves, kinds, s, sp_leaf, params, spatial_ids = ctx.graph
-        ctx.graph = None
         dy = dy.contiguous()
         B, C, HW = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
         need_x = ctx.needs_input_grad[0]
         spatial_params = [p for p in params if p.requires_grad and id(p) in spatial_ids]
         channel_params = [p for p in params if p.requires_grad and id(p) not in spatial_ids]
         da1, ds = torch.ops.fastattn_C.cbam_backward_sums(dy, x, a_acc, s_acc)
-        g = torch.autograd.grad(s, [sp_leaf] + spatial_params, ds.view(s.shape).to(s.dtype), allow_unused=True)
+        # retain_graph: the outer graph may be run again; the gates' small graphs are freed with it
+        g = torch.autograd.grad(s, [sp_leaf] + spatial_params, ds.view(s.shape).to(s.dtype), allow_unused=True,
+                                retain_graph=True)
         dsp = g[0].to(a_acc.dtype).reshape(B, 2, HW)
         dpmax, dpmean = dsp[:, 0].contiguous(), dsp[:, 1].contiguous()
         da = da1 + torch.ops.fastattn_C.cbam_backward_pool_grad(x, dpmax, dpmean, idx_c)
-        h = torch.autograd.grad(a, leaves + channel_params, da.to(a.dtype), allow_unused=True)
+        h = torch.autograd.grad(a, leaves + channel_params, da.to(a.dtype), allow_unused=True, retain_graph=True)
         dx = None
         if need_x:
             zeros = torch.zeros_like(a_acc)
