@@ -413,6 +413,7 @@ def test_pooled_gate_training_path_matches_reference(monkeypatch, name, dtype, t
     x = torch.randn(3, 32, 7, 9, dtype=dtype) * 2 + 1
     xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
     dy = torch.randn_like(x)
+    assert f.train_fused(xf)
     yr, yf = r(xr), f(xf)
     assert calls, "the training path was not taken"
     torch.autograd.backward(yr, dy)
@@ -435,6 +436,7 @@ def test_pooled_gate_training_path_conditions(monkeypatch):
     with torch.no_grad():
         f(x)                                                         # nothing to record
     f.requires_grad_(False)
+    assert not f.train_fused(x)
     f(x)                                                             # no gradient anywhere
     assert not calls
     f.requires_grad_(True)

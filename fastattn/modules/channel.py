@@ -31,7 +31,7 @@ class SqueezeExcite(reference.SqueezeExcite):
             check_same_shape("SqueezeExcite", "residual", residual, "x", x)
         if self.one_read(x, residual):
             return _se_one_read(x, self.fc1, self.fc2, residual)
-        if residual is None and _train_fused_ok(self, x):
+        if self.train_fused(x, residual):
             return _pooled_gate(self, x, lambda m: self.gate(self.fc2(self.act(self.fc1(m[:, :, None, None])))).flatten(1))
         s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
@@ -42,6 +42,11 @@ class SqueezeExcite(reference.SqueezeExcite):
         sample per thread, its means, its MLP and its scale while it is in that core's cache)
         instead of the channel_mean + channel_scale pair: see `_one_read_ok`."""
         return _one_read_ok(self, "se_forward", x, residual)
+
+    def train_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+        """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
+        path: see `_train_fused_ok`; without a residual."""
+        return residual is None and _train_fused_ok(self, x)
 
 
 _CHANNELS_LAST_KERNELS = ("se_forward", "eca_forward")
@@ -194,7 +199,7 @@ class ECA(reference.ECA):
         check_feature_map("ECA", x, channels=self.channels)
         if self.one_read(x):
             return torch.ops.fastattn_C.eca_forward(x, self.conv.weight.detach().float().reshape(-1).contiguous())
-        if _train_fused_ok(self, x):
+        if self.train_fused(x):
             return _pooled_gate(self, x, lambda m: torch.sigmoid(self.conv(m.unsqueeze(1)).squeeze(1)))
         y = self.conv(_mean(x, self.backend).unsqueeze(1)).squeeze(1)
         return channel_scale(x, torch.sigmoid(y), backend=self.backend)
@@ -204,6 +209,11 @@ class ECA(reference.ECA):
         SqueezeExcite's) instead of channel_mean + channel_scale: see `_one_read_ok`; the conv
         must have an odd number of taps (an even one fails in the reference too)."""
         return self.conv.kernel_size[0] % 2 == 1 and _one_read_ok(self, "eca_forward", x)
+
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
+        path: see `_train_fused_ok`."""
+        return _train_fused_ok(self, x)
 
 
 class NAM(reference.NAM):
@@ -282,6 +292,11 @@ class GatherExcite(reference.GatherExcite):
     def fused(self) -> bool:
         return self.extent == 0
 
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
+        path: see `_train_fused_ok`; the global mean gathered (extent 0, no depthwise gather)."""
+        return self.fused and self.gather is None and _train_fused_ok(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
@@ -295,7 +310,7 @@ class GatherExcite(reference.GatherExcite):
             g = self.gather_act(self.gather(x))
         elif isinstance(self.mlp, _ConvMlp) and _one_read_ok(self, "se_forward", x):
             return _se_one_read(x, self.mlp.fc1, self.mlp.fc2, None)    # SE's math: one read in CPU inference
-        elif _train_fused_ok(self, x):
+        elif self.train_fused(x):
             return _pooled_gate(self, x, lambda m: torch.sigmoid(self.mlp(m[:, :, None, None])).flatten(1))
         else:
             g = _mean(x, self.backend)[:, :, None, None]
@@ -368,7 +383,7 @@ class SRM(reference.SRM):
             )
         if self.one_read(x):
             return _srm_one_read(self, x)
-        if _train_fused_ok(self, x):
+        if self.train_fused(x):
             def gate(mean, std):
                 z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
                 return torch.sigmoid(self.bn(z[:, :, None, None])).flatten(1)
@@ -382,6 +397,11 @@ class SRM(reference.SRM):
         SqueezeExcite's) instead of channel_pool + channel_scale: see `_one_read_ok`; the
         BatchNorm must use its running statistics (eval mode)."""
         return _bn_frozen(self.bn) and _one_read_ok(self, "srm_forward", x)
+
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
+        path: see `_train_fused_ok`."""
+        return _train_fused_ok(self, x)
 
 
 def _bn_frozen(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
@@ -419,7 +439,7 @@ class MultiSpectralAttention(reference.MultiSpectralAttention):
         if self.one_read(x):
             w = [t.detach().float().contiguous() for t in (self.dct_layer.weight, self.fc[0].weight, self.fc[2].weight)]
             return torch.ops.fastattn_C.fca_forward(x, *w)
-        if tuple(x.shape[-2:]) == (self.dct_h, self.dct_w) and _train_fused_ok(self, x):
+        if self.train_fused(x):
             return _pooled_gate(self, x, self.fc, filt=self.dct_layer.weight.detach().to(x.dtype).contiguous())
         pooled = x
         if x.shape[-2:] != (self.dct_h, self.dct_w):
@@ -437,3 +457,8 @@ class MultiSpectralAttention(reference.MultiSpectralAttention):
                     and fc[0].bias is None and fc[2].bias is None)
         return (official and tuple(x.shape[-2:]) == (self.dct_h, self.dct_w)
                 and _one_read_ok(self, "fca_forward", x))
+
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
+        path: see `_train_fused_ok`; the map is the DCT grid (no adaptive pool)."""
+        return tuple(x.shape[-2:]) == (self.dct_h, self.dct_w) and _train_fused_ok(self, x)
