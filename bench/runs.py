@@ -29,7 +29,8 @@ def median_table(rows: list[dict], shapes: list[str] | None = None) -> tuple[lis
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     slower = []
     for name, shape, mode in dict.fromkeys(k[:3] for k in times):     # in the order of the CSV
-        med = {p: statistics.median(times[(name, shape, mode, p)]) for p in PROVIDERS if times.get((name, shape, mode, p))}
+        med = {p: statistics.median(times[(name, shape, mode, p)])
+               for p in PROVIDERS if times.get((name, shape, mode, p))}
         if "fastattn-cpu" not in med:
             continue
         f = med["fastattn-cpu"]

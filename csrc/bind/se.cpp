@@ -12,7 +12,8 @@ namespace {
 
 // A float32 contiguous CPU weight of shape (rows, cols), or (rows,) when cols is 0.
 void check_weight(const at::Tensor& t, const char* op, const char* name, int64_t rows, int64_t cols) {
-  const bool shape_ok = cols ? (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols) : (t.dim() == 1 && t.size(0) == rows);
+  const bool shape_ok =
+      cols ? (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols) : (t.dim() == 1 && t.size(0) == rows);
   TORCH_CHECK_VALUE(shape_ok, "fastattn::", op, ": argument '", name, "' must have shape (", rows,
                     cols ? ", " + std::to_string(cols) : std::string(""), "), got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "fastattn::", op, ": argument '", name, "' must be float32, got ",
@@ -228,8 +229,9 @@ at::Tensor channel_scale_affine_backward(const at::Tensor& dy, const at::Tensor&
   if (filter) {
     check_table(op, *e, "e", B, C, acc);
     TORCH_CHECK_VALUE(filter->dim() == 3 && filter->size(0) == C && filter->size(1) == x.size(2) &&
-                      filter->size(2) == x.size(3), "fastattn::", op, ": argument 'filter' must have shape (C, H, W) = (",
-                      C, ", ", x.size(2), ", ", x.size(3), "), got ", filter->sizes());
+                          filter->size(2) == x.size(3),
+                      "fastattn::", op, ": argument 'filter' must have shape (C, H, W) = (", C, ", ", x.size(2), ", ",
+                      x.size(3), "), got ", filter->sizes());
     TORCH_CHECK_VALUE(filter->is_contiguous(), "fastattn::", op, ": argument 'filter' must be contiguous");
     check_table(op, filter->view({C, HW}), "filter", C, HW, acc);
   }

@@ -247,6 +247,16 @@ void mlp_output(const float* hid, int64_t C, const float* w2t, const float* b2, 
   }
 }
 
+// SE's gate for one sample: g = sigmoid(w2 relu(w1 v + b1) + b2) (biases may be null); `hid` is
+// scratch of `hidden` floats.
+void se_gate(const float* v, int64_t C, const float* w1, const float* b1, const float* w2t, const float* b2,
+             int64_t hidden, float* hid, float* g) {
+  std::fill(hid, hid + hidden, 0.0f);
+  mlp_hidden_add(v, C, w1, b1, hidden, hid);
+  mlp_output(hid, C, w2t, b2, 1.0f, hidden, g);
+  for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+}
+
 // w (rows, cols) row-major, transposed into a new (cols, rows) buffer.
 std::vector<float> transposed(const float* w, int64_t rows, int64_t cols) {
   std::vector<float> t(static_cast<size_t>(rows * cols));
@@ -500,10 +510,7 @@ void scse_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
             for (int64_t w = 0; w < W; ++w) s[h * W + w] += wc * to_float(q[h * sx.h + w * sx.w]);
         }
       }
-      std::fill(hid.begin(), hid.end(), 0.0f);
-      mlp_hidden_add(mean.data(), C, p.w1, p.b1, p.hidden, hid.data());
-      mlp_output(hid.data(), C, w2t, p.b2, 1.0f, p.hidden, g.data());
-      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+      se_gate(mean.data(), C, p.w1, p.b1, w2t, p.b2, p.hidden, hid.data(), g.data());
       for (int64_t i = 0; i < HW; ++i) sp[i] = sigmoid(sp[i] + p.conv_b);
       const float* s = sp.data();
       for (int64_t c = 0; c < C; ++c) {
@@ -576,10 +583,7 @@ void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t 
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t, float* st) { st[0] = plane_mean(p, H, W, sx); };
     const auto mlp = [=](const float* mean, float* g, float* hid) {
-      std::fill(hid, hid + hidden, 0.0f);
-      mlp_hidden_add(mean, C, w1, b1, hidden, hid);
-      mlp_output(hid, C, w2t, b2, 1.0f, hidden, g);
-      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+      se_gate(mean, C, w1, b1, w2t, b2, hidden, hid, g);
     };
     if (channels_last_operands(C, H, W, sx, sy, r, sr))
       return one_read_channels_last(static_cast<const T*>(x), static_cast<const T*>(r), static_cast<T*>(y), B, C, H,
@@ -619,11 +623,8 @@ void fca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
   for_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t c, float* st) { st[0] = plane_filter_dot(p, filter + c * HW, H, W, sx); };
-    const auto mlp = [=](const float* y_dct, float* g, float* hid) {
-      std::fill(hid, hid + hidden, 0.0f);
-      mlp_hidden_add(y_dct, C, w1, nullptr, hidden, hid);
-      mlp_output(hid, C, w2t, nullptr, 1.0f, hidden, g);
-      for (int64_t c = 0; c < C; ++c) g[c] = sigmoid(g[c]);
+    const auto mlp = [=](const float* d, float* g, float* hid) {
+      se_gate(d, C, w1, nullptr, w2t, nullptr, hidden, hid, g);
     };
     one_read(static_cast<const T*>(x), static_cast<const T*>(nullptr), static_cast<T*>(y), B, C, H, W, sx,
              Strides4{0, 0, 0, 0}, sy, 1, pool, hidden, mlp);
@@ -746,7 +747,8 @@ void scale_affine_backward_typed(const T* dy, const T* x, const acc_t<T>* g, con
           for (int64_t w = 0; w < W; ++w)
             pdx[h * sdx.h + w * sdx.w] =
                 store<T>(static_cast<A>(to_float(pdy[h * sdy.h + w * sdy.w])) * gg +
-                         (static_cast<A>(to_float(px[h * sx.h + w * sx.w])) * kk + ((fc ? fc[h * W + w] * ee : A(0)) + aa)));
+                         (static_cast<A>(to_float(px[h * sx.h + w * sx.w])) * kk +
+                          ((fc ? fc[h * W + w] * ee : A(0)) + aa)));
       }
     }
     if (stream) stream_fence();
@@ -838,7 +840,8 @@ void cbam_sums_typed(const T* dy, const T* x, const acc_t<T>* a, const acc_t<T>*
       const A ac = a[b * C + c];
       da[b * C + c] = static_cast<A>(lane_dot(pdy, px, sb, HW));
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) dsb[i] += static_cast<A>(to_float(pdy[i])) * static_cast<A>(to_float(px[i])) * ac;
+      for (int64_t i = 0; i < HW; ++i)
+        dsb[i] += static_cast<A>(to_float(pdy[i])) * static_cast<A>(to_float(px[i])) * ac;
     }
   }
 }

@@ -32,7 +32,9 @@ class SqueezeExcite(reference.SqueezeExcite):
         if self.one_read(x, residual):
             return _se_one_read(x, self.fc1, self.fc2, residual)
         if self.train_fused(x, residual):
-            return _pooled_gate(self, x, lambda m: self.gate(self.fc2(self.act(self.fc1(m[:, :, None, None])))).flatten(1))
+            def excite(m: torch.Tensor) -> torch.Tensor:     # (B, C) means -> (B, C) gate
+                return self.gate(self.fc2(self.act(self.fc1(m[..., None, None])))).flatten(1)
+            return _pooled_gate(self, x, excite)
         s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
