@@ -23,6 +23,35 @@ inline float lane_sum(float* l) {
   return l[0];
 }
 
+// Sum of n products p[i] q[i] (r[i]) (r null: without it), in 16 explicit lanes of the math type A
+// (an `omp simd reduction` stayed scalar under GCC 12 here), fp32 chunks of kChunk folded in
+// double. The dot products of the DCT pool, the MLPs and the training passes.
+template <typename A, typename P, typename Q>
+double lane_dot(const P* p, const Q* q, const A* r, int64_t n) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t m = std::min(n - i0, kChunk);
+    A lanes[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= m; i += 16) {
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) {
+        const int64_t k = i0 + i + j;
+        lanes[j] += static_cast<A>(to_float(p[k])) * static_cast<A>(to_float(q[k])) * (r ? r[k] : A(1));
+      }
+    }
+    A acc = 0;
+    for (; i < m; ++i) {
+      const int64_t k = i0 + i;
+      acc += static_cast<A>(to_float(p[k])) * static_cast<A>(to_float(q[k])) * (r ? r[k] : A(1));
+    }
+    for (int w = 8; w > 0; w >>= 1)
+      for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+    total += static_cast<double>(acc + lanes[0]);
+  }
+  return total;
+}
+
 // The mean of one H x W plane (fp32 chunk sums folded in double).
 template <typename T>
 float plane_mean(const T* p, int64_t H, int64_t W, Strides4 s) {
@@ -54,27 +83,10 @@ float plane_mean(const T* p, int64_t H, int64_t W, Strides4 s) {
 // sum over one H x W plane of x * f (f: H x W contiguous floats; FcaNet's DCT pool).
 template <typename T>
 float plane_filter_dot(const T* p, const float* f, int64_t H, int64_t W, Strides4 s) {
-  const int64_t HW = H * W;
+  if (plane_contiguous(s, H, W)) return static_cast<float>(lane_dot(p, f, static_cast<const float*>(nullptr), H * W));
   double total = 0;
-  if (plane_contiguous(s, H, W)) {
-    for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
-      const int64_t n = std::min(HW - i0, kChunk);
-      const T* q = p + i0;
-      const float* fq = f + i0;
-      float lanes[16] = {};
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-#pragma omp simd
-        for (int j = 0; j < 16; ++j) lanes[j] += to_float(q[i + j]) * fq[i + j];
-      }
-      float acc = 0;
-      for (; i < n; ++i) acc += to_float(q[i]) * fq[i];
-      total += acc + lane_sum(lanes);
-    }
-  } else {
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) total += static_cast<double>(to_float(p[h * s.h + w * s.w])) * f[h * W + w];
-  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) total += static_cast<double>(to_float(p[h * s.h + w * s.w])) * f[h * W + w];
   return static_cast<float>(total);
 }
 
@@ -209,24 +221,11 @@ void plane_mean_std(const T* p, int64_t H, int64_t W, Strides4 s, float eps, flo
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-// Dot product of n floats in 16 explicit lanes (an `omp simd reduction` stayed scalar under
-// GCC 12 here, as in plane_mean).
-inline float dot(const float* a, const float* b, int64_t n) {
-  float lanes[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-#pragma omp simd
-    for (int j = 0; j < 16; ++j) lanes[j] += a[i + j] * b[i + j];
-  }
-  float acc = 0;
-  for (; i < n; ++i) acc += a[i] * b[i];
-  return acc + lane_sum(lanes);
-}
-
 // hid += relu(w1 v + b1) for one sample's pooled vector v (C); w1 (hidden, C).
 void mlp_hidden_add(const float* v, int64_t C, const float* w1, const float* b1, int64_t hidden, float* hid) {
   for (int64_t j = 0; j < hidden; ++j) {
-    const float acc = dot(w1 + j * C, v, C) + (b1 ? b1[j] : 0.0f);
+    const float acc =
+        static_cast<float>(lane_dot(w1 + j * C, v, static_cast<const float*>(nullptr), C)) + (b1 ? b1[j] : 0.0f);
     hid[j] += acc < 0.0f ? 0.0f : acc;  // NaN passes, as torch.relu
   }
 }
@@ -674,21 +673,7 @@ void channel_dot_typed(const T* dy, const T* x, acc_t<T>* out, int64_t B, int64_
     const T* px = x + b * sx.b + c * sx.c;
     double total = 0;
     if (contiguous) {
-      for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
-        const int64_t n = std::min(HW - i0, kChunk);
-        A lanes[16] = {};
-        int64_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-#pragma omp simd
-          for (int j = 0; j < 16; ++j)
-            lanes[j] += static_cast<A>(to_float(pdy[i0 + i + j])) * static_cast<A>(to_float(px[i0 + i + j]));
-        }
-        A acc = 0;
-        for (; i < n; ++i) acc += static_cast<A>(to_float(pdy[i0 + i])) * static_cast<A>(to_float(px[i0 + i]));
-        for (int w = 8; w > 0; w >>= 1)
-          for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-        total += acc + lanes[0];
-      }
+      total = lane_dot(pdy, px, static_cast<const A*>(nullptr), HW);
     } else {
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w)
@@ -797,33 +782,6 @@ void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void
 
 namespace fastattn {
 namespace {
-
-// Sum of n products p[i] * q[i] * r[i] (r null: of p[i] * q[i]) in 16 lanes, fp32 chunks in double.
-template <typename T, typename A>
-double lane_dot(const T* p, const T* q, const A* r, int64_t n) {
-  double total = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t m = std::min(n - i0, kChunk);
-    A lanes[16] = {};
-    int64_t i = 0;
-    for (; i + 16 <= m; i += 16) {
-#pragma omp simd
-      for (int j = 0; j < 16; ++j) {
-        const int64_t k = i0 + i + j;
-        lanes[j] += static_cast<A>(to_float(p[k])) * static_cast<A>(to_float(q[k])) * (r ? r[k] : A(1));
-      }
-    }
-    A acc = 0;
-    for (; i < m; ++i) {
-      const int64_t k = i0 + i;
-      acc += static_cast<A>(to_float(p[k])) * static_cast<A>(to_float(q[k])) * (r ? r[k] : A(1));
-    }
-    for (int w = 8; w > 0; w >>= 1)
-      for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-    total += static_cast<double>(acc + lanes[0]);
-  }
-  return total;
-}
 
 template <typename T>
 void cbam_sums_typed(const T* dy, const T* x, const acc_t<T>* a, const acc_t<T>* s, acc_t<T>* da, acc_t<T>* ds,
