@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..ops import _dispatch
 from ..ops.gate import channel_affine_gate, channel_scale, channel_spatial_gate
 from ..ops.coord import coord_pool, coord_scale
 from ..ops.pool import channel_pool
@@ -246,13 +247,21 @@ def _cbam_one_read(m: CBAM, x: torch.Tensor) -> torch.Tensor:
 
 class TripletAttention(reference.TripletAttention):
     """`fastattn.reference.TripletAttention` with the three Z-pools read straight from x (no
-    permuted copies). The three gated products stay in PyTorch (a fused three-gate kernel is
-    still to come), so only the pooling side is faster than the reference."""
+    permuted copies).
+
+    On CPU (see `cpu_fused`): the three Z-pools in one read of x (`fastattn_C::triplet_pools`),
+    the gates' 2 -> 1 k x k convolutions by `fastattn_C::gate_conv` (PyTorch's conv is slow for
+    one output channel: 90 ms forward + backward for the cw gate at 32x1024x14x14), the gated
+    average ``x * (g_cw + g_hc + g_hw) / 3`` in one pass, and in training a backward of two passes
+    over memory. Elsewhere the three products stay in PyTorch.
+    """
 
     backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("TripletAttention", x)
+        if self.cpu_fused(x):
+            return _triplet_cpu(self, x)
         # (B, 1, C, W) -> (B, C, 1, W) and (B, 1, H, C) -> (B, C, H, 1): views, no copies.
         out = x * self.cw(zpool(x, 2, backend=self.backend)).permute(0, 2, 1, 3)
         out = out + x * self.hc(zpool(x, 3, backend=self.backend)).permute(0, 3, 2, 1)
@@ -260,6 +269,124 @@ class TripletAttention(reference.TripletAttention):
             return like_input(out * 0.5, x)
         out = out + x * self.hw(zpool(x, 1, backend=self.backend))
         return like_input(out * (1 / 3), x)
+
+    def cpu_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the CPU path (`_TripletCPU` when a gradient is recorded): backend
+        "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype, eager mode with
+        plain tensors (torch.compile traces the op path), and at least one sample per thread (the
+        pools and the backward's sums run a sample per thread). Channels_last takes the op path."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+            return False
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            return False
+        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["triplet"](x) is not None:
+            return False
+        if x.shape[0] < torch.get_num_threads():
+            return False
+        if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+            return False
+        return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.parameters())
+
+
+_RAW_CHECKS["triplet"] = _dispatch.cpu_kernel("triplet_pools", "triplet_scale", "triplet_backward_sums",
+                                              "triplet_backward_dx", "gate_conv", "gate_conv_backward")
+
+
+class _GateConv(torch.autograd.Function):
+    """conv2d(inp, weight, padding=(k - 1) // 2) to one channel, no bias, by fastattn_C::gate_conv
+    (float32 / float64 CPU tensors)."""
+
+    @staticmethod
+    def forward(ctx, inp, weight):
+        inp, weight = inp.contiguous(), weight.contiguous()
+        ctx.save_for_backward(inp, weight)
+        return torch.ops.fastattn_C.gate_conv(inp, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        inp, weight = ctx.saved_tensors
+        need_in, need_w = ctx.needs_input_grad
+        d_in, d_w = torch.ops.fastattn_C.gate_conv_backward(grad.contiguous(), inp, weight, need_in, need_w)
+        return (d_in if need_in else None), (d_w if need_w else None)
+
+
+def _gate_conv(pooled: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """conv(pooled) for a Z-pool gate's conv (2 -> 1, k x k, no bias, zero padding (k - 1) / 2):
+    by `_GateConv` for float32 / float64, along the longer side of the map (a conv of the
+    transposed map with the transposed kernel is the transposed conv), else by PyTorch."""
+    w = conv.weight
+    if pooled.dtype not in (torch.float32, torch.float64) or w.dtype != pooled.dtype or conv.bias is not None:
+        return conv(pooled)
+    if pooled.shape[-1] < pooled.shape[-2]:
+        return _GateConv.apply(pooled.transpose(2, 3), w.transpose(2, 3)).transpose(2, 3)
+    return _GateConv.apply(pooled, w)
+
+
+def _triplet_gates(m: TripletAttention, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The branches' gates sigmoid(BN(conv(map))), (B, 1, ., .) each, in the parameters' dtype."""
+    gates = [m.cw, m.hc] + ([] if m.no_spatial else [m.hw])
+    return [torch.sigmoid(g.conv.bn(_gate_conv(p, g.conv.conv))) for g, p in zip(gates, maps)]
+
+
+def _triplet_cpu(m: TripletAttention, x: torch.Tensor) -> torch.Tensor:
+    """TripletAttention's CPU path: `_TripletCPU` when a gradient is to be recorded, else the pools,
+    the gates and the gated average directly."""
+    params = list(m.parameters())
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _TripletCPU.apply(x, m, *params)
+    spatial = not m.no_spatial
+    pooled = torch.ops.fastattn_C.triplet_pools(x, spatial)
+    dtype = m.cw.conv.conv.weight.dtype
+    gates = _triplet_gates(m, [t.to(dtype) for t in pooled[0:2 * (2 + spatial):2]])
+    g = [t.to(pooled[0].dtype).reshape(t.shape[0], t.shape[2], t.shape[3]).contiguous() for t in gates]
+    return torch.ops.fastattn_C.triplet_scale(x, g[0], g[1], g[2] if spatial else None, 1 / (2 + spatial))
+
+
+class _TripletCPU(torch.autograd.Function):
+    """TripletAttention with a gradient to record, on CPU. Forward: the three Z-pools in one read,
+    the gates' layers recorded by autograd, the gated average in one pass. Backward: the gates'
+    gradients (sums of dy * x over H, W and C) in one read of dy and x, autograd through the
+    recorded gates to the pooled maps and the parameters, then dx = dy * (gates) + the pools'
+    gradients in one pass. The op path's backward writes three products, their sum and three
+    pool gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        spatial = not module.no_spatial
+        scale = 1 / (2 + spatial)
+        m_cw, i_cw, m_hc, i_hc, m_hw, i_hw = torch.ops.fastattn_C.triplet_pools(x, spatial)
+        maps = [m_cw, m_hc] + ([m_hw] if spatial else [])
+        dtype = module.cw.conv.conv.weight.dtype
+        with torch.enable_grad():
+            leaves = [t.to(dtype).detach().requires_grad_() for t in maps]
+            gates = _triplet_gates(module, leaves)
+        acc = m_cw.dtype
+        g = [t.detach().to(acc).reshape(t.shape[0], t.shape[2], t.shape[3]).contiguous() for t in gates]
+        g_hw = g[2] if spatial else None
+        ctx.save_for_backward(x, g[0], g[1], g_hw, i_cw, i_hc, i_hw if spatial else None)
+        ctx.graph = (gates, leaves, params, spatial, scale)
+        return torch.ops.fastattn_C.triplet_scale(x, g[0], g[1], g_hw, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, g_cw, g_hc, g_hw, i_cw, i_hc, i_hw = ctx.saved_tensors
+        gates, leaves, params, spatial, scale = ctx.graph
+        dy = dy.contiguous()
+        sums = torch.ops.fastattn_C.triplet_backward_sums(dy, x, scale, spatial)
+        need = [p for p in params if p.requires_grad]
+        d_gates = [d.view(t.shape).to(t.dtype) for d, t in zip(sums, gates)]
+        # retain_graph: the outer graph may be run again; the gates' small graphs are freed with it
+        grads = torch.autograd.grad(gates, leaves + need, d_gates, allow_unused=True, retain_graph=True)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dm = [d.to(g_cw.dtype).contiguous() for d in grads[:len(leaves)]]
+            dx = torch.ops.fastattn_C.triplet_backward_dx(
+                dy, g_cw, g_hc, g_hw, scale, dm[0], i_cw, dm[1], i_hc, dm[2] if spatial else None, i_hw)
+        by_id = dict(zip(map(id, need), grads[len(leaves):]))
+        return (dx, None, *[by_id.get(id(p)) for p in params])
 
 
 class CoordinateAttention(reference.CoordinateAttention):
