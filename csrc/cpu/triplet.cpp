@@ -70,25 +70,45 @@ inline void running_update(const A* __restrict__ v, A* __restrict__ m, int32_t* 
 }
 
 #if defined(__AVX512F__)
-// The max (a NaN wins), its first index and the sum of the n >= 1 floats of one row, in 16-lane
-// steps with horizontal reductions: false (nothing written) when the row holds a NaN (the caller
-// then takes the general path).
-inline bool row_pool_f32(const float* row, int64_t n, float* max_out, int32_t* idx_out, float* sum_out) {
+inline __mmask16 lanes_from(int64_t j, int64_t n) {
+  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+}
+
+// m, ix, s: where x (lanes k, NaN flags x_nan) beats m (takes_max), m = x and ix = value; s += x.
+inline void running_step_f32(__m512 x, __mmask16 x_nan, __mmask16 k, float* m, int32_t* ix, float* s, __m512i value) {
+  const __m512 mm = _mm512_maskz_loadu_ps(k, m);
+  const __mmask16 m_nan = _mm512_cmp_ps_mask(mm, mm, _CMP_UNORD_Q);
+  const __mmask16 take =
+      static_cast<__mmask16>((_mm512_cmp_ps_mask(x, mm, _CMP_GT_OQ) | (x_nan & ~m_nan)) & k);
+  _mm512_mask_storeu_ps(m, take, x);
+  _mm512_mask_storeu_epi32(ix, take, value);
+  _mm512_mask_storeu_ps(s, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s), x));
+}
+
+// Row h of plane c (n floats), read once: into the running column pool of the plane (cmax, cidx,
+// csum), the running pixel pool over the channels (hm, hi, hs: this row's W entries), and its
+// own max, first argmax and sum. Returns false, the row's own pool unwritten, when it holds a NaN.
+template <bool WithHW>
+inline bool pool_row_f32(const float* row, int64_t n, int32_t h, float* cmax, int32_t* cidx, float* csum, int32_t c,
+                         float* hm, int32_t* hi, float* hs, float* max_out, int32_t* idx_out, float* sum_out) {
+  const __m512i vh = _mm512_set1_epi32(h), vc = _mm512_set1_epi32(c);
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vsum = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 k = lanes_from(j, n);
     const __m512 x = _mm512_maskz_loadu_ps(k, row + j);
-    nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
+    const __mmask16 x_nan = _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
+    running_step_f32(x, x_nan, k, cmax + j, cidx + j, csum + j, vh);
+    if constexpr (WithHW) running_step_f32(x, x_nan, k, hm + j, hi + j, hs + j, vc);
+    nan |= x_nan;
     vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
     vsum = _mm512_add_ps(vsum, x);
   }
   if (nan) return false;
   const float m = _mm512_reduce_max_ps(vmax);
   const __m512 vm = _mm512_set1_ps(m);
-  int64_t j = 0;
-  for (;; j += 16) {
-    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+  for (int64_t j = 0;; j += 16) {   // the first lane equal to the max (one exists: no NaN)
+    const __mmask16 k = lanes_from(j, n);
     const __mmask16 eq = _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, row + j), vm, _CMP_EQ_OQ);
     if (eq) {
       *idx_out = static_cast<int32_t>(j + __builtin_ctz(static_cast<unsigned>(eq)));
@@ -98,6 +118,58 @@ inline bool row_pool_f32(const float* row, int64_t n, float* max_out, int32_t* i
   *max_out = m;
   *sum_out = _mm512_reduce_add_ps(vsum);
   return true;
+}
+
+// sample_pools for fp32 under AVX-512: each row read once (pool_row_f32); a row with a NaN gets
+// its own pool from a scalar loop.
+template <bool WithHW>
+void sample_pools_f32(const float* xb, int64_t C, int64_t H, int64_t W, float* cw_max, int32_t* cw_idx,
+                      float* hc_max, int32_t* hc_idx, float* hw_max, float* hw_sum, int32_t* hw_idx) {
+  const int64_t HW = H * W;
+  const float inf = std::numeric_limits<float>::infinity();
+  float* cw_mean = cw_max + C * W;
+  float* hc_mean = hc_max + H * C;
+  const float inv_c = 1.0f / static_cast<float>(C), inv_h = 1.0f / static_cast<float>(H),
+              inv_w = 1.0f / static_cast<float>(W);
+  if constexpr (WithHW) {
+    std::fill(hw_max, hw_max + HW, -inf);
+    std::fill(hw_sum, hw_sum + HW, 0.0f);
+    std::fill(hw_idx, hw_idx + HW, 0);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* plane = xb + c * HW;
+    float* cmax = cw_max + c * W;
+    float* csum = cw_mean + c * W;
+    int32_t* cidx = cw_idx + c * W;
+    std::fill(cmax, cmax + W, -inf);
+    std::fill(csum, csum + W, 0.0f);
+    std::fill(cidx, cidx + W, 0);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* row = plane + h * W;
+      float rmax, rsum;
+      int32_t ridx;
+      if (!pool_row_f32<WithHW>(row, W, static_cast<int32_t>(h), cmax, cidx, csum, static_cast<int32_t>(c),
+                                WithHW ? hw_max + h * W : nullptr, WithHW ? hw_idx + h * W : nullptr,
+                                WithHW ? hw_sum + h * W : nullptr, &rmax, &ridx, &rsum)) {
+        rmax = -inf;
+        rsum = 0.0f;
+        ridx = 0;
+        for (int64_t w = 0; w < W; ++w) {
+          if (takes_max(row[w], rmax)) {
+            rmax = row[w];
+            ridx = static_cast<int32_t>(w);
+          }
+          rsum += row[w];
+        }
+      }
+      hc_max[h * C + c] = rmax;
+      hc_mean[h * C + c] = rsum * inv_w;
+      hc_idx[h * C + c] = ridx;
+    }
+    for (int64_t w = 0; w < W; ++w) csum[w] *= inv_h;
+  }
+  if constexpr (WithHW)
+    for (int64_t i = 0; i < HW; ++i) hw_sum[i] *= inv_c;
 }
 #endif
 
@@ -141,24 +213,13 @@ void sample_pools(const T* xb, int64_t C, int64_t H, int64_t W, acc_t<T>* cw_max
     std::fill(cidx, cidx + W, 0);
     for (int64_t h = 1; h < H; ++h) running_update(plane + h * W, cmax, cidx, csum, W, static_cast<int32_t>(h));
     for (int64_t w = 0; w < W; ++w) csum[w] *= inv_h;
-    // over w: each row's max, its index and sum (AVX-512 fp32: horizontal reductions per row);
-    // else the running update on the transposed plane (W rows of H)
-    bool rows_done = false;
-#if defined(__AVX512F__)
-    if constexpr (std::is_same<A, float>::value) {
-      rows_done = true;
-      for (int64_t h = 0; h < H && rows_done; ++h)
-        rows_done = row_pool_f32(plane + h * W, W, &rmax[h], &ridx[h], &rsum[h]);
-    }
-#endif
-    if (!rows_done) {
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w) tr[w * H + h] = plane[h * W + w];
-      std::copy(tr, tr + H, rmax);
-      std::copy(tr, tr + H, rsum);
-      std::fill(ridx, ridx + H, 0);
-      for (int64_t w = 1; w < W; ++w) running_update(tr + w * H, rmax, ridx, rsum, H, static_cast<int32_t>(w));
-    }
+    // over w: the same on the transposed plane (W rows of H)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) tr[w * H + h] = plane[h * W + w];
+    std::copy(tr, tr + H, rmax);
+    std::copy(tr, tr + H, rsum);
+    std::fill(ridx, ridx + H, 0);
+    for (int64_t w = 1; w < W; ++w) running_update(tr + w * H, rmax, ridx, rsum, H, static_cast<int32_t>(w));
     for (int64_t h = 0; h < H; ++h) {
       hc_max[h * C + c] = rmax[h];
       hc_mean[h * C + c] = rsum[h] * inv_w;
@@ -184,6 +245,17 @@ void pools_typed(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, acc_t<T
       const T* xb = x + b * C * HW;
       A* cw = map_cw + b * 2 * C * W;
       A* hc = map_hc + b * 2 * H * C;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same<T, float>::value) {
+        if (map_hw)
+          sample_pools_f32<true>(xb, C, H, W, cw, idx_cw + b * C * W, hc, idx_hc + b * H * C, map_hw + b * 2 * HW,
+                                 map_hw + b * 2 * HW + HW, idx_hw + b * HW);
+        else
+          sample_pools_f32<false>(xb, C, H, W, cw, idx_cw + b * C * W, hc, idx_hc + b * H * C, nullptr, nullptr,
+                                  nullptr);
+        continue;
+      }
+#endif
       if (map_hw) {
         A* hw = map_hw + b * 2 * HW;
         sample_pools<T, true>(xb, C, H, W, cw, idx_cw + b * C * W, hc, idx_hc + b * H * C, hw, hw + HW,
