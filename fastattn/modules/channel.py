@@ -96,7 +96,7 @@ _RAW_CHECKS = {op: _dispatch.cpu_kernel(op)
 _RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine_backward", "channel_pool",
                                             "channel_scale")
 _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_backward_pool_grad", "cbam_backward_dx",
-                                                 "spatial_pool", "spatial_scale")
+                                                 "spatial_pool", "spatial_scale", "gate_conv", "gate_conv_backward")
 
 
 def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
