@@ -282,37 +282,46 @@ void write_plane(const acc_t<T>* plane, T* out, int64_t n, bool stream) {
   for (int64_t i = 0; i < n; ++i) out[i] = store<T>(plane[i]);
 }
 
+// For every (b, c) plane of out (B x C x HW of T), fill(b, c, buf) computes it into the thread's
+// buffer of HW values of A, which write_plane then stores (streamed for fp32 outputs of at least
+// LLC / 2). Planes in parallel.
+template <typename T, typename Fill>
+void write_planes(T* out, int64_t B, int64_t C, int64_t HW, const Fill& fill) {
+  const bool stream = std::is_same<T, float>::value && stream_output(B * C * HW * static_cast<int64_t>(sizeof(T)));
+#pragma omp parallel
+  {
+    std::vector<acc_t<T>> plane(static_cast<size_t>(HW));
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) {
+        fill(b, c, plane.data());
+        write_plane(plane.data(), out + (b * C + c) * HW, HW, stream);
+      }
+    if (stream) stream_fence();
+  }
+}
+
 template <typename T, bool WithHW>
 void scale_typed(const T* x, const acc_t<T>* g_cw, const acc_t<T>* g_hc, const acc_t<T>* g_hw, acc_t<T> scale, T* y,
                  int64_t B, int64_t C, int64_t H, int64_t W) {
   using A = acc_t<T>;
   const int64_t HW = H * W;
-  const bool stream = std::is_same<T, float>::value && stream_output(B * C * HW * static_cast<int64_t>(sizeof(T)));
-#pragma omp parallel
-  {
-    std::vector<A> plane(static_cast<size_t>(HW));
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t off = (b * C + c) * HW;
-        const A* gcw = g_cw + (b * C + c) * W;
-        const A* ghw = WithHW ? g_hw + b * HW : nullptr;
-        for (int64_t h = 0; h < H; ++h) {
-          const T* xr = x + off + h * W;
-          A* pr = plane.data() + h * W;
-          const A ghc = g_hc[(b * H + h) * C + c];
-          const A* ghw_row = WithHW ? ghw + h * W : nullptr;
+  write_planes(y, B, C, HW, [&](int64_t b, int64_t c, A* plane) {
+    const int64_t off = (b * C + c) * HW;
+    const A* gcw = g_cw + (b * C + c) * W;
+    for (int64_t h = 0; h < H; ++h) {
+      const T* xr = x + off + h * W;
+      A* pr = plane + h * W;
+      const A ghc = g_hc[(b * H + h) * C + c];
+      const A* ghw_row = WithHW ? g_hw + b * HW + h * W : nullptr;
 #pragma omp simd
-          for (int64_t w = 0; w < W; ++w) {
-            A g = gcw[w] + ghc;
-            if constexpr (WithHW) g += ghw_row[w];
-            pr[w] = static_cast<A>(to_float(xr[w])) * (g * scale);
-          }
-        }
-        write_plane(plane.data(), y + off, HW, stream);
+      for (int64_t w = 0; w < W; ++w) {
+        A g = gcw[w] + ghc;
+        if constexpr (WithHW) g += ghw_row[w];
+        pr[w] = static_cast<A>(to_float(xr[w])) * (g * scale);
       }
-    if (stream) stream_fence();
-  }
+    }
+  });
 }
 
 template <typename T, bool WithHW>
@@ -359,47 +368,38 @@ void dx_typed(const T* dy, const acc_t<T>* g_cw, const acc_t<T>* g_hc, const acc
   using A = acc_t<T>;
   const int64_t HW = H * W;
   const A inv_c = A(1) / static_cast<A>(C), inv_h = A(1) / static_cast<A>(H), inv_w = A(1) / static_cast<A>(W);
-  const bool stream = std::is_same<T, float>::value && stream_output(B * C * HW * static_cast<int64_t>(sizeof(T)));
-#pragma omp parallel
-  {
-    std::vector<A> plane(static_cast<size_t>(HW));
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t off = (b * C + c) * HW;
-        const int32_t cc = static_cast<int32_t>(c);
-        const A* gcw = g_cw + (b * C + c) * W;
-        const A* cw_dmax = dm_cw + b * 2 * C * W + c * W;
-        const A* cw_dmean = cw_dmax + C * W;
-        const int32_t* cw_idx = idx_cw + (b * C + c) * W;
-        const A* hw_dmax = WithHW ? dm_hw + b * 2 * HW : nullptr;
-        const A* hw_dmean = WithHW ? hw_dmax + HW : nullptr;
-        const int32_t* hw_idx = WithHW ? idx_hw + b * HW : nullptr;
-        for (int64_t h = 0; h < H; ++h) {
-          const T* dr = dy + off + h * W;
-          A* pr = plane.data() + h * W;
-          const int64_t hc = (b * H + h) * C + c;
-          const A ghc = g_hc[hc];
-          const A hc_term = dm_hc[b * 2 * H * C + H * C + h * C + c] * inv_w;
-          const int32_t hh = static_cast<int32_t>(h);
-          const A* ghw_row = WithHW ? g_hw + b * HW + h * W : nullptr;
+  write_planes(dx, B, C, HW, [&](int64_t b, int64_t c, A* plane) {
+    const int64_t off = (b * C + c) * HW;
+    const int32_t cc = static_cast<int32_t>(c);
+    const A* gcw = g_cw + (b * C + c) * W;
+    const A* cw_dmax = dm_cw + b * 2 * C * W + c * W;
+    const A* cw_dmean = cw_dmax + C * W;
+    const int32_t* cw_idx = idx_cw + (b * C + c) * W;
+    const A* hw_dmax = WithHW ? dm_hw + b * 2 * HW : nullptr;
+    const A* hw_dmean = WithHW ? hw_dmax + HW : nullptr;
+    const int32_t* hw_idx = WithHW ? idx_hw + b * HW : nullptr;
+    for (int64_t h = 0; h < H; ++h) {
+      const T* dr = dy + off + h * W;
+      A* pr = plane + h * W;
+      const int64_t hc = (b * H + h) * C + c;
+      const A ghc = g_hc[hc];
+      const A hc_term = dm_hc[b * 2 * H * C + H * C + h * C + c] * inv_w;
+      const int32_t hh = static_cast<int32_t>(h);
+      const A* ghw_row = WithHW ? g_hw + b * HW + h * W : nullptr;
 #pragma omp simd
-          for (int64_t w = 0; w < W; ++w) {
-            A g = gcw[w] + ghc;
-            A a = cw_dmean[w] * inv_h + hc_term + (cw_idx[w] == hh ? cw_dmax[w] : A(0));
-            if constexpr (WithHW) {
-              const int64_t p = h * W + w;
-              g += ghw_row[w];
-              a += hw_dmean[p] * inv_c + (hw_idx[p] == cc ? hw_dmax[p] : A(0));
-            }
-            pr[w] = static_cast<A>(to_float(dr[w])) * (g * scale) + a;
-          }
-          pr[idx_hc[hc]] += dm_hc[b * 2 * H * C + h * C + c];   // the row's max gradient
+      for (int64_t w = 0; w < W; ++w) {
+        A g = gcw[w] + ghc;
+        A a = cw_dmean[w] * inv_h + hc_term + (cw_idx[w] == hh ? cw_dmax[w] : A(0));
+        if constexpr (WithHW) {
+          const int64_t p = h * W + w;
+          g += ghw_row[w];
+          a += hw_dmean[p] * inv_c + (hw_idx[p] == cc ? hw_dmax[p] : A(0));
         }
-        write_plane(plane.data(), dx + off, HW, stream);
+        pr[w] = static_cast<A>(to_float(dr[w])) * (g * scale) + a;
       }
-    if (stream) stream_fence();
-  }
+      pr[idx_hc[hc]] += dm_hc[b * 2 * H * C + h * C + c];   // the row's max gradient
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
