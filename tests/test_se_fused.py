@@ -645,6 +645,34 @@ def test_scse_module_inference_takes_the_one_read_kernel(combine):
     assert not f.one_read(x.requires_grad_())
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "params_only"])
+def test_scse_squeeze_conv_matches_torch(dtype, tol, bias, x_grad):
+    """sSE's 1x1 conv C -> 1 as a batched matrix product (fastattn.modules.hybrid._conv_to_one):
+    forward and every gradient as torch's conv; channels_last keeps the conv."""
+    from fastattn.modules.hybrid import _conv_to_one
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 1, 1, bias=bias).to(dtype)
+    x = torch.randn(3, 12, 5, 7, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    dy = torch.randn(3, 1, 5, 7, dtype=dtype)
+    ya = _conv_to_one(xa, conv)
+    assert ya.grad_fn is not None and "PointwiseToOne" in type(ya.grad_fn).__name__
+    ya.backward(dy)
+    got = [xa.grad] + [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    yb = conv(xb)
+    yb.backward(dy)
+    want = [xb.grad] + [p.grad for p in conv.parameters()]
+    torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    cl = _conv_to_one(x.to(memory_format=torch.channels_last), conv)
+    assert "PointwiseToOne" not in type(cl.grad_fn).__name__
+
+
 @pytest.mark.parametrize("name", ["SqueezeExcite", "SRM", "CBAM"])
 def test_training_paths_backward_twice_with_retain_graph(monkeypatch, name):
     """backward(retain_graph=True) then backward again: the module paths keep their gate graphs,
