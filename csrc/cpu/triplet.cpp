@@ -35,41 +35,8 @@ A lane_sum_of(const A* p, int64_t n) {
   return acc + lanes[0];
 }
 
-// One row of a running pool: for i < n, where v[i] beats m[i] (takes_max), m[i] = v[i] and
-// ix[i] = value; s[i] += v[i]. The pools call it on short rows (14 wide at the late ResNet
-// stages), so fp32 under AVX-512 runs it in masked 16-lane steps (compiled loops left a scalar
-// tail of up to 15 lanes per row, most of the kernel's time).
-template <typename A>
-inline void running_update(const A* __restrict__ v, A* __restrict__ m, int32_t* __restrict__ ix, A* __restrict__ s,
-                           int64_t n, int32_t value) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same<A, float>::value) {
-    const __m512i vi = _mm512_set1_epi32(value);
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 x = _mm512_maskz_loadu_ps(k, v + j);
-      const __m512 mm = _mm512_maskz_loadu_ps(k, m + j);
-      const __mmask16 larger = _mm512_cmp_ps_mask(x, mm, _CMP_GT_OQ);
-      const __mmask16 x_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-      const __mmask16 m_nan = _mm512_cmp_ps_mask(mm, mm, _CMP_UNORD_Q);
-      const __mmask16 take = static_cast<__mmask16>((larger | (x_nan & ~m_nan)) & k);
-      _mm512_mask_storeu_ps(m + j, take, x);
-      _mm512_mask_storeu_epi32(ix + j, take, vi);
-      _mm512_mask_storeu_ps(s + j, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s + j), x));
-    }
-    return;
-  }
-#endif
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const bool t = takes_max(v[i], m[i]);
-    m[i] = t ? v[i] : m[i];
-    ix[i] = t ? value : ix[i];
-    s[i] += v[i];
-  }
-}
-
-#if defined(__AVX512F__)
+// The first min(16, n - j) of 16 lanes.
 inline __mmask16 lanes_from(int64_t j, int64_t n) {
   return n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
 }
@@ -84,7 +51,36 @@ inline void running_step_f32(__m512 x, __mmask16 x_nan, __mmask16 k, float* m, i
   _mm512_mask_storeu_epi32(ix, take, value);
   _mm512_mask_storeu_ps(s, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s), x));
 }
+#endif
 
+// One row of a running pool: for i < n, where v[i] beats m[i] (takes_max), m[i] = v[i] and
+// ix[i] = value; s[i] += v[i]. The pools call it on short rows (14 wide at the late ResNet
+// stages), so fp32 under AVX-512 runs it in masked 16-lane steps (compiled loops left a scalar
+// tail of up to 15 lanes per row, most of the kernel's time).
+template <typename A>
+inline void running_update(const A* __restrict__ v, A* __restrict__ m, int32_t* __restrict__ ix, A* __restrict__ s,
+                           int64_t n, int32_t value) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<A, float>::value) {
+    const __m512i vi = _mm512_set1_epi32(value);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = lanes_from(j, n);
+      const __m512 x = _mm512_maskz_loadu_ps(k, v + j);
+      running_step_f32(x, _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q), k, m + j, ix + j, s + j, vi);
+    }
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const bool t = takes_max(v[i], m[i]);
+    m[i] = t ? v[i] : m[i];
+    ix[i] = t ? value : ix[i];
+    s[i] += v[i];
+  }
+}
+
+#if defined(__AVX512F__)
 // Row h of plane c (n floats), read once: into the running column pool of the plane (cmax, cidx,
 // csum), the running pixel pool over the channels (hm, hi, hs: this row's W entries), and its
 // own max, first argmax and sum. Returns false, the row's own pool unwritten, when it holds a NaN.
