@@ -105,6 +105,17 @@ inline T store(acc_t<T> v) {
   else return from_float<T>(v);
 }
 
+// Calls f(tag), a value of the storage type, for the four float dtypes.
+template <typename F>
+void for_every_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float16: return f(fp16_t{});
+    case DType::BFloat16: return f(bf16_t{});
+    case DType::Float64: return f(double{});
+  }
+}
+
 // Long sums run in fp32 over chunks of kChunk elements (vectorised) folded into a double total:
 // one fp32 accumulator stops growing at 2^24 when adding ones.
 constexpr int64_t kChunk = 4096;

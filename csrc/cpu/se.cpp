@@ -740,17 +740,6 @@ void scale_affine_backward_typed(const T* dy, const T* x, const acc_t<T>* g, con
   }
 }
 
-// Calls f(tag) for all four float dtypes.
-template <typename F>
-void for_every_dtype(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::Float16: return f(fp16_t{});
-    case DType::BFloat16: return f(bf16_t{});
-    case DType::Float64: return f(double{});
-  }
-}
-
 }  // namespace
 
 void channel_dot_cpu(const void* dy, const void* x, void* out, DType dtype, int64_t B, int64_t C, int64_t H,

@@ -515,21 +515,20 @@ void conv_backward_typed(const A* d_out, const A* in, const A* w, A* d_in, A* d_
     }
 }
 
+// Calls f(std::true_type) or f(std::false_type): the kernels' hw branch as a template argument.
 template <typename F>
-void for_all_dtypes(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: f(float{}); break;
-    case DType::Float64: f(double{}); break;
-    case DType::Float16: f(fp16_t{}); break;
-    case DType::BFloat16: f(bf16_t{}); break;
-  }
+void with_hw(bool hw, const F& f) {
+  if (hw)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 }  // namespace
 
 void triplet_pools_cpu(const void* x, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, void* map_cw,
                        int32_t* idx_cw, void* map_hc, int32_t* idx_hc, void* map_hw, int32_t* idx_hw) {
-  for_all_dtypes(dtype, [&](auto tag) {
+  for_every_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     pools_typed(static_cast<const T*>(x), B, C, H, W, static_cast<A*>(map_cw), idx_cw, static_cast<A*>(map_hc), idx_hc,
@@ -539,34 +538,27 @@ void triplet_pools_cpu(const void* x, DType dtype, int64_t B, int64_t C, int64_t
 
 void triplet_scale_cpu(const void* x, const void* g_cw, const void* g_hc, const void* g_hw, double scale, void* y,
                        DType dtype, int64_t B, int64_t C, int64_t H, int64_t W) {
-  for_all_dtypes(dtype, [&](auto tag) {
+  for_every_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const auto* gcw = static_cast<const A*>(g_cw);
-    const auto* ghc = static_cast<const A*>(g_hc);
-    const auto* ghw = static_cast<const A*>(g_hw);
-    if (ghw)
-      scale_typed<T, true>(static_cast<const T*>(x), gcw, ghc, ghw, static_cast<A>(scale), static_cast<T*>(y), B, C, H,
-                           W);
-    else
-      scale_typed<T, false>(static_cast<const T*>(x), gcw, ghc, ghw, static_cast<A>(scale), static_cast<T*>(y), B, C,
-                            H, W);
+    with_hw(g_hw != nullptr, [&](auto hw) {
+      scale_typed<T, decltype(hw)::value>(static_cast<const T*>(x), static_cast<const A*>(g_cw),
+                                          static_cast<const A*>(g_hc), static_cast<const A*>(g_hw),
+                                          static_cast<A>(scale), static_cast<T*>(y), B, C, H, W);
+    });
   });
 }
 
 void triplet_backward_sums_cpu(const void* dy, const void* x, double scale, void* d_cw, void* d_hc, void* d_hw,
                                DType dtype, int64_t B, int64_t C, int64_t H, int64_t W) {
-  for_all_dtypes(dtype, [&](auto tag) {
+  for_every_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const auto* pdy = static_cast<const T*>(dy);
-    const auto* px = static_cast<const T*>(x);
-    if (d_hw)
-      sums_typed<T, true>(pdy, px, static_cast<A>(scale), static_cast<A*>(d_cw), static_cast<A*>(d_hc),
-                          static_cast<A*>(d_hw), B, C, H, W);
-    else
-      sums_typed<T, false>(pdy, px, static_cast<A>(scale), static_cast<A*>(d_cw), static_cast<A*>(d_hc), nullptr, B,
-                           C, H, W);
+    with_hw(d_hw != nullptr, [&](auto hw) {
+      sums_typed<T, decltype(hw)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<A>(scale),
+                                         static_cast<A*>(d_cw), static_cast<A*>(d_hc), static_cast<A*>(d_hw), B, C,
+                                         H, W);
+    });
   });
 }
 
@@ -574,20 +566,16 @@ void triplet_backward_dx_cpu(const void* dy, const void* g_cw, const void* g_hc,
                              const void* dm_cw, const int32_t* idx_cw, const void* dm_hc, const int32_t* idx_hc,
                              const void* dm_hw, const int32_t* idx_hw, void* dx, DType dtype, int64_t B, int64_t C,
                              int64_t H, int64_t W) {
-  for_all_dtypes(dtype, [&](auto tag) {
+  for_every_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    auto run = [&](auto with_hw) {
-      dx_typed<T, decltype(with_hw)::value>(
+    with_hw(g_hw != nullptr, [&](auto hw) {
+      dx_typed<T, decltype(hw)::value>(
           static_cast<const T*>(dy), static_cast<const A*>(g_cw), static_cast<const A*>(g_hc),
           static_cast<const A*>(g_hw), static_cast<A>(scale), static_cast<const A*>(dm_cw), idx_cw,
           static_cast<const A*>(dm_hc), idx_hc, static_cast<const A*>(dm_hw), idx_hw, static_cast<T*>(dx), B, C, H,
           W);
-    };
-    if (g_hw)
-      run(std::true_type{});
-    else
-      run(std::false_type{});
+    });
   });
 }
 
