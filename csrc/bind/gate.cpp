@@ -1,5 +1,7 @@
 // torch.ops.fastattn_C gate ops: schemas and CPU registrations (kernels in csrc/cpu/gate.cpp and
 // csrc/cpu/gate_fused.cpp; the CUDA registrations are in gate_cuda.cpp).
+#include <type_traits>
+
 #include "../cpu/gate.h"
 #include "common.h"
 #include "gate_checks.h"
@@ -124,6 +126,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_gate_backward(cons
   return {dx, dal, dbe};
 }
 
+// ShuffleAttention's gate and channel shuffle in one pass: channel c = j * (C / groups) + k of
+// x * sigmoid(alpha x + beta) is written to output channel k * groups + j (the reference's
+// channel_shuffle), by running the gate on each of the `groups` channel slices of x with the
+// output's channel stride multiplied by `groups`. x NCHW-contiguous (the slices stay planes).
+void check_shuffle_args(const char* op, const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK_VALUE(x.is_contiguous(), "fastattn::", op, ": argument 'x' must be NCHW-contiguous, got strides ",
+                    x.strides());
+  TORCH_CHECK_VALUE(groups >= 1 && x.size(1) % groups == 0, "fastattn::", op,
+                    ": argument 'groups' must be a positive divisor of C = ", x.size(1), ", got ", groups);
+}
+
+// The elements [j * n, (j + 1) * n) of each row of a contiguous (B, C) tensor, as a contiguous (B, n) one.
+at::Tensor channel_slice(const at::Tensor& p, int64_t j, int64_t n) { return p.narrow(1, j * n, n).contiguous(); }
+
+// `t` advanced by `elems` elements of its dtype.
+template <typename P>
+P* advance(P* t, int64_t elems, int64_t itemsize) {
+  using Byte = std::conditional_t<std::is_const_v<P>, const char, char>;
+  return reinterpret_cast<P*>(reinterpret_cast<Byte*>(t) + elems * itemsize);
+}
+
+at::Tensor shuffle_affine_gate(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& beta, int64_t groups) {
+  using namespace gate_checks;
+  const char* op = "shuffle_affine_gate";
+  const DType dt = check_x(op, x, c10::DeviceType::CPU);
+  check_channel_param(op, "alpha", alpha, x);
+  check_channel_param(op, "beta", beta, x);
+  check_shuffle_args(op, x, groups);
+  at::Tensor y = new_output_like(x);
+  if (y.numel() == 0) return y;
+  const int64_t n = x.size(1) / groups, item = x.element_size();
+  const Strides4 sx = strides4(x), sy = strides4(y), sy_shuffled{sy.b, sy.c * groups, sy.h, sy.w};
+  for (int64_t j = 0; j < groups; ++j) {
+    const at::Tensor al = channel_slice(alpha, j, n), be = channel_slice(beta, j, n);
+    channel_affine_gate_forward_cpu(advance(x.const_data_ptr(), j * n * sx.c, item), al.const_data_ptr(),
+                                    be.const_data_ptr(), advance(y.data_ptr(), j * sy.c, item), dt, x.size(0), n,
+                                    x.size(2), x.size(3), sx, sy_shuffled);
+  }
+  return y;
+}
+
+// The backward of shuffle_affine_gate: dy is read through the shuffle (any strides), dx is NCHW.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_affine_gate_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                            const at::Tensor& alpha,
+                                                                            const at::Tensor& beta, int64_t groups) {
+  using namespace gate_checks;
+  const char* op = "shuffle_affine_gate_backward";
+  const DType dt = check_x(op, x, c10::DeviceType::CPU);
+  check_like_x(op, "dy", dy, x);
+  check_channel_param(op, "alpha", alpha, x);
+  check_channel_param(op, "beta", beta, x);
+  check_shuffle_args(op, x, groups);
+  at::Tensor dx = new_output_like(x), dal = channel_grad(x, alpha), dbe = channel_grad(x, beta);
+  if (x.numel() == 0) return {dx, dal, dbe};
+  const int64_t n = x.size(1) / groups, item = x.element_size();
+  const Strides4 sx = strides4(x), sdx = strides4(dx), sdy = strides4(dy);
+  const Strides4 sdy_shuffled{sdy.b, sdy.c * groups, sdy.h, sdy.w};
+  for (int64_t j = 0; j < groups; ++j) {
+    const at::Tensor al = channel_slice(alpha, j, n), be = channel_slice(beta, j, n);
+    at::Tensor dal_j = at::empty({x.size(0), n}, alpha.options()), dbe_j = at::empty({x.size(0), n}, beta.options());
+    channel_affine_gate_backward_cpu(advance(dy.const_data_ptr(), j * sdy.c, item),
+                                     advance(x.const_data_ptr(), j * n * sx.c, item), al.const_data_ptr(),
+                                     be.const_data_ptr(), advance(dx.data_ptr(), j * n * sdx.c, item),
+                                     dal_j.data_ptr(), dbe_j.data_ptr(), dt, x.size(0), n, x.size(2), x.size(3),
+                                     sdy_shuffled, sx, sdx);
+    dal.narrow(1, j * n, n).copy_(dal_j);
+    dbe.narrow(1, j * n, n).copy_(dbe_j);
+  }
+  return {dx, dal, dbe};
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -134,6 +207,9 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("channel_spatial_gate_backward(Tensor dy, Tensor x, Tensor a, Tensor s, str mode) -> (Tensor, Tensor, Tensor)");
   m.def("channel_affine_gate(Tensor x, Tensor alpha, Tensor beta) -> Tensor");
   m.def("channel_affine_gate_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta) -> (Tensor, Tensor, Tensor)");
+  m.def("shuffle_affine_gate(Tensor x, Tensor alpha, Tensor beta, int groups) -> Tensor");
+  m.def("shuffle_affine_gate_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta, int groups) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
@@ -143,4 +219,6 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("channel_spatial_gate_backward", &fastattn::channel_spatial_gate_backward);
   m.impl("channel_affine_gate", &fastattn::channel_affine_gate);
   m.impl("channel_affine_gate_backward", &fastattn::channel_affine_gate_backward);
+  m.impl("shuffle_affine_gate", &fastattn::shuffle_affine_gate);
+  m.impl("shuffle_affine_gate_backward", &fastattn::shuffle_affine_gate_backward);
 }

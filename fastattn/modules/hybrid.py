@@ -113,8 +113,11 @@ class ShuffleAttention(reference.ShuffleAttention):
     Both branches are per-channel affine gates once the statistics are known: the channel branch
     ``x * sigmoid(cweight * mean + cbias)`` (alpha = 0), the spatial branch
     ``x * sigmoid(sweight * GN(x) + sbias)`` with a one-channel-per-group GroupNorm folded into
-    alpha and beta. Passes: the per-channel statistics (one read), the gate, and the 2-group
-    channel shuffle (a copy, as in the reference).
+    alpha and beta. Passes: the per-channel statistics (one read), then the gate and the 2-group
+    channel shuffle. On the CPU path (`cpu_fused`) the gate writes each channel straight to its
+    shuffled place (`fastattn_C::shuffle_affine_gate`; the backward reads dy through the
+    shuffle): two passes over x and one output. Elsewhere the shuffle is a copy, as in the
+    reference.
     """
 
     backend: str | None = None
@@ -134,10 +137,46 @@ class ShuffleAttention(reference.ShuffleAttention):
         beta_s = flat(self.sweight) * (flat(self.gn.bias) - mean[:, :, 1] * scale) + flat(self.sbias)
         alpha = torch.stack([torch.zeros_like(alpha_s), alpha_s], dim=2).reshape(b, c)
         beta = torch.stack([beta_c, beta_s], dim=2).reshape(b, c)
+        if self.cpu_fused(x):
+            return _ShuffleGateCPU.apply(x, alpha, beta)
         y = channel_affine_gate(x, alpha, beta, backend=self.backend)
         # Channel shuffle with 2 groups: channel k of half j goes to position 2k + j.
         out = y.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
         return like_input(out, x)
+
+    def cpu_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward writes the gate in shuffled order in one pass (`_ShuffleGateCPU`):
+        backend "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype, eager
+        mode with plain tensors (torch.compile traces the op path). Channels_last takes the op path
+        (its shuffled channels would not be contiguous)."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+            return False
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            return False
+        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["shuffle"](x) is not None:
+            return False
+        if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+            return False
+        return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.parameters())
+
+
+_RAW_CHECKS["shuffle"] = _dispatch.cpu_kernel("shuffle_affine_gate", "shuffle_affine_gate_backward")
+
+
+class _ShuffleGateCPU(torch.autograd.Function):
+    """channel_shuffle(x * sigmoid(alpha x + beta), 2) by fastattn_C::shuffle_affine_gate.
+    x (B, C, H, W) NCHW; alpha, beta (B, C) in x's accumulation dtype. Saved: x, alpha, beta."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta):
+        alpha, beta = alpha.contiguous(), beta.contiguous()
+        ctx.save_for_backward(x, alpha, beta)
+        return torch.ops.fastattn_C.shuffle_affine_gate(x, alpha, beta, 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, alpha, beta = ctx.saved_tensors
+        return torch.ops.fastattn_C.shuffle_affine_gate_backward(dy, x, alpha, beta, 2)
 
 
 _CBAM_FUSED_POOLS = {"avg": "mean", "max": "max"}
