@@ -1,4 +1,5 @@
-// torch.ops.fastattn_C bin mean ops: schemas and CPU registrations (kernels in csrc/cpu/bins.cpp).
+// torch.ops.fastattn_C bin mean and tile gate ops: schemas and CPU registrations (kernels in
+// csrc/cpu/bins.cpp).
 #include "../cpu/bins.h"
 #include "common.h"
 #include "pool_args.h"
@@ -40,15 +41,98 @@ at::Tensor bin_mean_backward(const at::Tensor& dy, at::IntArrayRef size, at::Int
   return dx;
 }
 
+// Tile gates: x (and dy) NCHW-contiguous CPU maps, k >= 1, the per-tile tensors contiguous
+// (B, C, ceil(H / k), ceil(W / k)) in x's accumulation dtype.
+void check_tile_map(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  if (&t != &x) {
+    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "fastattn::", op, ": argument '", name, "' must have the shape of 'x' ",
+                      x.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "fastattn::", op, ": argument '", name,
+                     "' must have the dtype of 'x' (", x.scalar_type(), "), got ", t.scalar_type());
+  }
+  pool_args::check_device(t, op, name, kCPU);
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fastattn::", op, ": argument '", name, "' must be NCHW-contiguous, got strides ",
+                    t.strides());
+}
+
+DType check_tile_args(const char* op, const at::Tensor& x, int64_t k, std::initializer_list<const at::Tensor*> tiles,
+                      std::initializer_list<const char*> names) {
+  check_feature_map(x, op);
+  check_tile_map(op, "x", x, x);
+  const DType dt = dtype_tag(x, op, "x");
+  TORCH_CHECK_VALUE(k >= 1, "fastattn::", op, ": argument 'k' must be a positive int, got ", k);
+  const std::vector<int64_t> shape{x.size(0), x.size(1), (x.size(2) + k - 1) / k, (x.size(3) + k - 1) / k};
+  const at::ScalarType acc = acc_scalar_type(x);
+  auto name = names.begin();
+  for (const at::Tensor* t : tiles) {
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), "fastattn::", op, ": argument '", *name,
+                      "' must have shape (B, C, ceil(H / k), ceil(W / k)) = ", at::IntArrayRef(shape), ", got ",
+                      t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, "fastattn::", op, ": argument '", *name, "' must be ", acc,
+                     " for 'x' of dtype ", x.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->device().is_cpu(), "fastattn::", op, ": argument '", *name,
+                      "' must be a contiguous CPU tensor");
+    ++name;
+  }
+  return dt;
+}
+
+// (B, C, ceil(H / k), ceil(W / k)) tile means in x's dtype
+at::Tensor tile_mean(const at::Tensor& x, int64_t k) {
+  const DType dt = check_tile_args("tile_mean", x, k, {}, {});
+  at::Tensor out = at::zeros({x.size(0), x.size(1), (x.size(2) + k - 1) / k, (x.size(3) + k - 1) / k}, x.options());
+  if (x.numel() > 0) tile_mean_cpu(x.data_ptr(), out.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), k);
+  return out;
+}
+
+// y = x * g[b, c, h / k, w / k]
+at::Tensor tile_scale(const at::Tensor& x, const at::Tensor& g, int64_t k) {
+  const DType dt = check_tile_args("tile_scale", x, k, {&g}, {"g"});
+  at::Tensor y = new_output_like(x);
+  if (y.numel() > 0)
+    tile_scale_forward_cpu(x.data_ptr(), g.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), k);
+  return y;
+}
+
+// dg[b, c, i, j] = sum over tile (i, j) of dy * x, in x's accumulation dtype
+at::Tensor tile_dot(const at::Tensor& dy, const at::Tensor& x, int64_t k) {
+  const char* op = "tile_dot";
+  const DType dt = check_tile_args(op, x, k, {}, {});
+  check_tile_map(op, "dy", dy, x);
+  at::Tensor dg = at::zeros({x.size(0), x.size(1), (x.size(2) + k - 1) / k, (x.size(3) + k - 1) / k},
+                            x.options().dtype(acc_scalar_type(x)));
+  if (x.numel() > 0)
+    tile_dot_cpu(dy.data_ptr(), x.data_ptr(), dg.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), k);
+  return dg;
+}
+
+// dx = dy * g[tile] + a[tile], NCHW like dy
+at::Tensor tile_scale_backward_dx(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& a, int64_t k) {
+  const DType dt = check_tile_args("tile_scale_backward_dx", dy, k, {&g, &a}, {"g", "a"});
+  at::Tensor dx = new_output_like(dy);
+  if (dx.numel() > 0)
+    tile_scale_backward_dx_cpu(dy.data_ptr(), g.data_ptr(), a.data_ptr(), dx.data_ptr(), dt, dy.size(0), dy.size(1),
+                               dy.size(2), dy.size(3), k);
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("bin_mean(Tensor x, int[] levels, str mode) -> Tensor");
   m.def("bin_mean_backward(Tensor dy, int[] size, int[] levels, str mode, bool channels_last) -> Tensor");
+  m.def("tile_mean(Tensor x, int k) -> Tensor");
+  m.def("tile_scale(Tensor x, Tensor g, int k) -> Tensor");
+  m.def("tile_dot(Tensor dy, Tensor x, int k) -> Tensor");
+  m.def("tile_scale_backward_dx(Tensor dy, Tensor g, Tensor a, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("bin_mean", &fastattn::bin_mean);
   m.impl("bin_mean_backward", &fastattn::bin_mean_backward);
+  m.impl("tile_mean", &fastattn::tile_mean);
+  m.impl("tile_scale", &fastattn::tile_scale);
+  m.impl("tile_dot", &fastattn::tile_dot);
+  m.impl("tile_scale_backward_dx", &fastattn::tile_scale_backward_dx);
 }

@@ -66,4 +66,22 @@ void bin_mean_forward_cpu(const void* x, void* out, DType dtype, int64_t B, int6
 void bin_mean_backward_cpu(const void* dy, void* dx, DType dtype, int64_t B, int64_t C, Strides4 sdx,
                            const BinGeometry& g);
 
+// Tile gates (TiledSqueezeExcite's gate and its backward) on NCHW-contiguous (B, C, H, W) maps cut
+// into k x k tiles from the top-left corner (border tiles clipped: the tiles of bin_mean's "tiles"
+// mode); g, a and dg are contiguous (B, C, nh, nw) buffers of the accumulation type (float; double
+// for fp64), nh = ceil(H / k), nw = ceil(W / k). Each is one pass, a (sample, channel, tile row)
+// per job; sums in fp32 over the tile's rows, the columns of a tile in double. Deterministic.
+// out[tile] = mean of x over the tile, a contiguous (B, C, nh, nw) buffer of x's dtype (the tiles
+// of bin_mean_forward_cpu in "tiles" mode, for planes too small for its cells to pay off)
+void tile_mean_cpu(const void* x, void* out, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, int64_t k);
+// y = x * g[tile]
+void tile_scale_forward_cpu(const void* x, const void* g, void* y, DType dtype, int64_t B, int64_t C, int64_t H,
+                            int64_t W, int64_t k);
+// dg[tile] = sum over the tile of dy * x
+void tile_dot_cpu(const void* dy, const void* x, void* dg, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
+                  int64_t k);
+// dx = dy * g[tile] + a[tile]
+void tile_scale_backward_dx_cpu(const void* dy, const void* g, const void* a, void* dx, DType dtype, int64_t B,
+                                int64_t C, int64_t H, int64_t W, int64_t k);
+
 }  // namespace fastattn

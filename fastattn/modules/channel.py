@@ -336,20 +336,36 @@ class SpatialPyramidAttention(reference.SpatialPyramidAttention):
 
 
 class TiledSqueezeExcite(reference.TiledSqueezeExcite):
-    """`fastattn.reference.TiledSqueezeExcite`: the tile means in one read (`bin_mean`); a map of
-    one tile is gated by `channel_scale`; when H and W are multiples of ``pool_kernel`` the gate,
-    widened along W only, is broadcast over each tile's rows (one read and one write of x); else
-    the reference's fully upsampled gate."""
+    """`fastattn.reference.TiledSqueezeExcite`: the tile means in one read (`bin_mean`), then the
+    gate in one pass.
+
+    On the CPU path (`cpu_fused`: NCHW, eager) the tile means are `fastattn_C::tile_mean` (rows
+    summed down each tile row: faster than bin_mean's cells on these planes), the gate
+    `fastattn_C::tile_scale` (each tile's gate widened over its columns once per tile row), and
+    the backward (`_TiledGateCPU`) is two passes: the tile sums of dy * x (the gate's gradient), then dx = dy * g + the tile means'
+    gradient in one write. Elsewhere a map of one tile is gated by `channel_scale`; when H and W
+    are multiples of ``pool_kernel`` the gate, widened along W only, is broadcast over each tile's
+    rows (one read and one write of x); else the reference's fully upsampled gate.
+    """
 
     backend: str | None = None
+
+    def _gate(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(F.relu(self.bn(self.fc1(s)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("TiledSqueezeExcite", x, channels=self.channels)
         k = self.pool_kernel
         b, c, h, w = x.shape
         nh, nw = -(-h // k), -(-w // k)
+        if self.cpu_fused(x):
+            params = list(self.parameters())
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+                return _TiledGateCPU.apply(x, k, self._gate, *params)
+            g = self._gate(torch.ops.fastattn_C.tile_mean(x, k))
+            return torch.ops.fastattn_C.tile_scale(x, g.to(_acc_dtype(x)).contiguous(), k)
         s = bin_mean(x, (k,), mode="tiles", backend=self.backend).reshape(b, c, nh, nw)
-        g = torch.sigmoid(self.fc2(F.relu(self.bn(self.fc1(s)))))           # (B, C, nh, nw)
+        g = self._gate(s)                                                    # (B, C, nh, nw)
         if nh == 1 and nw == 1:                                              # one tile: an SE gate
             return channel_scale(x, g.flatten(1), backend=self.backend)
         if h % k or w % k:
@@ -361,6 +377,72 @@ class TiledSqueezeExcite(reference.TiledSqueezeExcite):
         gw = g.repeat_interleave(k, dim=3)                                   # (B, C, nh, W)
         y = x.unflatten(2, (nh, k)) * gw[:, :, :, None, :]                   # (B, C, nh, k, W)
         return like_input(y.flatten(2, 3), x)
+
+    def cpu_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the CPU tile-gate kernels (`_TiledGateCPU`): backend "auto" or
+        "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype, eager mode with plain
+        tensors (torch.compile traces the op path). Channels_last takes the op path."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+            return False
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            return False
+        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["tiles"](x) is not None:
+            return False
+        if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+            return False
+        return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.parameters())
+
+
+_RAW_CHECKS["tiles"] = _dispatch.cpu_kernel("tile_mean", "tile_scale", "tile_dot", "tile_scale_backward_dx")
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _TiledGateCPU(torch.autograd.Function):
+    """y = x * gate(tile means of x)[tile] on CPU (NCHW), x (B, C, H, W), k x k tiles.
+
+    gate maps the (B, C, nh, nw) tile means to the tile gates with the module's layers, recorded
+    by autograd at forward (so a BatchNorm updates its running statistics once). Backward, two passes: `tile_dot` sums dy * x per tile (the gates'
+    gradient), autograd takes it through the gate, then `tile_scale_backward_dx` writes
+    dx = dy * g + (the tile means' gradient / the tile's size) in one go.
+    """
+
+    @staticmethod
+    def forward(ctx, x, k, gate_fn, *params):
+        s = torch.ops.fastattn_C.tile_mean(x, k)                            # (B, C, nh, nw)
+        with torch.enable_grad():
+            leaf = s.detach().requires_grad_()
+            g = gate_fn(leaf)
+        g_acc = g.detach().to(_acc_dtype(x)).contiguous()
+        ctx.save_for_backward(x, g_acc)
+        ctx.graph = (g, leaf, params)
+        ctx.k = k
+        return torch.ops.fastattn_C.tile_scale(x, g_acc, k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, g_acc = ctx.saved_tensors
+        g, leaf, params = ctx.graph
+        k = ctx.k
+        dy = dy.contiguous()
+        dg = torch.ops.fastattn_C.tile_dot(dy, x, k)
+        want = [p for p in params if p.requires_grad]
+        need_x = ctx.needs_input_grad[0]
+        # retain_graph: the outer graph may be run again (backward(retain_graph=True))
+        grads = torch.autograd.grad(g, ([leaf] if need_x else []) + want, dg.to(g.dtype), allow_unused=True,
+                                    retain_graph=True)
+        dx = None
+        if need_x:
+            h, w = x.shape[2:]
+            ds = grads[0].to(g_acc.dtype) if grads[0] is not None else torch.zeros_like(g_acc)
+            rows = torch.clamp(h - torch.arange(0, h, k, dtype=ds.dtype), max=k)     # the tiles' clipped sizes
+            cols = torch.clamp(w - torch.arange(0, w, k, dtype=ds.dtype), max=k)
+            dx = torch.ops.fastattn_C.tile_scale_backward_dx(dy, g_acc, (ds / (rows[:, None] * cols)).contiguous(), k)
+        param_grads = iter(grads[1 if need_x else 0:])
+        return (dx, None, None, *[next(param_grads) if p.requires_grad else None for p in params])
 
 
 def _mean(x: torch.Tensor, backend: str | None) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""TiledSqueezeExcite's CPU path: the raw tile kernels (torch.ops.fastattn_C.tile_mean,
+tile_scale, tile_dot, tile_scale_backward_dx) against float64 math, and
+fastattn.TiledSqueezeExcite on them (forward, every gradient, the BatchNorm statistics) against
+fastattn.reference.TiledSqueezeExcite."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
+
+DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
+# (shape, k): whole tiles, clipped border tiles, one tile larger than the map, k = 1, rows of 1
+SHAPES = [((2, 3, 14, 14), 7), ((2, 5, 9, 11), 4), ((1, 3, 5, 3), 7), ((2, 2, 6, 5), 1), ((3, 2, 1, 17), 3),
+          ((1, 2, 33, 40), 7)]
+SHAPE_IDS = ["14x14k7", "9x11k4", "5x3k7", "6x5k1", "1x17k3", "33x40k7"]
+
+
+def widen64(t, k, h, w):
+    """(B, C, nh, nw) -> (B, C, H, W): each tile's value over its positions."""
+    return t.repeat_interleave(k, dim=2)[:, :, :h].repeat_interleave(k, dim=3)[:, :, :, :w]
+
+
+def tile_sum64(t, k):
+    """(B, C, H, W) -> (B, C, nh, nw) sums over the clipped tiles, in float64."""
+    ones = torch.ones_like(t)
+    return (F.avg_pool2d(t, k, k, ceil_mode=True) / F.avg_pool2d(ones, k, k, ceil_mode=True)
+            * F.avg_pool2d(ones, k, k, ceil_mode=True, divisor_override=1))
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape,k", SHAPES, ids=SHAPE_IDS)
+def test_tile_kernels_match_float64(dtype, tol, shape, k):
+    torch.manual_seed(sum(shape) + k)
+    op = torch.ops.fastattn_C
+    b, c, h, w = shape
+    nh, nw = -(-h // k), -(-w // k)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x, dy = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    g, a = torch.rand(b, c, nh, nw, dtype=acc), torch.randn(b, c, nh, nw, dtype=acc)
+    x64, dy64, g64, a64 = x.double(), dy.double(), g.double(), a.double()
+
+    mean = op.tile_mean(x, k)
+    assert mean.dtype == dtype and mean.shape == (b, c, nh, nw)
+    torch.testing.assert_close(mean.double(), F.avg_pool2d(x64, k, k, ceil_mode=True), rtol=tol, atol=tol)
+    y = op.tile_scale(x, g, k)
+    assert y.dtype == dtype and y.is_contiguous()
+    torch.testing.assert_close(y.double(), x64 * widen64(g64, k, h, w), rtol=tol, atol=tol)
+    dg = op.tile_dot(dy, x, k)
+    assert dg.dtype == acc
+    sum_tol = max(tol, 1e-5) * k                  # fp32 sums of up to k * k products
+    torch.testing.assert_close(dg.double(), tile_sum64(dy64 * x64, k), rtol=sum_tol, atol=sum_tol)
+    dx = op.tile_scale_backward_dx(dy, g, a, k)
+    assert dx.dtype == dtype and dx.is_contiguous()
+    torch.testing.assert_close(dx.double(), dy64 * widen64(g64, k, h, w) + widen64(a64, k, h, w), rtol=tol,
+                               atol=tol)
+
+
+def test_tile_kernel_errors():
+    op = torch.ops.fastattn_C
+    x = torch.randn(2, 3, 5, 6)
+    g = torch.rand(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"tile_scale: argument 'k' must be a positive int, got 0"):
+        op.tile_scale(x, g, 0)
+    with pytest.raises(ValueError, match=r"tile_scale: argument 'g' must have shape \(B, C, ceil\(H / k\), "
+                                         r"ceil\(W / k\)\) = \[2, 3, 2, 2\], got \[2, 3, 1, 2\]"):
+        op.tile_scale(x, g[:, :, :1], 3)
+    with pytest.raises(TypeError, match=r"tile_scale: argument 'g' must be Float for 'x' of dtype Float, got Double"):
+        op.tile_scale(x, g.double(), 3)
+    with pytest.raises(ValueError, match=r"tile_mean: argument 'x' must be NCHW-contiguous"):
+        op.tile_mean(x.to(memory_format=torch.channels_last), 3)
+    with pytest.raises(ValueError, match=r"tile_dot: argument 'dy' must have the shape of 'x'"):
+        op.tile_dot(x[:1], x, 3)
+    with pytest.raises(ValueError, match=r"tile_dot: argument 'dy' must be NCHW-contiguous"):
+        op.tile_dot(x.transpose(2, 3).contiguous().transpose(2, 3), x, 3)
+    with pytest.raises(ValueError, match=r"tile_scale_backward_dx: argument 'a' must have shape"):
+        op.tile_scale_backward_dx(x, g, g[:1], 3)
+
+
+def _count(monkeypatch):
+    from fastattn.modules import channel
+
+    calls = []
+    orig = channel._TiledGateCPU.apply
+    monkeypatch.setattr(channel._TiledGateCPU, "apply", lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+def _pair(dtype, channels, k):
+    r = fastattn.reference.TiledSqueezeExcite(channels, reduction=4, pool_kernel=k).to(dtype)
+    f = fastattn.TiledSqueezeExcite(channels, reduction=4, pool_kernel=k).to(dtype)
+    with torch.no_grad():
+        for p in r.parameters():
+            p.normal_()
+    f.load_state_dict(r.state_dict())
+    return r, f
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "params_only"])
+@pytest.mark.parametrize("shape,k", [((3, 16, 14, 14), 7), ((2, 8, 9, 11), 4), ((2, 8, 5, 3), 7)],
+                         ids=["14x14k7", "9x11k4", "one_tile"])
+def test_tiled_se_module_training_matches_reference(monkeypatch, dtype, tol, x_grad, shape, k):
+    calls = _count(monkeypatch)
+    torch.manual_seed(sum(shape))
+    r, f = _pair(dtype, shape[1], k)
+    x = torch.randn(shape, dtype=dtype)
+    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    dy = torch.randn_like(x)
+    yr, yf = r(xr), f(xf)
+    assert calls == [1]
+    yr.backward(dy)
+    yf.backward(dy)
+    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
+    if x_grad:
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
+    for (name, pr), pf in zip(r.named_parameters(), f.parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    for br, bf in zip(r.buffers(), f.buffers()):                     # the BatchNorm statistics
+        torch.testing.assert_close(bf, br, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+def test_tiled_se_module_inference_matches_reference(monkeypatch, dtype, tol):
+    calls = _count(monkeypatch)
+    torch.manual_seed(0)
+    r, f = _pair(torch.float32, 32, 7)
+    r.eval(), f.eval()
+    x = torch.randn(3, 32, 15, 13).to(dtype)
+    with torch.no_grad():
+        want = r.to(dtype)(x)
+        got = f.to(dtype)(x)
+    with torch.inference_mode():
+        got_inference = f(x)
+    assert not calls                                                # inference needs no autograd function
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert torch.equal(got_inference, got)
+
+
+def test_tiled_se_module_backward_twice_and_path_conditions(monkeypatch):
+    calls = _count(monkeypatch)
+    torch.manual_seed(0)
+    _, f = _pair(torch.float32, 16, 4)
+    x = torch.randn(2, 16, 9, 10, requires_grad=True)
+    dy = torch.randn(2, 10, 9, 16).permute(0, 3, 2, 1)             # non-contiguous dy
+    y = f(x)
+    y.backward(dy, retain_graph=True)
+    once = [x.grad.clone()] + [p.grad.clone() for p in f.parameters()]
+    y.backward(dy)
+    for a, b in zip([x.grad] + [p.grad for p in f.parameters()], once):
+        torch.testing.assert_close(a, 2 * b)
+    assert calls == [1]
+    f.eval()
+    with torch.no_grad():
+        want = f(x)
+        got = f(x.to(memory_format=torch.channels_last))            # channels_last: the op path
+        f.backend = "torch"
+        torch.testing.assert_close(f(x), want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want)
+    assert calls == [1]
+    f.backend = None
+    assert f.cpu_fused(x) and not f.cpu_fused(x.to(memory_format=torch.channels_last))
