@@ -263,12 +263,14 @@ class _SimamKernelTests:
         self._check((2, 70, 13, 17), dtype, layout)
 
     @pytest.mark.parametrize("shape", [(2, 3, 1, 2), (1, 2, 6, 1), (1, 1, 7, 7), (2, 17, 1, 33), (2, 600, 9, 9),
-                                       (1, 3, 100, 90), (1, 2, 70, 70), (1, 16, 100, 90), (4, 33, 56, 56)], ids=str)
+                                       (1, 3, 100, 90), (1, 2, 70, 70), (1, 16, 100, 90), (4, 33, 56, 56),
+                                       (1, 64, 129, 130)], ids=str)
     @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
     @pytest.mark.parametrize("e_lambda", [1e-4, 0.5])
     def test_odd_shapes(self, shape, layout, e_lambda):
         """The smallest planes, odd H and W, C not a multiple of 16, channel blocks, planes of more
-        than kChunk elements (merged chunk moments), pixel segments (few planes or blocks)."""
+        than kChunk elements (merged chunk moments), pixel segments (few planes or blocks), whole
+        planes too large for the CPU backward to keep their gates (> kKeepMax elements)."""
         self._check(shape, torch.float32, layout, e_lambda=e_lambda)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)

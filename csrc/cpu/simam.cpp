@@ -164,10 +164,13 @@ void gate_run(const T* __restrict__ px, T* __restrict__ py, int64_t i0, int64_t 
   }
 }
 
-// (A, Bs) of the elements [i0, i1): fp32 per chunk, folded into double.
-template <typename T>
+// (A, Bs) of the elements [i0, i1): fp32 per chunk, folded into double. kKeep: also keeps each
+// element's gate s and e = dy x s (1 - s) in keep_s[i - i0], keep_e[i - i0] for dx_kept (the exp
+// and the division are most of the backward's arithmetic).
+template <bool kKeep = false, typename T>
 void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, int64_t i1, acc_t<T> mh, acc_t<T> ml,
-              acc_t<T> r, double& ta, double& tb) {
+              acc_t<T> r, double& ta, double& tb, acc_t<T>* __restrict__ keep_s = nullptr,
+              acc_t<T>* __restrict__ keep_e = nullptr) {
   using A = acc_t<T>;
   ta = 0;
   tb = 0;
@@ -183,6 +186,10 @@ void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, i
       const A t = exp_neg(d * r + A(0.5));
       const A s = A(1) / (A(1) + t);
       const A e = g * v * s * (t * s);  // 1 - s = t s
+      if constexpr (kKeep) {
+        keep_s[i - i0] = s;
+        keep_e[i - i0] = e;
+      }
       sa += e * xc;
       sb += e * d;
     }
@@ -190,6 +197,22 @@ void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, i
     tb += static_cast<double>(sb);
   }
 }
+
+// dx_run with the gates kept by sums_run<true> (the same values, so the same dx).
+template <typename T>
+void dx_kept(const T* __restrict__ pdy, const T* __restrict__ px, const acc_t<T>* __restrict__ keep_s,
+             const acc_t<T>* __restrict__ keep_e, T* __restrict__ pdx, int64_t n, acc_t<T> mh, acc_t<T> ml,
+             acc_t<T> r, acc_t<T> dS, acc_t<T> shift) {
+  using A = acc_t<T>;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const A xc = (static_cast<A>(to_float(px[i])) - mh) - ml;
+    pdx[i] = store<T>(static_cast<A>(to_float(pdy[i])) * keep_s[i] + A(2) * xc * (keep_e[i] * r + dS) - shift);
+  }
+}
+
+// Planes up to this many elements keep their gates for dx (two buffers of it per thread: L2).
+constexpr int64_t kKeepMax = 16384;
 
 template <typename T>
 void dx_run(const T* __restrict__ pdy, const T* __restrict__ px, T* __restrict__ pdx, int64_t i0, int64_t i1,
@@ -248,17 +271,29 @@ void bwd_plane(const T* dy, const T* x, T* dx, int64_t B, int64_t C, int64_t n, 
   const Split sp = split_axis(BC, n, kMinSegment);
   const double nd = static_cast<double>(n);
   if (sp.n == 1) {
-#pragma omp parallel for schedule(static)
-    for (int64_t bc = 0; bc < BC; ++bc) {
-      const int64_t b = bc / C, c = bc % C;
-      const T* px = x + b * sx.b + c * sx.c;
-      const T* pdy = dy + b * sdy.b + c * sdy.c;
-      const GateConst g = gate_const(moments_run(px, 0, n), lambda);
-      Consts<A> k = consts_of<A>(g);
-      double ta, tb;
-      sums_run(pdy, px, 0, n, k.mh, k.ml, k.r, ta, tb);
-      set_bwd_consts(k, ta, tb, g.r, nd);
-      dx_run(pdy, px, dx + b * sdx.b + c * sdx.c, 0, n, k.mh, k.ml, k.r, k.dS, k.shift);
+    const bool keep = n <= kKeepMax;
+#pragma omp parallel
+    {
+      std::vector<A> keep_s(keep ? static_cast<size_t>(n) : 0), keep_e(keep ? static_cast<size_t>(n) : 0);
+#pragma omp for schedule(static)
+      for (int64_t bc = 0; bc < BC; ++bc) {
+        const int64_t b = bc / C, c = bc % C;
+        const T* px = x + b * sx.b + c * sx.c;
+        const T* pdy = dy + b * sdy.b + c * sdy.c;
+        T* pdx = dx + b * sdx.b + c * sdx.c;
+        const GateConst g = gate_const(moments_run(px, 0, n), lambda);
+        Consts<A> k = consts_of<A>(g);
+        double ta, tb;
+        if (keep) {
+          sums_run<true>(pdy, px, 0, n, k.mh, k.ml, k.r, ta, tb, keep_s.data(), keep_e.data());
+          set_bwd_consts(k, ta, tb, g.r, nd);
+          dx_kept(pdy, px, keep_s.data(), keep_e.data(), pdx, n, k.mh, k.ml, k.r, k.dS, k.shift);
+        } else {
+          sums_run(pdy, px, 0, n, k.mh, k.ml, k.r, ta, tb);
+          set_bwd_consts(k, ta, tb, g.r, nd);
+          dx_run(pdy, px, pdx, 0, n, k.mh, k.ml, k.r, k.dS, k.shift);
+        }
+      }
     }
     return;
   }
