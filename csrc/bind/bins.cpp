@@ -51,8 +51,7 @@ void check_tile_map(const char* op, const char* name, const at::Tensor& t, const
                      "' must have the dtype of 'x' (", x.scalar_type(), "), got ", t.scalar_type());
   }
   pool_args::check_device(t, op, name, kCPU);
-  TORCH_CHECK_VALUE(t.is_contiguous(), "fastattn::", op, ": argument '", name, "' must be NCHW-contiguous, got strides ",
-                    t.strides());
+  check_nchw_contiguous(op, name, t);
 }
 
 DType check_tile_args(const char* op, const at::Tensor& x, int64_t k, std::initializer_list<const at::Tensor*> tiles,

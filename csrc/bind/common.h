@@ -31,6 +31,12 @@ inline void check_feature_map(const at::Tensor& x, const char* op) {
                     x.dim(), "-D tensor of shape ", x.sizes());
 }
 
+// The whole-module CPU kernels walk NCHW planes: t must be NCHW-contiguous.
+inline void check_nchw_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fastattn::", op, ": argument '", name,
+                    "' must be NCHW-contiguous, got strides ", t.strides());
+}
+
 // The element strides of a 4-D tensor, as the kernels take them.
 inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 

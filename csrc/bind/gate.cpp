@@ -131,8 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_gate_backward(cons
 // channel_shuffle), by running the gate on each of the `groups` channel slices of x with the
 // output's channel stride multiplied by `groups`. x NCHW-contiguous (the slices stay planes).
 void check_shuffle_args(const char* op, const at::Tensor& x, int64_t groups) {
-  TORCH_CHECK_VALUE(x.is_contiguous(), "fastattn::", op, ": argument 'x' must be NCHW-contiguous, got strides ",
-                    x.strides());
+  check_nchw_contiguous(op, "x", x);
   TORCH_CHECK_VALUE(groups >= 1 && x.size(1) % groups == 0, "fastattn::", op,
                     ": argument 'groups' must be a positive divisor of C = ", x.size(1), ", got ", groups);
 }

@@ -14,8 +14,7 @@ DType check_map(const char* op, const at::Tensor& x, const char* name) {
                     "-D tensor of shape ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "fastattn::", op, ": this kernel runs on CPU tensors, got '", name, "' on ",
               x.device());
-  TORCH_CHECK_VALUE(x.is_contiguous(), "fastattn::", op, ": argument '", name, "' must be NCHW-contiguous, got "
-                    "strides ", x.strides());
+  check_nchw_contiguous(op, name, x);
   TORCH_CHECK_VALUE(x.numel() > 0, "fastattn::", op, ": argument '", name, "' must not be empty, got shape ",
                     x.sizes());
   return dtype_tag(x, op, name);

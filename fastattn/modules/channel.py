@@ -120,6 +120,23 @@ def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
     return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)
 
 
+def _cpu_path_ok(module: torch.nn.Module, x: torch.Tensor, raw_op: str) -> bool:
+    """The conditions shared by the whole-module CPU paths of the modules with a `cpu_fused`
+    (TripletAttention, ShuffleAttention, TiledSqueezeExcite), with or without a gradient: backend
+    "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype whose raw kernels
+    (`_RAW_CHECKS[raw_op]`) are built, eager mode with plain tensors (torch.compile traces the op
+    path)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+        return False
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return False
+    if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS[raw_op](x) is not None:
+        return False
+    if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+        return False
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in module.parameters())
+
+
 class _PooledGate(torch.autograd.Function):
     """y = x * gate(stats(x)) on CPU in training, its backward in two passes over x.
 
@@ -336,16 +353,17 @@ class SpatialPyramidAttention(reference.SpatialPyramidAttention):
 
 
 class TiledSqueezeExcite(reference.TiledSqueezeExcite):
-    """`fastattn.reference.TiledSqueezeExcite`: the tile means in one read (`bin_mean`), then the
-    gate in one pass.
+    """`fastattn.reference.TiledSqueezeExcite`: the tile means in one read, then the gate in one
+    pass.
 
     On the CPU path (`cpu_fused`: NCHW, eager) the tile means are `fastattn_C::tile_mean` (rows
     summed down each tile row: faster than bin_mean's cells on these planes), the gate
     `fastattn_C::tile_scale` (each tile's gate widened over its columns once per tile row), and
-    the backward (`_TiledGateCPU`) is two passes: the tile sums of dy * x (the gate's gradient), then dx = dy * g + the tile means'
-    gradient in one write. Elsewhere a map of one tile is gated by `channel_scale`; when H and W
-    are multiples of ``pool_kernel`` the gate, widened along W only, is broadcast over each tile's
-    rows (one read and one write of x); else the reference's fully upsampled gate.
+    the backward (`_TiledGateCPU`) is two passes: the tile sums of dy * x (the gate's gradient),
+    then dx = dy * g + the tile means' gradient in one write. Elsewhere the means are `bin_mean`;
+    a map of one tile is gated by `channel_scale`; when H and W are multiples of ``pool_kernel``
+    the gate, widened along W only, is broadcast over each tile's rows (one read and one write of
+    x); else the reference's fully upsampled gate.
     """
 
     backend: str | None = None
@@ -379,18 +397,9 @@ class TiledSqueezeExcite(reference.TiledSqueezeExcite):
         return like_input(y.flatten(2, 3), x)
 
     def cpu_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward runs the CPU tile-gate kernels (`_TiledGateCPU`): backend "auto" or
-        "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype, eager mode with plain
-        tensors (torch.compile traces the op path). Channels_last takes the op path."""
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
-            return False
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return False
-        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["tiles"](x) is not None:
-            return False
-        if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
-            return False
-        return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.parameters())
+        """Whether forward runs the CPU tile kernels (`_TiledGateCPU` when a gradient is recorded):
+        see `_cpu_path_ok`. Channels_last takes the op path."""
+        return _cpu_path_ok(self, x, "tiles")
 
 
 _RAW_CHECKS["tiles"] = _dispatch.cpu_kernel("tile_mean", "tile_scale", "tile_dot", "tile_scale_backward_dx")
@@ -404,9 +413,10 @@ class _TiledGateCPU(torch.autograd.Function):
     """y = x * gate(tile means of x)[tile] on CPU (NCHW), x (B, C, H, W), k x k tiles.
 
     gate maps the (B, C, nh, nw) tile means to the tile gates with the module's layers, recorded
-    by autograd at forward (so a BatchNorm updates its running statistics once). Backward, two passes: `tile_dot` sums dy * x per tile (the gates'
-    gradient), autograd takes it through the gate, then `tile_scale_backward_dx` writes
-    dx = dy * g + (the tile means' gradient / the tile's size) in one go.
+    by autograd at forward (so a BatchNorm updates its running statistics once). Backward, two
+    passes: `tile_dot` sums dy * x per tile (the gates' gradient), autograd takes it through the
+    gate, then `tile_scale_backward_dx` writes dx = dy * g + (the tile means' gradient / the
+    tile's size) in one go.
     """
 
     @staticmethod

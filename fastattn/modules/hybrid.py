@@ -12,7 +12,7 @@ from ..ops.pool import channel_pool
 from ..ops.simam import simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
-from .channel import _bn_fold, _bn_frozen, _one_read_ok, _RAW_CHECKS, _train_fused_ok, plane_var_mean
+from .channel import _bn_fold, _bn_frozen, _cpu_path_ok, _one_read_ok, _RAW_CHECKS, _train_fused_ok, plane_var_mean
 from ..reference._checks import check_feature_map, like_input
 
 
@@ -145,19 +145,10 @@ class ShuffleAttention(reference.ShuffleAttention):
         return like_input(out, x)
 
     def cpu_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward writes the gate in shuffled order in one pass (`_ShuffleGateCPU`):
-        backend "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype, eager
-        mode with plain tensors (torch.compile traces the op path). Channels_last takes the op path
-        (its shuffled channels would not be contiguous)."""
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
-            return False
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return False
-        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["shuffle"](x) is not None:
-            return False
-        if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
-            return False
-        return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.parameters())
+        """Whether forward writes the gate in shuffled order in one pass (`_ShuffleGateCPU`): see
+        `fastattn.modules.channel._cpu_path_ok`. Channels_last takes the op path (its shuffled
+        channels would not be contiguous)."""
+        return _cpu_path_ok(self, x, "shuffle")
 
 
 _RAW_CHECKS["shuffle"] = _dispatch.cpu_kernel("shuffle_affine_gate", "shuffle_affine_gate_backward")
@@ -353,21 +344,11 @@ class TripletAttention(reference.TripletAttention):
         return like_input(out * (1 / 3), x)
 
     def cpu_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward runs the CPU path (`_TripletCPU` when a gradient is recorded): backend
-        "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype, eager mode with
-        plain tensors (torch.compile traces the op path), and at least one sample per thread (the
-        pools and the backward's sums run a sample per thread). Channels_last takes the op path."""
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
-            return False
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return False
-        if (self.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["triplet"](x) is not None:
-            return False
-        if x.shape[0] < torch.get_num_threads():
-            return False
-        if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
-            return False
-        return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.parameters())
+        """Whether forward runs the CPU path (`_TripletCPU` when a gradient is recorded): the
+        conditions of `fastattn.modules.channel._cpu_path_ok`, and at least one sample per thread
+        (the pools and the backward's sums run a sample per thread). Channels_last takes the op
+        path."""
+        return _cpu_path_ok(self, x, "triplet") and x.shape[0] >= torch.get_num_threads()
 
 
 _RAW_CHECKS["triplet"] = _dispatch.cpu_kernel("triplet_pools", "triplet_scale", "triplet_backward_sums",
