@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastattn
+from cases.paths import check_training_step, count_calls
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -143,9 +144,7 @@ def test_gather_excite_inference(monkeypatch, kwargs, one_read):
     inference; other configurations keep their own paths. Against the reference either way."""
     from fastattn.modules import channel as ch
 
-    calls = []
-    orig = ch._se_one_read
-    monkeypatch.setattr(ch, "_se_one_read", lambda *a: calls.append(1) or orig(*a))
+    calls = count_calls(monkeypatch, ch, "_se_one_read")
     torch.manual_seed(0)
     r, f = fastattn.reference.GatherExcite(32, **kwargs).eval(), fastattn.GatherExcite(32, **kwargs).eval()
     f.load_state_dict(r.state_dict())
@@ -387,10 +386,7 @@ def test_channel_dot_and_affine_backward_errors():
 def _count_pooled_gate(monkeypatch):
     from fastattn.modules import channel as ch
 
-    calls = []
-    orig = ch._PooledGate.apply
-    monkeypatch.setattr(ch._PooledGate, "apply", lambda *a: calls.append(1) or orig(*a))
-    return calls
+    return count_calls(monkeypatch, ch._PooledGate, "apply")
 
 
 @pytest.mark.parametrize("name", ["SqueezeExcite", "ECA", "SRM", "GatherExcite", "MultiSpectralAttention"])
@@ -454,10 +450,7 @@ def test_pooled_gate_training_path_conditions(monkeypatch):
 def _count_cbam_train(monkeypatch):
     from fastattn.modules import hybrid
 
-    calls = []
-    orig = hybrid._CBAMTrain.apply
-    monkeypatch.setattr(hybrid._CBAMTrain, "apply", lambda *a: calls.append(1) or orig(*a))
-    return calls
+    return count_calls(monkeypatch, hybrid._CBAMTrain, "apply")
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"pool_types": ("max",)}, {"pool_types": ("avg",)},
@@ -473,20 +466,8 @@ def test_cbam_training_path_matches_reference(monkeypatch, kwargs, dtype, tol, x
     r = fastattn.reference.CBAM(C, reduction=4, **kwargs).to(dtype)
     f = fastattn.CBAM(C, reduction=4, **kwargs).to(dtype)
     f.load_state_dict(r.state_dict())
-    x = torch.randn(shape, dtype=dtype)
-    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
-    dy = torch.randn_like(x)
-    yr, yf = r(xr), f(xf)
+    check_training_step(r, f, torch.randn(shape, dtype=dtype), tol, x_grad)     # the spatial BatchNorm too
     assert calls == [1]
-    yr.backward(dy)
-    yf.backward(dy)
-    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
-    if x_grad:
-        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
-    for (name, pr), pf in zip(r.named_parameters(), f.parameters()):
-        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
-    for br, bf in zip(r.buffers(), f.buffers()):                     # the spatial BatchNorm's statistics
-        torch.testing.assert_close(bf, br, rtol=tol, atol=tol)
 
 
 def test_cbam_training_path_ties_match_the_op_path(monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastattn
+from cases.paths import check_backward_twice, check_training_step, count_calls
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -74,10 +75,7 @@ def test_shuffle_affine_gate_errors():
 def _count(monkeypatch):
     from fastattn.modules import hybrid
 
-    calls = []
-    orig = hybrid._ShuffleGateCPU.apply
-    monkeypatch.setattr(hybrid._ShuffleGateCPU, "apply", lambda *a: calls.append(1) or orig(*a))
-    return calls
+    return count_calls(monkeypatch, hybrid._ShuffleGateCPU, "apply")
 
 
 def _pair(dtype, channels, groups):
@@ -98,18 +96,8 @@ def test_shuffle_module_training_matches_reference(monkeypatch, dtype, tol, x_gr
     calls = _count(monkeypatch)
     torch.manual_seed(sum(shape))
     r, f = _pair(dtype, shape[1], groups)
-    x = torch.randn(shape, dtype=dtype)
-    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
-    dy = torch.randn_like(x)
-    yr, yf = r(xr), f(xf)
+    check_training_step(r, f, torch.randn(shape, dtype=dtype), tol, x_grad)
     assert calls == [1]
-    yr.backward(dy)
-    yf.backward(dy)
-    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
-    if x_grad:
-        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
-    for (name, pr), pf in zip(r.named_parameters(), f.parameters()):
-        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)],
@@ -133,14 +121,7 @@ def test_shuffle_module_backward_twice(monkeypatch):
     calls = _count(monkeypatch)
     torch.manual_seed(0)
     _, f = _pair(torch.float32, 16, 2)
-    x = torch.randn(2, 16, 5, 7, requires_grad=True)
-    dy = torch.randn(2, 7, 5, 16).permute(0, 3, 2, 1)           # non-contiguous dy
-    y = f(x)
-    y.backward(dy, retain_graph=True)
-    once = [x.grad.clone()] + [p.grad.clone() for p in f.parameters()]
-    y.backward(dy)
-    for a, b in zip([x.grad] + [p.grad for p in f.parameters()], once):
-        torch.testing.assert_close(a, 2 * b)
+    check_backward_twice(f, torch.randn(2, 16, 5, 7))
     assert calls == [1]
 
 

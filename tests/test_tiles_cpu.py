@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from cases.paths import check_backward_twice, check_training_step, count_calls
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -83,10 +84,7 @@ def test_tile_kernel_errors():
 def _count(monkeypatch):
     from fastattn.modules import channel
 
-    calls = []
-    orig = channel._TiledGateCPU.apply
-    monkeypatch.setattr(channel._TiledGateCPU, "apply", lambda *a: calls.append(1) or orig(*a))
-    return calls
+    return count_calls(monkeypatch, channel._TiledGateCPU, "apply")
 
 
 def _pair(dtype, channels, k):
@@ -107,20 +105,8 @@ def test_tiled_se_module_training_matches_reference(monkeypatch, dtype, tol, x_g
     calls = _count(monkeypatch)
     torch.manual_seed(sum(shape))
     r, f = _pair(dtype, shape[1], k)
-    x = torch.randn(shape, dtype=dtype)
-    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
-    dy = torch.randn_like(x)
-    yr, yf = r(xr), f(xf)
+    check_training_step(r, f, torch.randn(shape, dtype=dtype), tol, x_grad)     # BatchNorm statistics too
     assert calls == [1]
-    yr.backward(dy)
-    yf.backward(dy)
-    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
-    if x_grad:
-        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
-    for (name, pr), pf in zip(r.named_parameters(), f.parameters()):
-        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
-    for br, bf in zip(r.buffers(), f.buffers()):                     # the BatchNorm statistics
-        torch.testing.assert_close(bf, br, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)],
@@ -145,14 +131,8 @@ def test_tiled_se_module_backward_twice_and_path_conditions(monkeypatch):
     calls = _count(monkeypatch)
     torch.manual_seed(0)
     _, f = _pair(torch.float32, 16, 4)
-    x = torch.randn(2, 16, 9, 10, requires_grad=True)
-    dy = torch.randn(2, 10, 9, 16).permute(0, 3, 2, 1)             # non-contiguous dy
-    y = f(x)
-    y.backward(dy, retain_graph=True)
-    once = [x.grad.clone()] + [p.grad.clone() for p in f.parameters()]
-    y.backward(dy)
-    for a, b in zip([x.grad] + [p.grad for p in f.parameters()], once):
-        torch.testing.assert_close(a, 2 * b)
+    x = torch.randn(2, 16, 9, 10)
+    check_backward_twice(f, x)
     assert calls == [1]
     f.eval()
     with torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from cases.paths import check_training_step, count_calls
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -197,10 +198,7 @@ def test_triplet_raw_errors():
 def _count(monkeypatch):
     from fastattn.modules import hybrid
 
-    calls = []
-    orig = hybrid._triplet_cpu
-    monkeypatch.setattr(hybrid, "_triplet_cpu", lambda *a: calls.append(1) or orig(*a))
-    return calls
+    return count_calls(monkeypatch, hybrid, "_triplet_cpu")
 
 
 def _pair(dtype, **kwargs):
@@ -224,20 +222,8 @@ def test_triplet_module_training_matches_reference(monkeypatch, kwargs, dtype, t
     calls = _count(monkeypatch)
     torch.manual_seed(sum(shape))
     r, f = _pair(dtype, **kwargs)
-    x = torch.randn(shape, dtype=dtype)
-    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
-    dy = torch.randn_like(x)
-    yr, yf = r(xr), f(xf)
+    check_training_step(r, f, torch.randn(shape, dtype=dtype), tol, x_grad)     # the gates' BatchNorms too
     assert calls == [1]
-    yr.backward(dy)
-    yf.backward(dy)
-    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
-    if x_grad:
-        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
-    for (name, pr), pf in zip(r.named_parameters(), f.parameters()):
-        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
-    for br, bf in zip(r.buffers(), f.buffers()):                     # the gates' BatchNorm statistics
-        torch.testing.assert_close(bf, br, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)],

@@ -1,0 +1,48 @@
+"""Helpers of the tests of the whole-module CPU paths (test_se_fused.py, test_triplet_cpu.py,
+test_shuffle_cpu.py, test_tiles_cpu.py): count a path's calls, and check one training step of a
+fast module against its reference twin."""
+from __future__ import annotations
+
+import torch
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Patch owner.name (a function or an autograd.Function's apply) to append 1 to the returned
+    list on every call."""
+    calls = []
+    orig = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+def check_training_step(ref: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, tol: float,
+                        x_grad: bool = True) -> None:
+    """One forward and backward of both modules on copies of x with the same random dy: the
+    output, x's gradient (when x_grad), every parameter's gradient and every buffer (BatchNorm
+    running statistics) must match within tol."""
+    xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    dy = torch.randn_like(x)
+    yr, yf = ref(xr), fast(xf)
+    yr.backward(dy)
+    yf.backward(dy)
+    torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
+    if x_grad:
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=tol, atol=tol)
+    for (name, pr), pf in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=tol, atol=tol, msg=lambda m: f"grad of {name}: {m}")
+    for (name, br), bf in zip(ref.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(bf, br, rtol=tol, atol=tol, msg=lambda m: f"buffer {name}: {m}")
+
+
+def check_backward_twice(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """A second backward through the same graph (retain_graph) doubles every gradient: the path's
+    backward must not free or overwrite what it saved. dy is non-contiguous (a permuted copy)."""
+    b, c, h, w = x.shape
+    x = x.detach().requires_grad_()
+    dy = torch.randn(b, w, h, c, dtype=x.dtype).permute(0, 3, 2, 1)
+    y = module(x)
+    y.backward(dy, retain_graph=True)
+    once = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    y.backward(dy)
+    for twice, single in zip([x.grad] + [p.grad for p in module.parameters()], once):
+        torch.testing.assert_close(twice, 2 * single)
