@@ -2,6 +2,8 @@
 tile_scale, tile_dot, tile_scale_backward_dx) against float64 math, and
 fastattn.TiledSqueezeExcite on them (forward, every gradient, the BatchNorm statistics) against
 fastattn.reference.TiledSqueezeExcite."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,3 +147,41 @@ def test_tiled_se_module_backward_twice_and_path_conditions(monkeypatch):
     assert calls == [1]
     f.backend = None
     assert f.cpu_fused(x) and not f.cpu_fused(x.to(memory_format=torch.channels_last))
+
+
+def _at_end_of_mapping(shape):
+    """A float32 tensor of `shape` whose last element is the last one before an inaccessible page
+    (Linux): a kernel reading past the tensor's end faults instead of passing unnoticed."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    page = mmap.PAGESIZE
+    nbytes = 4 * int(np.prod(shape))
+    data_pages = -(-nbytes // page)
+    buf = mmap.mmap(-1, (data_pages + 1) * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mprotect(ctypes.c_void_p(base + data_pages * page), page, 0) != 0:     # PROT_NONE
+        pytest.skip("mprotect failed")
+    arr = np.frombuffer(buf, dtype=np.float32, count=nbytes // 4, offset=data_pages * page - nbytes).reshape(shape)
+    return torch.from_numpy(arr), buf
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard page via mprotect")
+@pytest.mark.parametrize("shape,k", [((2, 3, 4, 3), 2), ((1, 2, 7, 5), 7), ((2, 2, 14, 14), 7), ((1, 1, 2, 7), 3)],
+                         ids=["w3", "w5", "w14", "w7"])
+def test_tile_sums_read_nothing_past_the_tensor(shape, k):
+    """The narrow-row sums read 16 lanes from each row start: rows near the tensor's end must go
+    through the padded copy (x and dy end right before a PROT_NONE page here)."""
+    x, keep_x = _at_end_of_mapping(shape)
+    dy, keep_dy = _at_end_of_mapping(shape)
+    x.copy_(torch.randn(shape))
+    dy.copy_(torch.randn(shape))
+    x64, dy64 = x.double(), dy.double()
+    torch.testing.assert_close(torch.ops.fastattn_C.tile_mean(x, k).double(), F.avg_pool2d(x64, k, k, ceil_mode=True),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.ops.fastattn_C.tile_dot(dy, x, k).double(), tile_sum64(dy64 * x64, k),
+                               rtol=1e-4, atol=1e-4)
+    del x, dy, keep_x, keep_dy

@@ -494,6 +494,8 @@ void tile_scale_typed(const T* x, const acc_t<T>* g, T* y, int64_t B, int64_t C,
   });
 }
 
+constexpr int64_t kNarrow = 16;  // rows this narrow are summed in one fixed 16-lane step
+
 // Tile sums of dy * x (kDot) or of x: fp32 down the tile's rows, then its columns in double;
 // out[tile] = sum * scale[tile's size] stored as O (the accumulation type, or x's for the means).
 template <bool kDot, typename T, typename O>
@@ -501,11 +503,36 @@ void tile_sums_typed(const T* dy, const T* x, O* out, int64_t B, int64_t C, int6
                      bool mean) {
   using A = acc_t<T>;
   const int64_t nh = (H + k - 1) / k, nw = (W + k - 1) / k;
+  const int64_t total = B * C * H * W;
   for_tile_rows<A>(B, C, H, W, k, [&](int64_t bc, int64_t i, A* acc) {
-    for (int64_t w = 0; w < W; ++w) acc[w] = A(0);
     const int64_t h0 = i * k, h1 = std::min(H, h0 + k);
-    for (int64_t h = h0; h < h1; ++h)
-      row_accumulate<kDot>(kDot ? dy + (bc * H + h) * W : nullptr, x + (bc * H + h) * W, acc, W);
+    if (W <= kNarrow) {
+      // Rows of at most 16 (14 wide at the late ResNet stages; the compiled row loop ran most of
+      // them as a scalar tail): one fixed 16-lane step per row, reading on into the next rows
+      // (lanes >= W are left out below); rows within 16 elements of the tensor's end go through
+      // a padded copy.
+      A lanes[kNarrow] = {};
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t r = bc * H + h;
+        const T* px = x + r * W;
+        const T* pdy = kDot ? dy + r * W : nullptr;
+        T xpad[kNarrow], dypad[kNarrow];
+        if (r * W + kNarrow > total) {
+          for (int64_t w = 0; w < kNarrow; ++w) {
+            xpad[w] = w < W ? px[w] : T{};
+            if constexpr (kDot) dypad[w] = w < W ? pdy[w] : T{};
+          }
+          px = xpad;
+          pdy = dypad;
+        }
+        row_accumulate<kDot>(pdy, px, lanes, kNarrow);
+      }
+      for (int64_t w = 0; w < W; ++w) acc[w] = lanes[w];
+    } else {
+      for (int64_t w = 0; w < W; ++w) acc[w] = A(0);
+      for (int64_t h = h0; h < h1; ++h)
+        row_accumulate<kDot>(kDot ? dy + (bc * H + h) * W : nullptr, x + (bc * H + h) * W, acc, W);
+    }
     O* o = out + (bc * nh + i) * nw;
     for (int64_t w0 = 0, j = 0; w0 < W; w0 += k, ++j) {
       const int64_t w1 = std::min(W, w0 + k);
