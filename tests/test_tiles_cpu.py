@@ -81,6 +81,10 @@ def test_tile_kernel_errors():
         op.tile_dot(x.transpose(2, 3).contiguous().transpose(2, 3), x, 3)
     with pytest.raises(ValueError, match=r"tile_scale_backward_dx: argument 'a' must have shape"):
         op.tile_scale_backward_dx(x, g, g[:1], 3)
+    with pytest.raises(ValueError, match=r"tile_scale_backward_dx: argument 'dy' must be NCHW-contiguous"):
+        op.tile_scale_backward_dx(x.to(memory_format=torch.channels_last), g, g, 3)
+    with pytest.raises(ValueError, match=r"tile_mean: argument 'x' must be 4-D \(B, C, H, W\), got 3-D"):
+        op.tile_mean(x[0], 3)
 
 
 def _count(monkeypatch):

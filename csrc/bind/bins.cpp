@@ -54,11 +54,13 @@ void check_tile_map(const char* op, const char* name, const at::Tensor& t, const
   check_nchw_contiguous(op, name, t);
 }
 
-DType check_tile_args(const char* op, const at::Tensor& x, int64_t k, std::initializer_list<const at::Tensor*> tiles,
-                      std::initializer_list<const char*> names) {
-  check_feature_map(x, op);
-  check_tile_map(op, "x", x, x);
-  const DType dt = dtype_tag(x, op, "x");
+// x: the map (named `map_name`: x, or dy for the dx pass) whose shape gives the tiles'.
+DType check_tile_args(const char* op, const at::Tensor& x, const char* map_name, int64_t k,
+                      std::initializer_list<const at::Tensor*> tiles, std::initializer_list<const char*> names) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fastattn::", op, ": argument '", map_name, "' must be 4-D (B, C, H, W), got ",
+                    x.dim(), "-D tensor of shape ", x.sizes());
+  check_tile_map(op, map_name, x, x);
+  const DType dt = dtype_tag(x, op, map_name);
   TORCH_CHECK_VALUE(k >= 1, "fastattn::", op, ": argument 'k' must be a positive int, got ", k);
   const std::vector<int64_t> shape{x.size(0), x.size(1), (x.size(2) + k - 1) / k, (x.size(3) + k - 1) / k};
   const at::ScalarType acc = acc_scalar_type(x);
@@ -68,7 +70,7 @@ DType check_tile_args(const char* op, const at::Tensor& x, int64_t k, std::initi
                       "' must have shape (B, C, ceil(H / k), ceil(W / k)) = ", at::IntArrayRef(shape), ", got ",
                       t->sizes());
     TORCH_CHECK_TYPE(t->scalar_type() == acc, "fastattn::", op, ": argument '", *name, "' must be ", acc,
-                     " for 'x' of dtype ", x.scalar_type(), ", got ", t->scalar_type());
+                     " for '", map_name, "' of dtype ", x.scalar_type(), ", got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->is_contiguous() && t->device().is_cpu(), "fastattn::", op, ": argument '", *name,
                       "' must be a contiguous CPU tensor");
     ++name;
@@ -78,7 +80,7 @@ DType check_tile_args(const char* op, const at::Tensor& x, int64_t k, std::initi
 
 // (B, C, ceil(H / k), ceil(W / k)) tile means in x's dtype
 at::Tensor tile_mean(const at::Tensor& x, int64_t k) {
-  const DType dt = check_tile_args("tile_mean", x, k, {}, {});
+  const DType dt = check_tile_args("tile_mean", x, "x", k, {}, {});
   at::Tensor out = at::zeros({x.size(0), x.size(1), (x.size(2) + k - 1) / k, (x.size(3) + k - 1) / k}, x.options());
   if (x.numel() > 0) tile_mean_cpu(x.data_ptr(), out.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), k);
   return out;
@@ -86,7 +88,7 @@ at::Tensor tile_mean(const at::Tensor& x, int64_t k) {
 
 // y = x * g[b, c, h / k, w / k]
 at::Tensor tile_scale(const at::Tensor& x, const at::Tensor& g, int64_t k) {
-  const DType dt = check_tile_args("tile_scale", x, k, {&g}, {"g"});
+  const DType dt = check_tile_args("tile_scale", x, "x", k, {&g}, {"g"});
   at::Tensor y = new_output_like(x);
   if (y.numel() > 0)
     tile_scale_forward_cpu(x.data_ptr(), g.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), k);
@@ -96,7 +98,7 @@ at::Tensor tile_scale(const at::Tensor& x, const at::Tensor& g, int64_t k) {
 // dg[b, c, i, j] = sum over tile (i, j) of dy * x, in x's accumulation dtype
 at::Tensor tile_dot(const at::Tensor& dy, const at::Tensor& x, int64_t k) {
   const char* op = "tile_dot";
-  const DType dt = check_tile_args(op, x, k, {}, {});
+  const DType dt = check_tile_args(op, x, "x", k, {}, {});
   check_tile_map(op, "dy", dy, x);
   at::Tensor dg = at::zeros({x.size(0), x.size(1), (x.size(2) + k - 1) / k, (x.size(3) + k - 1) / k},
                             x.options().dtype(acc_scalar_type(x)));
@@ -107,7 +109,7 @@ at::Tensor tile_dot(const at::Tensor& dy, const at::Tensor& x, int64_t k) {
 
 // dx = dy * g[tile] + a[tile], NCHW like dy
 at::Tensor tile_scale_backward_dx(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& a, int64_t k) {
-  const DType dt = check_tile_args("tile_scale_backward_dx", dy, k, {&g, &a}, {"g", "a"});
+  const DType dt = check_tile_args("tile_scale_backward_dx", dy, "dy", k, {&g, &a}, {"g", "a"});
   at::Tensor dx = new_output_like(dy);
   if (dx.numel() > 0)
     tile_scale_backward_dx_cpu(dy.data_ptr(), g.data_ptr(), a.data_ptr(), dx.data_ptr(), dt, dy.size(0), dy.size(1),
