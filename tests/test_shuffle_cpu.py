@@ -4,8 +4,7 @@ on them (forward, every gradient) against fastattn.reference.ShuffleAttention.""
 import pytest
 import torch
 
-import fastattn
-from cases.paths import check_backward_twice, check_training_step, count_calls
+from cases.paths import check_backward_twice, check_training_step, count_calls, random_pair
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -79,13 +78,7 @@ def _count(monkeypatch):
 
 
 def _pair(dtype, channels, groups):
-    r = fastattn.reference.ShuffleAttention(channels, groups=groups).to(dtype)
-    f = fastattn.ShuffleAttention(channels, groups=groups).to(dtype)
-    with torch.no_grad():               # away from the zero / one initialisation
-        for p in r.parameters():
-            p.normal_()
-    f.load_state_dict(r.state_dict())
-    return r, f
+    return random_pair("ShuffleAttention", dtype, channels, groups=groups)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["fp64", "fp32"])

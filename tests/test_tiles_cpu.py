@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastattn
-from cases.paths import check_backward_twice, check_training_step, count_calls
+from cases.paths import check_backward_twice, check_training_step, count_calls, random_pair
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -94,13 +93,7 @@ def _count(monkeypatch):
 
 
 def _pair(dtype, channels, k):
-    r = fastattn.reference.TiledSqueezeExcite(channels, reduction=4, pool_kernel=k).to(dtype)
-    f = fastattn.TiledSqueezeExcite(channels, reduction=4, pool_kernel=k).to(dtype)
-    with torch.no_grad():
-        for p in r.parameters():
-            p.normal_()
-    f.load_state_dict(r.state_dict())
-    return r, f
+    return random_pair("TiledSqueezeExcite", dtype, channels, reduction=4, pool_kernel=k)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["fp64", "fp32"])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from cases.paths import check_training_step, count_calls
+from cases.paths import check_training_step, count_calls, random_pair
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -202,13 +202,7 @@ def _count(monkeypatch):
 
 
 def _pair(dtype, **kwargs):
-    r = fastattn.reference.TripletAttention(**kwargs).to(dtype)
-    f = fastattn.TripletAttention(**kwargs).to(dtype)
-    with torch.no_grad():
-        for p in r.parameters():
-            p.normal_()
-    f.load_state_dict(r.state_dict())
-    return r, f
+    return random_pair("TripletAttention", dtype, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"no_spatial": True}, {"kernel_size": 3}], ids=["k7", "no_spatial", "k3"])

@@ -46,3 +46,17 @@ def check_backward_twice(module: torch.nn.Module, x: torch.Tensor) -> None:
     y.backward(dy)
     for twice, single in zip([x.grad] + [p.grad for p in module.parameters()], once):
         torch.testing.assert_close(twice, 2 * single)
+
+
+def random_pair(name: str, dtype: torch.dtype, *args, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """fastattn.reference.<name>(*args, **kwargs) with normal-random parameters (away from their
+    zero / one initialisations) and fastattn.<name> loaded with the same state, both in dtype."""
+    import fastattn
+
+    ref = getattr(fastattn.reference, name)(*args, **kwargs).to(dtype)
+    fast = getattr(fastattn, name)(*args, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
