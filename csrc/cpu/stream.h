@@ -19,7 +19,7 @@
 namespace fastattn {
 
 // The native float vector of the build (AVX-512 or AVX) and the few operations the streaming
-// loops need; without AVX, a one-lane stand-in (kVecWidth = 0: the streaming body never runs).
+// loops and the pointwise products (pointwise.cpp) need; without AVX, a one-lane stand-in (kVecWidth = 0: the streaming body never runs).
 #if defined(__AVX512F__)
 using vfloat = __m512;
 constexpr int64_t kVecWidth = 16;
@@ -27,6 +27,17 @@ inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vfloat vbroadcast(float v) { return _mm512_set1_ps(v); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+// Through memory: GCC 12 warns (-Wmaybe-uninitialized) on the undefined vectors inside
+// _mm512_reduce_add_ps and the 512-bit extracts. Used once per many vectors.
+inline float vsum(vfloat v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  for (int w = 8; w > 0; w >>= 1)
+    for (int j = 0; j < w; ++j) t[j] += t[j + w];
+  return t[0];
+}
 inline void vstream(float* p, vfloat v) { _mm512_stream_ps(p, v); }
 // a NaN in either wins (torch.maximum): b where b > a or b is NaN, else a.
 inline vfloat vnan_max(vfloat a, vfloat b) {
@@ -44,6 +55,13 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, 
 #else
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
 #endif
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline float vsum(vfloat v) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
 inline void vstream(float* p, vfloat v) { _mm256_stream_ps(p, v); }
 inline vfloat vnan_max(vfloat a, vfloat b) {
   const __m256 take_b = _mm256_or_ps(_mm256_cmp_ps(b, a, _CMP_GT_OQ), _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
@@ -56,6 +74,9 @@ inline vfloat vload(const float* p) { return {*p}; }
 inline vfloat vbroadcast(float v) { return {v}; }
 inline vfloat vmul(vfloat a, vfloat b) { return {a.v * b.v}; }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return {a.v * b.v + c.v}; }
+inline vfloat vadd(vfloat a, vfloat b) { return {a.v + b.v}; }
+inline void vstore(float* p, vfloat v) { *p = v.v; }
+inline float vsum(vfloat v) { return v.v; }
 inline void vstream(float* p, vfloat v) { *p = v.v; }
 inline vfloat vnan_max(vfloat a, vfloat b) { return {(b.v > a.v || b.v != b.v) ? b.v : a.v}; }
 #endif

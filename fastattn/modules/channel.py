@@ -122,7 +122,7 @@ def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
 
 def _cpu_path_ok(module: torch.nn.Module, x: torch.Tensor, raw_op: str) -> bool:
     """The conditions shared by the whole-module CPU paths of the modules with a `cpu_fused`
-    (TripletAttention, ShuffleAttention, TiledSqueezeExcite), with or without a gradient: backend
+    (TripletAttention, ShuffleAttention, TiledSqueezeExcite, BAM), with or without a gradient: backend
     "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype whose raw kernels
     (`_RAW_CHECKS[raw_op]`) are built, eager mode with plain tensors (torch.compile traces the op
     path)."""
