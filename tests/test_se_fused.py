@@ -364,6 +364,14 @@ def test_channel_dot_and_affine_backward_match_float64(dtype, tol, shape):
             dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a, filt, e)
             torch.testing.assert_close(dx.double(), wx + e.double()[..., None, None] * filt.double(), rtol=tol,
                                        atol=tol, msg=lambda m: f"{name}/{dname}, filter: {m}")
+            # k None: no x term (x's values are not read: NaN there must not show)
+            wx0 = wx - k.double()[..., None, None] * x.double()
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, torch.full_like(xv, float("nan")), gate, None,
+                                                                    a, None, None)
+            torch.testing.assert_close(dx.double(), wx0, rtol=tol, atol=tol, msg=lambda m: f"{name}/{dname}, no k: {m}")
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, None, a, filt, e)
+            torch.testing.assert_close(dx.double(), wx0 + e.double()[..., None, None] * filt.double(), rtol=tol,
+                                       atol=tol, msg=lambda m: f"{name}/{dname}, no k, filter: {m}")
 
 
 def test_channel_dot_and_affine_backward_errors():

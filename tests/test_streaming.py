@@ -68,6 +68,12 @@ def test_channel_scale_affine_backward_streaming_path():
     want = dy.double() * gate.double()[..., None, None] + k.double()[..., None, None] * x.double() \
         + a.double()[..., None, None] + e.double()[..., None, None] * filt.double()
     torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)
+    dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, gate, None, a, filt, e)
+    want = want - k.double()[..., None, None] * x.double()
+    torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)
+    dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, gate, None, a, None, None)
+    want = want - e.double()[..., None, None] * filt.double()
+    torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -214,9 +214,10 @@ at::Tensor channel_dot(const at::Tensor& dy, const at::Tensor& x) {
 }
 
 // dx = dy * g + k * x + a (+ e * filter); g, k, a, e (B, C) and filter (C, H, W) contiguous in
-// x's accumulation dtype (filter and e both or neither); dx like torch.empty_like(x).
+// x's accumulation dtype (filter and e both or neither; k None: zero, and x is not read, only its
+// shape and strides used); dx like torch.empty_like(x).
 at::Tensor channel_scale_affine_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g,
-                                         const at::Tensor& k, const at::Tensor& a,
+                                         const std::optional<at::Tensor>& k, const at::Tensor& a,
                                          const std::optional<at::Tensor>& filter, const std::optional<at::Tensor>& e) {
   const char* op = "channel_scale_affine_backward";
   const DType dt = check_grad_pair(op, dy, x);
@@ -224,8 +225,9 @@ at::Tensor channel_scale_affine_backward(const at::Tensor& dy, const at::Tensor&
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   TORCH_CHECK_VALUE(filter.has_value() == e.has_value(), "fastattn::", op, ": arguments 'filter' and 'e' must be "
                     "given together");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{g, "g"}, {k, "k"}, {a, "a"}})
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{g, "g"}, {a, "a"}})
     check_table(op, t, name, B, C, acc);
+  if (k) check_table(op, *k, "k", B, C, acc);
   if (filter) {
     check_table(op, *e, "e", B, C, acc);
     TORCH_CHECK_VALUE(filter->dim() == 3 && filter->size(0) == C && filter->size(1) == x.size(2) &&
@@ -237,7 +239,7 @@ at::Tensor channel_scale_affine_backward(const at::Tensor& dy, const at::Tensor&
   }
   at::Tensor dx = new_output_like(x);
   if (dx.numel() == 0) return dx;
-  channel_scale_affine_backward_cpu(dy.data_ptr(), x.data_ptr(), g.data_ptr(), k.data_ptr(), a.data_ptr(),
+  channel_scale_affine_backward_cpu(dy.data_ptr(), x.data_ptr(), g.data_ptr(), k ? k->data_ptr() : nullptr, a.data_ptr(),
                                     filter ? filter->data_ptr() : nullptr, e ? e->data_ptr() : nullptr, dx.data_ptr(),
                                     dt, B, C, x.size(2), x.size(3), strides4(dy), strides4(x), strides4(dx));
   return dx;
@@ -330,7 +332,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("cbam_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool use_mean, bool use_max, "
         "Tensor? conv_weight, float conv_bias) -> Tensor");
   m.def("channel_dot(Tensor dy, Tensor x) -> Tensor");
-  m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor k, Tensor a, Tensor? filter, "
+  m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor? k, Tensor a, Tensor? filter, "
         "Tensor? e) -> Tensor");
   m.def("cbam_backward_sums(Tensor dy, Tensor x, Tensor a, Tensor s) -> (Tensor, Tensor)");
   m.def("cbam_backward_pool_grad(Tensor x, Tensor dpmax, Tensor dpmean, Tensor idx_c) -> Tensor");

@@ -683,7 +683,8 @@ void channel_dot_typed(const T* dy, const T* x, acc_t<T>* out, int64_t B, int64_
   }
 }
 
-template <typename T>
+// kX: with the k * x term (else x is never read).
+template <bool kX, typename T>
 void scale_affine_backward_typed(const T* dy, const T* x, const acc_t<T>* g, const acc_t<T>* k, const acc_t<T>* a,
                                  const acc_t<T>* filter, const acc_t<T>* e, T* dx, int64_t B, int64_t C, int64_t H,
                                  int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx) {
@@ -699,41 +700,41 @@ void scale_affine_backward_typed(const T* dy, const T* x, const acc_t<T>* g, con
       const T* pdy = dy + b * sdy.b + c * sdy.c;
       const T* px = x + b * sx.b + c * sx.c;
       T* pdx = dx + b * sdx.b + c * sdx.c;
-      const A gg = g[bc], kk = k[bc], aa = a[bc], ee = filter ? e[bc] : A(0);
+      const A gg = g[bc], kk = kX ? k[bc] : A(0), aa = a[bc], ee = filter ? e[bc] : A(0);
       // The filter term (a DCT pool's gradient e * filter[c]) reads a zero row when absent.
       const A* fc = filter ? filter + c * HW : nullptr;
+      // k x + the rest, element i / lanes i..
+      auto xterm = [&](int64_t i, A rest) { return kX ? static_cast<A>(to_float(px[i])) * kk + rest : rest; };
       if constexpr (std::is_same<T, float>::value) {
+        const vfloat vg = vbroadcast(gg), vk = vbroadcast(kk), va = vbroadcast(aa), ve = vbroadcast(ee);
+        auto vxterm = [&](int64_t i, vfloat rest) { return kX ? vfma(vload(px + i), vk, rest) : rest; };
         if (stream && fc) {
-          const vfloat vg = vbroadcast(gg), vk = vbroadcast(kk), va = vbroadcast(aa), ve = vbroadcast(ee);
           stream_row_f32(
-              pdx, HW,
-              [&](int64_t i) { return vfma(vload(pdy + i), vg, vfma(vload(px + i), vk, vfma(vload(fc + i), ve, va))); },
-              [&](int64_t i) { return pdy[i] * gg + (px[i] * kk + (fc[i] * ee + aa)); });
+              pdx, HW, [&](int64_t i) { return vfma(vload(pdy + i), vg, vxterm(i, vfma(vload(fc + i), ve, va))); },
+              [&](int64_t i) { return pdy[i] * gg + xterm(i, fc[i] * ee + aa); });
           continue;
         }
         if (stream) {
-          const vfloat vg = vbroadcast(gg), vk = vbroadcast(kk), va = vbroadcast(aa);
-          stream_row_f32(pdx, HW, [&](int64_t i) { return vfma(vload(pdy + i), vg, vfma(vload(px + i), vk, va)); },
-                         [&](int64_t i) { return pdy[i] * gg + (px[i] * kk + aa); });
+          stream_row_f32(pdx, HW, [&](int64_t i) { return vfma(vload(pdy + i), vg, vxterm(i, va)); },
+                         [&](int64_t i) { return pdy[i] * gg + xterm(i, aa); });
           continue;
         }
       }
       if (contiguous && fc) {
 #pragma omp simd
         for (int64_t i = 0; i < HW; ++i)
-          pdx[i] = store<T>(static_cast<A>(to_float(pdy[i])) * gg +
-                            (static_cast<A>(to_float(px[i])) * kk + (fc[i] * ee + aa)));
+          pdx[i] = store<T>(static_cast<A>(to_float(pdy[i])) * gg + xterm(i, fc[i] * ee + aa));
       } else if (contiguous) {
 #pragma omp simd
-        for (int64_t i = 0; i < HW; ++i)
-          pdx[i] = store<T>(static_cast<A>(to_float(pdy[i])) * gg + (static_cast<A>(to_float(px[i])) * kk + aa));
+        for (int64_t i = 0; i < HW; ++i) pdx[i] = store<T>(static_cast<A>(to_float(pdy[i])) * gg + xterm(i, aa));
       } else {
         for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w)
-            pdx[h * sdx.h + w * sdx.w] =
-                store<T>(static_cast<A>(to_float(pdy[h * sdy.h + w * sdy.w])) * gg +
-                         (static_cast<A>(to_float(px[h * sx.h + w * sx.w])) * kk +
-                          ((fc ? fc[h * W + w] * ee : A(0)) + aa)));
+          for (int64_t w = 0; w < W; ++w) {
+            const A rest = (fc ? fc[h * W + w] * ee : A(0)) + aa;
+            pdx[h * sdx.h + w * sdx.w] = store<T>(
+                static_cast<A>(to_float(pdy[h * sdy.h + w * sdy.w])) * gg +
+                (kX ? static_cast<A>(to_float(px[h * sx.h + w * sx.w])) * kk + rest : rest));
+          }
       }
     }
     if (stream) stream_fence();
@@ -757,9 +758,14 @@ void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void
   for_every_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    scale_affine_backward_typed(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(g),
-                                static_cast<const A*>(k), static_cast<const A*>(a), static_cast<const A*>(filter),
-                                static_cast<const A*>(e), static_cast<T*>(dx), B, C, H, W, sdy, sx, sdx);
+    auto run = [&](auto with_x) {
+      scale_affine_backward_typed<decltype(with_x)::value>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(g), static_cast<const A*>(k),
+          static_cast<const A*>(a), static_cast<const A*>(filter), static_cast<const A*>(e), static_cast<T*>(dx), B, C,
+          H, W, sdy, sx, sdx);
+    };
+    if (k != nullptr) run(std::true_type());
+    else run(std::false_type());
   });
 }
 

@@ -86,7 +86,8 @@ void channel_dot_cpu(const void* dy, const void* x, void* out, DType dtype, int6
 // Training, backward pass 2: dx = dy * g + k * x + a (+ e * filter[c]), with g, k, a (B x C of
 // acc_t) the gate and the pooling's gradient terms (a mean's dmean / HW in a; a standard
 // deviation's (x - mean) term in k and a; a DCT pool's gradient e with its filter (C x H x W of
-// acc_t, contiguous), or null filter and e). fp32 outputs of at least LLC / 2 are streamed.
+// acc_t, contiguous), or null filter and e). k null: no x term, and x is not read (a mean's or
+// a DCT pool's backward: one stream of memory fewer). fp32 outputs of at least LLC / 2 are streamed.
 void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void* g, const void* k, const void* a,
                                        const void* filter, const void* e, void* dx, DType dtype, int64_t B, int64_t C,
                                        int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx);

@@ -185,15 +185,14 @@ class _PooledGate(torch.autograd.Function):
         if need_x:
             hw = x.shape[2] * x.shape[3]
             dstat = grads[0].to(g_acc.dtype) if grads[0] is not None else torch.zeros_like(g_acc)
-            k, a, filt, e = torch.zeros_like(g_acc), dstat / hw, None, None    # d mean / dx = 1 / HW
+            k, a, filt, e = None, dstat / hw, None, None    # d mean / dx = 1 / HW (k None: no x term, x unread)
             if ctx.filt is not None:       # d sum(x * filter) / dx = filter
                 a, filt, e = torch.zeros_like(g_acc), ctx.filt.to(g_acc.dtype).contiguous(), dstat
             if ctx.with_std and grads[1] is not None:
                 mean, std = saved          # d std / dx = (x - mean) / ((HW - 1) std)
-                k = grads[1].to(g_acc.dtype) / ((hw - 1) * std)
+                k = (grads[1].to(g_acc.dtype) / ((hw - 1) * std)).contiguous()
                 a = a - k * mean
-            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, g_acc, k.contiguous(), a.contiguous(),
-                                                                    filt, e)
+            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, g_acc, k, a.contiguous(), filt, e)
         param_grads = iter(grads[len(leaves) if need_x else 0:])
         return (dx, None, None, None, None, *[next(param_grads) if p.requires_grad else None for p in params])
 
