@@ -103,10 +103,12 @@ struct Tiles {
   int64_t vectors(int64_t t) const { return std::min<int64_t>(kV, full - t * kV); }  // <= 0: the padded tile
 };
 
-// Jobs of (sample, range of tiles): at least two per thread when the batch is small.
+// Jobs of (sample, range of tiles): at least kMinJobs in all when the batch is small. A function
+// of the shape alone, so that the means (summed per job, then across jobs) do not depend on the
+// number of threads.
+constexpr int64_t kMinJobs = 16;
 int64_t chunks_per_sample(int64_t B, int64_t tiles) {
-  const int64_t want = (2 * static_cast<int64_t>(omp_get_max_threads()) + B - 1) / B;
-  return std::max<int64_t>(1, std::min(tiles, want));
+  return std::max<int64_t>(1, std::min(tiles, (kMinJobs + B - 1) / B));
 }
 
 // f(std::integral_constant<int, nv>) for nv in 1 .. kV.

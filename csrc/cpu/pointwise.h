@@ -13,7 +13,7 @@ namespace fastattn {
 
 // x (B, C, P) contiguous (P = H W), w (O, C) contiguous, bias (O) or null.
 // z (B, O, P): z[b, o, p] = bias[o] + sum over c of w[o, c] x[b, c, p];
-// mean (B, C): the mean over p of x[b, c, :] (fp32 lane sums folded in double).
+// mean (B, C): the mean over p of x[b, c, :] (fp32 lane sums folded in double). Deterministic.
 void pointwise_reduce_mean_cpu(const float* x, const float* w, const float* bias, float* z, float* mean, int64_t B,
                                int64_t C, int64_t P, int64_t O);
 
