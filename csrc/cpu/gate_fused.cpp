@@ -361,8 +361,7 @@ void bwd_plane(const T* dy, const T* x, const acc_t<T>* c0, const acc_t<T>* c1, 
           pdx[i] = st<T>(d);
           if constexpr (Op::kPix) qrow[i] += eq;
         };
-        // 16 explicit lanes and a tree sum: GCC 12 reduced an `omp simd reduction` here through
-        // a scalar chain per plane (as in simam.cpp), a large share on 14 x 14 planes
+        // 16 explicit lanes and a tree sum (see lane_sum in common.h)
         A l0[16] = {}, l1[16] = {};
         int64_t i = j0;
         for (; i + 16 <= j1; i += 16) {
@@ -381,10 +380,8 @@ void bwd_plane(const T* dy, const T* x, const acc_t<T>* c0, const acc_t<T>* c1, 
           a0 += e0;
           if constexpr (Op::kChan > 1) a1 += e1;
         }
-        for (int w = 8; w > 0; w >>= 1)
-          for (int j = 0; j < w; ++j) l0[j] += l0[j + w], l1[j] += l1[j + w];
-        t0 += static_cast<double>(l0[0] + a0);
-        t1 += static_cast<double>(l1[0] + a1);
+        t0 += static_cast<double>(lane_tree_sum(l0) + a0);
+        if constexpr (Op::kChan > 1) t1 += static_cast<double>(lane_tree_sum(l1) + a1);
       }
       if (S == 1) {
         g.g0[b * C + c] = static_cast<A>(t0);

@@ -139,6 +139,8 @@ void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, 
       c.max = mx;
       c.idx = idx0 + first_match<T, false>(p, n, st_, mx);
     }
+  } else if constexpr (kUnit) {   // explicit lanes (see lane_sum in common.h): 14 x 14 planes
+    s = lane_sum<A>(0, n, [&](int64_t i) { return kStd ? ld(p[i]) - K : ld(p[i]); });
   } else {
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < n; ++i) s += kStd ? ld(p[i * st_]) - K : ld(p[i * st_]);
@@ -147,10 +149,17 @@ void fold_run(const T* __restrict__ p, int64_t n, int64_t stride, int64_t idx0, 
   if (kStd) {
     const A m = s / static_cast<A>(n);
     A q = 0;
+    if constexpr (kUnit) {
+      q = lane_sum<A>(0, n, [&](int64_t i) {
+        const A d = (ld(p[i]) - K) - m;
+        return d * d;
+      });
+    } else {
 #pragma omp simd reduction(+ : q)
-    for (int64_t i = 0; i < n; ++i) {
-      const A d = (ld(p[i * st_]) - K) - m;
-      q += d * d;
+      for (int64_t i = 0; i < n; ++i) {
+        const A d = (ld(p[i * st_]) - K) - m;
+        q += d * d;
+      }
     }
     c.m2 = static_cast<double>(q);
   }
@@ -189,10 +198,7 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
         double total = 0;
         for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
           const int64_t n = std::min(HW, i0 + kChunk) - i0;
-          A acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < n; ++i) acc += ld(p[i0 + i]);
-          total += static_cast<double>(acc);
+          total += static_cast<double>(lane_sum<A>(i0, i0 + n, [&](int64_t i) { return ld(p[i]); }));
         }
         const double mean = total / static_cast<double>(HW);
         if (out.mean) static_cast<T*>(out.mean)[bc] = from_double<T>(mean);

@@ -127,33 +127,6 @@ inline Moments merged(const Moments* parts, int64_t count) {
 // Plane-contiguous sweeps (NCHW): a plane is a unit-stride run of n elements
 // ---------------------------------------------------------------------------------------------
 
-// Sum of 16 lanes as a tree (four vector steps instead of a 16-add dependency chain).
-template <typename A>
-inline A lane_tree_sum(A* l) {
-  for (int w = 8; w > 0; w >>= 1) {
-#pragma omp simd
-    for (int j = 0; j < w; ++j) l[j] += l[j + w];
-  }
-  return l[0];
-}
-
-// Sum over p[j0, j1) of f(value), in 16 explicit lanes plus a scalar tail: GCC 12 reduced the
-// `omp simd reduction` of the previous sweeps through a 16-add scalar chain on the stack, a large
-// share of the time on 14 x 14 planes (two per plane).
-template <typename T, typename F>
-inline acc_t<T> lane_sum_of(const T* __restrict__ p, int64_t j0, int64_t j1, F f) {
-  using A = acc_t<T>;
-  A lanes[16] = {};
-  int64_t i = j0;
-  for (; i + 16 <= j1; i += 16) {
-#pragma omp simd
-    for (int j = 0; j < 16; ++j) lanes[j] += f(static_cast<A>(to_float(p[i + j])));
-  }
-  A tail = 0;
-  for (; i < j1; ++i) tail += f(static_cast<A>(to_float(p[i])));
-  return lane_tree_sum(lanes) + tail;
-}
-
 // Moments of p[i0, i1) about a shift K = p[i0] (x - K is exact for x near K, so a chunk's mean
 // keeps the bits an fp32 sum of values ~|mu| would lose), chunk by chunk, merged in double.
 template <typename T>
@@ -163,9 +136,10 @@ Moments moments_run(const T* __restrict__ p, int64_t i0, int64_t i1) {
   Moments m;
   for (int64_t j0 = i0; j0 < i1; j0 += kChunk) {
     const int64_t j1 = std::min(i1, j0 + kChunk);
-    const A cm = lane_sum_of(p, j0, j1, [K](A v) { return v - K; }) / static_cast<A>(j1 - j0);  // chunk mean - K
-    const A q = lane_sum_of(p, j0, j1, [K, cm](A v) {
-      const A d = (v - K) - cm;
+    auto v = [p](int64_t i) { return static_cast<A>(to_float(p[i])); };
+    const A cm = lane_sum<A>(j0, j1, [&](int64_t i) { return v(i) - K; }) / static_cast<A>(j1 - j0);  // chunk mean - K
+    const A q = lane_sum<A>(j0, j1, [&](int64_t i) {
+      const A d = (v(i) - K) - cm;
       return d * d;
     });
     merge(m, static_cast<double>(j1 - j0), static_cast<double>(K) + static_cast<double>(cm), static_cast<double>(q));
@@ -214,7 +188,7 @@ void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, i
   tb = 0;
   for (int64_t j0 = i0; j0 < i1; j0 += kChunk) {
     const int64_t j1 = std::min(i1, j0 + kChunk);
-    // 16 explicit lanes (see lane_sum_of)
+    // 16 explicit lanes (see lane_sum in common.h)
     A la[16] = {}, lb[16] = {};
     int64_t i = j0;
     for (; i + 16 <= j1; i += 16) {
