@@ -151,7 +151,10 @@ class _ReduceAndMean(torch.autograd.Function):
         z, mean = torch.ops.fastattn_C.pointwise_reduce_mean(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return z, mean, x.view_as(x)
+        x_out = x.view_as(x)
+        if not x.requires_grad:     # no gradient for x: the gate then skips its dx pass too
+            ctx.mark_non_differentiable(x_out)
+        return z, mean, x_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
