@@ -51,7 +51,10 @@ inline at::ScalarType acc_scalar_type(const at::Tensor& x) {
 // glibc serves blocks over 32 MiB from fresh mmaps, so each such output is page-faulted in on its
 // first write: with 4 KiB pages that costs more than the kernel itself (25 ms against 6 ms for a
 // 103 MB fp32 map on the 2-core dev machine). torch does the same for all its CPU tensors under
-// THP_MEM_ALLOC_ENABLE=1. FASTATTN_HUGEPAGES=0 turns the advice off.
+// THP_MEM_ALLOC_ENABLE=1. FASTATTN_HUGEPAGES=0 turns the advice off. Only for outputs of 32 MiB
+// or more (glibc's largest mmap threshold: always a fresh mapping): on smaller ones, which glibc
+// may serve from its heap, the advice made a SimAM training step at 32x1024x14x14 (25.7 MB
+// outputs) take 29 ms instead of 4.7 ms in 2 of 4 bench runs on the dev VM (0 of 4 without it).
 inline at::Tensor with_huge_page_advice(at::Tensor t) {
 #ifdef __linux__
   static const bool enabled = [] {
@@ -60,7 +63,7 @@ inline at::Tensor with_huge_page_advice(at::Tensor t) {
   }();
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const int64_t bytes = t.storage().nbytes();
-  if (enabled && t.device().is_cpu() && bytes >= int64_t(4) << 20) {
+  if (enabled && t.device().is_cpu() && bytes >= int64_t(32) << 20) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(t.storage().data());
     const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
     if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // advice: errors ignored

@@ -4,7 +4,7 @@
 // rows lives in registers while the loop runs over the channels: per channel, kV loads of x, kO
 // broadcasts of weights, kO * kV fused multiply-adds. The pixels that do not fill a vector go
 // through a zero-padded copy (one vector wide), so every inner loop is whole vectors.
-// Jobs: (sample, range of pixel tiles) for the forward and dx, (sample, channel block) for dw.
+// Jobs: (sample, range of pixel tiles) for the forward and dx, groups of channel blocks for dw.
 #include "pointwise.h"
 
 #include <omp.h>
