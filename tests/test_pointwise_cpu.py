@@ -4,6 +4,7 @@ float64 math, and fastattn.BAM on them (forward, every gradient) against fastatt
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune)
 
 from cases.paths import check_backward_twice, check_training_step, count_calls, random_pair
 from fastattn import _ext
@@ -145,3 +146,16 @@ def test_bam_module_path_conditions(monkeypatch):
     assert not f.cpu_fused(x.double()) and not f.cpu_fused(x.bfloat16())    # fp32 kernels only
     assert not f.double().cpu_fused(x)                                       # fp64 parameters too
     assert calls == [1]
+
+
+def test_bam_module_with_a_pruned_reduce_conv_takes_the_op_path():
+    """Pruning keeps the conv's weight up to date in a forward pre-hook, which the CPU path (reading
+    the weight without calling the conv) would skip: a hooked module takes the op path."""
+    torch.manual_seed(0)
+    r, f = _pair(16)
+    for m in (r, f):
+        torch.nn.utils.prune.l1_unstructured(m.spatial_att.gate_s[0], "weight", amount=0.5)
+    x = torch.randn(2, 16, 5, 5)
+    assert not f.cpu_fused(x)
+    check_training_step(r, f, x, 1e-4)
+    check_training_step(r, f, x, 1e-4)      # a second step: the mask applied again

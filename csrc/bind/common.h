@@ -52,8 +52,8 @@ inline at::ScalarType acc_scalar_type(const at::Tensor& x) {
 // first write: with 4 KiB pages that costs more than the kernel itself (25 ms against 6 ms for a
 // 103 MB fp32 map on the 2-core dev machine). torch does the same for all its CPU tensors under
 // THP_MEM_ALLOC_ENABLE=1. FASTATTN_HUGEPAGES=0 turns the advice off. Only for outputs of 32 MiB
-// or more (glibc's largest mmap threshold: always a fresh mapping): on smaller ones, which glibc
-// may serve from its heap, the advice made a SimAM training step at 32x1024x14x14 (25.7 MB
+// or more (glibc's largest mmap threshold: mostly fresh mappings, though a large enough free heap
+// top can still serve one): on smaller ones, which glibc often serves from its heap, the advice made a SimAM training step at 32x1024x14x14 (25.7 MB
 // outputs) take 29 ms instead of 4.7 ms in 2 of 4 bench runs on the dev VM (0 of 4 without it).
 inline at::Tensor with_huge_page_advice(at::Tensor t) {
 #ifdef __linux__

@@ -54,13 +54,23 @@ class SqueezeExcite(reference.SqueezeExcite):
 _CHANNELS_LAST_KERNELS = ("se_forward", "eca_forward")
 
 
+def _hooked_submodules(module: torch.nn.Module) -> bool:
+    """Whether a submodule has forward (pre-)hooks. The whole-module kernels read the layers'
+    weights without calling the layers, so such hooks would not run: pruning's pre-hook, which
+    recomputes the weight from its mask, would leave a stale weight (wrong outputs after an
+    optimizer step; a second backward through a freed graph in training)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
 def _one_read_ok(module: torch.nn.Module, raw_op: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """The conditions of the one-read inference kernels (csrc/cpu/se.cpp): backend "auto" or "cpu"
     on CPU tensors, 16/32-bit NCHW x (channels_last too for SE's and ECA's kernels; a residual in
     x's layout and dtype), no gradient recorded (eager, no tensor
-    subclass or mode), at least one sample per thread (they run a sample per thread), and one
-    sample per thread fits twice over in the last-level cache."""
+    subclass or mode), no forward hooks on the layers, at least one sample per thread (they run a
+    sample per thread), and one sample per thread fits twice over in the last-level cache."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if _hooked_submodules(module):
         return False
     # NCHW, or channels_last for the kernels with a channels_last loop (the mean-gated ones)
     fmt = torch.contiguous_format
@@ -102,8 +112,8 @@ _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_bac
 def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """The conditions of `_PooledGate`, the CPU training path of the pooled-gate modules:
     backend "auto" or "cpu" on a CPU tensor of NCHW planes (its passes run plane by plane), a
-    gradient to record (of x or of a parameter), eager mode with plain tensors, and not
-    compiling (torch.compile traces the op path)."""
+    gradient to record (of x or of a parameter), eager mode with plain tensors, no forward hooks on
+    the layers (`_hooked_submodules`), and not compiling (torch.compile traces the op path)."""
     if torch.compiler.is_compiling():
         return False
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -115,7 +125,7 @@ def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
     params = list(module.parameters())
     if not (x.requires_grad or any(p.requires_grad for p in params)):
         return False
-    if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+    if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes() or _hooked_submodules(module):
         return False
     return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)
 
@@ -125,14 +135,14 @@ def _cpu_path_ok(module: torch.nn.Module, x: torch.Tensor, raw_op: str) -> bool:
     (TripletAttention, ShuffleAttention, TiledSqueezeExcite, BAM), with or without a gradient: backend
     "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype whose raw kernels
     (`_RAW_CHECKS[raw_op]`) are built, eager mode with plain tensors (torch.compile traces the op
-    path)."""
+    path), no forward hooks on the layers (`_hooked_submodules`)."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
         return False
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return False
     if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS[raw_op](x) is not None:
         return False
-    if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes():
+    if type(x) not in (torch.Tensor, torch.nn.Parameter) or not _dispatch._no_modes() or _hooked_submodules(module):
         return False
     return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in module.parameters())
 

@@ -12,7 +12,8 @@ from ..ops.pool import channel_pool
 from ..ops.simam import simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
-from .channel import _bn_fold, _bn_frozen, _cpu_path_ok, _one_read_ok, _RAW_CHECKS, _train_fused_ok, plane_var_mean
+from .channel import (_bn_fold, _bn_frozen, _cpu_path_ok, _one_read_ok, _RAW_CHECKS,
+                      _train_fused_ok, plane_var_mean)
 from ..reference._checks import check_feature_map, like_input
 
 
@@ -48,8 +49,10 @@ class SCSE(reference.SCSE):
 
 def _conv_to_one(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """conv(x) for a 1x1 conv C -> 1 (sSE's squeeze): `_PointwiseToOne` on NCHW CPU tensors in eager
-    mode, else the conv itself."""
+    mode, else (or when the conv has forward hooks) the conv itself."""
     if x.device.type != "cpu" or not x.is_contiguous() or torch.compiler.is_compiling():
+        return conv(x)
+    if conv._forward_hooks or conv._forward_pre_hooks:     # e.g. pruning's, which recomputes the weight
         return conv(x)
     return _PointwiseToOne.apply(x, conv.weight, conv.bias)
 
@@ -149,6 +152,7 @@ class _ReduceAndMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         z, mean = torch.ops.fastattn_C.pointwise_reduce_mean(x, weight, bias)
+        ctx.set_materialize_grads(False)     # an unused output's gradient comes as None, not a zero map
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         x_out = x.view_as(x)
@@ -160,7 +164,9 @@ class _ReduceAndMean(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz, dmean, g):
         x, weight = ctx.saved_tensors
-        dz = torch.zeros((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype) if dz is None else dz.contiguous()
+        if dz is None:
+            dz = torch.zeros((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+        dz = dz.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             g = None if g is None else g.contiguous()
