@@ -147,6 +147,31 @@ inline A lane_sum(int64_t i0, int64_t i1, F f) {
   return lane_tree_sum(lanes) + tail;
 }
 
+// Two such sums at once: f(i, a, b) sets element i's terms a and b; s0, s1 receive the sums.
+template <typename A, typename F>
+inline void lane_sum2(int64_t i0, int64_t i1, F f, A& s0, A& s1) {
+  A l0[16] = {}, l1[16] = {};
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) {
+      A a, b;
+      f(i + j, a, b);
+      l0[j] += a;
+      l1[j] += b;
+    }
+  }
+  A t0 = 0, t1 = 0;
+  for (; i < i1; ++i) {
+    A a, b;
+    f(i, a, b);
+    t0 += a;
+    t1 += b;
+  }
+  s0 = lane_tree_sum(l0) + t0;
+  s1 = lane_tree_sum(l1) + t1;
+}
+
 // Layout tests on element strides: each H x W plane contiguous (NCHW and its channel slices), or
 // channels contiguous (channels_last).
 inline bool plane_contiguous(const Strides4& s, int64_t H, int64_t W) {

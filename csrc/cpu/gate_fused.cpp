@@ -361,27 +361,10 @@ void bwd_plane(const T* dy, const T* x, const acc_t<T>* c0, const acc_t<T>* c1, 
           pdx[i] = st<T>(d);
           if constexpr (Op::kPix) qrow[i] += eq;
         };
-        // 16 explicit lanes and a tree sum (see lane_sum in common.h)
-        A l0[16] = {}, l1[16] = {};
-        int64_t i = j0;
-        for (; i + 16 <= j1; i += 16) {
-#pragma omp simd
-          for (int j = 0; j < 16; ++j) {
-            A e0, e1;
-            elem(i + j, e0, e1);
-            l0[j] += e0;
-            if constexpr (Op::kChan > 1) l1[j] += e1;
-          }
-        }
-        A a0 = 0, a1 = 0;
-        for (; i < j1; ++i) {
-          A e0, e1;
-          elem(i, e0, e1);
-          a0 += e0;
-          if constexpr (Op::kChan > 1) a1 += e1;
-        }
-        t0 += static_cast<double>(lane_tree_sum(l0) + a0);
-        if constexpr (Op::kChan > 1) t1 += static_cast<double>(lane_tree_sum(l1) + a1);
+        A a0, a1;
+        lane_sum2<A>(j0, j1, elem, a0, a1);  // explicit lanes (see lane_sum in common.h)
+        t0 += static_cast<double>(a0);
+        t1 += static_cast<double>(a1);
       }
       if (S == 1) {
         g.g0[b * C + c] = static_cast<A>(t0);

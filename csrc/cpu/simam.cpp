@@ -188,27 +188,10 @@ void sums_run(const T* __restrict__ pdy, const T* __restrict__ px, int64_t i0, i
   tb = 0;
   for (int64_t j0 = i0; j0 < i1; j0 += kChunk) {
     const int64_t j1 = std::min(i1, j0 + kChunk);
-    // 16 explicit lanes (see lane_sum in common.h)
-    A la[16] = {}, lb[16] = {};
-    int64_t i = j0;
-    for (; i + 16 <= j1; i += 16) {
-#pragma omp simd
-      for (int j = 0; j < 16; ++j) {
-        A exc, ed;
-        terms(i + j, exc, ed);
-        la[j] += exc;
-        lb[j] += ed;
-      }
-    }
-    A sa = 0, sb = 0;
-    for (; i < j1; ++i) {
-      A exc, ed;
-      terms(i, exc, ed);
-      sa += exc;
-      sb += ed;
-    }
-    ta += static_cast<double>(lane_tree_sum(la) + sa);
-    tb += static_cast<double>(lane_tree_sum(lb) + sb);
+    A sa, sb;
+    lane_sum2<A>(j0, j1, terms, sa, sb);  // explicit lanes (see lane_sum in common.h)
+    ta += static_cast<double>(sa);
+    tb += static_cast<double>(sb);
   }
 }
 
