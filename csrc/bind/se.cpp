@@ -2,7 +2,8 @@
 // SRM and CBAM inference in one read of x (CPU; kernels in csrc/cpu/se.cpp). No backward: the
 // fastattn modules use them only where no gradient is recorded.
 // channel_dot / channel_scale_affine_backward: the two passes of the backward of those modules'
-// training path (fastattn/modules/channel.py, _PooledGate); cbam_backward_*: the three passes of
+// training path (fastattn/modules/channel.py, _PooledGate), and pooled_gate_train_forward / _backward its
+// one-read variants (SqueezeExcite, ECA, MultiSpectralAttention); cbam_backward_*: the three passes of
 // CBAM's (fastattn/modules/hybrid.py, _CBAMTrain).
 #include "../cpu/se.h"
 #include "common.h"
@@ -319,6 +320,94 @@ at::Tensor cbam_backward_dx(const at::Tensor& dy, const at::Tensor& a, const at:
   return dx;
 }
 
+// The pooled gate's weights for the training kernels (see PooledGateWeights), checked: either
+// the MLP (w1 (hidden, C), w2 (C, hidden), optional biases) or ECA's conv_w (k odd taps); filter
+// (C, H, W) for the DCT pool, else the mean. float32, contiguous, CPU.
+PooledGateWeights gate_weights(const char* op, int64_t C, int64_t H, int64_t W, const std::optional<at::Tensor>& filter,
+                               const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1,
+                               const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+                               const std::optional<at::Tensor>& conv_w) {
+  PooledGateWeights w{};
+  if (filter) {
+    TORCH_CHECK_VALUE(filter->dim() == 3 && filter->size(0) == C && filter->size(1) == H && filter->size(2) == W,
+                      "fastattn::", op, ": argument 'filter' must have shape (C, H, W) = (", C, ", ", H, ", ", W,
+                      "), got ", filter->sizes());
+    TORCH_CHECK_VALUE(filter->is_contiguous(), "fastattn::", op, ": argument 'filter' must be contiguous");
+    check_weight(filter->view({C, H * W}), op, "filter", C, H * W);
+    w.filter = filter->data_ptr<float>();
+  }
+  TORCH_CHECK_VALUE(conv_w.has_value() != (w1.has_value() || w2.has_value()), "fastattn::", op,
+                    ": pass either 'conv_w' (ECA) or 'w1' and 'w2' (an MLP), got ",
+                    conv_w ? "both" : "neither");
+  if (conv_w) {
+    TORCH_CHECK_VALUE(conv_w->dim() == 1 && conv_w->size(0) % 2 == 1, "fastattn::", op,
+                      ": argument 'conv_w' must be 1-D with an odd number of taps, got shape ", conv_w->sizes());
+    check_weight(*conv_w, op, "conv_w", conv_w->size(0), 0);
+    TORCH_CHECK_VALUE(!b1 && !b2, "fastattn::", op, ": ECA's gate ('conv_w') takes no biases");
+    w.conv_w = conv_w->data_ptr<float>();
+    w.k = conv_w->size(0);
+    return w;
+  }
+  TORCH_CHECK_VALUE(w1 && w2, "fastattn::", op, ": the MLP gate needs both 'w1' and 'w2'");
+  TORCH_CHECK_VALUE(w1->dim() == 2, "fastattn::", op, ": argument 'w1' must be 2-D (hidden, C), got ", w1->sizes());
+  w.hidden = w1->size(0);
+  check_weight(*w1, op, "w1", w.hidden, C);
+  check_weight(*w2, op, "w2", C, w.hidden);
+  if (b1) check_weight(*b1, op, "b1", w.hidden, 0);
+  if (b2) check_weight(*b2, op, "b2", C, 0);
+  w.w1 = w1->data_ptr<float>();
+  w.w2 = w2->data_ptr<float>();
+  w.b1 = b1 ? b1->data_ptr<float>() : nullptr;
+  w.b2 = b2 ? b2->data_ptr<float>() : nullptr;
+  return w;
+}
+
+// Training forward of y = x * gate(stats(x)) in one read of x: (y, stats (B, C), g (B, C)), the
+// statistics and gate float32 (see pooled_gate_train_forward_cpu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_gate_train_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& filter, const std::optional<at::Tensor>& w1,
+    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& conv_w) {
+  const char* op = "pooled_gate_train_forward";
+  check_input(x, op);
+  const DType dt = check_nchw(op, x, "x");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(H * W > 0, "fastattn::", op, ": argument 'x' must have H * W >= 1");
+  const PooledGateWeights w = gate_weights(op, C, H, W, filter, w1, b1, w2, b2, conv_w);
+  at::Tensor y = new_output_like(x);
+  at::Tensor stats = at::empty({B, C}, x.options().dtype(at::kFloat));
+  at::Tensor g = at::empty({B, C}, x.options().dtype(at::kFloat));
+  if (y.numel() == 0) return {y, stats, g};
+  pooled_gate_train_forward_cpu(x.data_ptr(), y.data_ptr(), stats.data_ptr<float>(), g.data_ptr<float>(), dt, B, C,
+                                H, W, w);
+  return {y, stats, g};
+}
+
+// Its backward in one read of dy and x: (dx, dg (B, C) float32), from the forward's stats and g
+// (see pooled_gate_train_backward_cpu).
+std::tuple<at::Tensor, at::Tensor> pooled_gate_train_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& stats, const at::Tensor& g,
+    const std::optional<at::Tensor>& filter, const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& conv_w) {
+  const char* op = "pooled_gate_train_backward";
+  check_input(x, op);
+  const DType dt = check_nchw(op, x, "x");
+  check_grad_pair(op, dy, x);
+  TORCH_CHECK_VALUE(dy.is_contiguous(), "fastattn::", op, ": argument 'dy' must be NCHW-contiguous, got strides ",
+                    dy.strides());
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(H * W > 0, "fastattn::", op, ": argument 'x' must have H * W >= 1");
+  check_table(op, stats, "stats", B, C, at::kFloat);
+  check_table(op, g, "g", B, C, at::kFloat);
+  const PooledGateWeights w = gate_weights(op, C, H, W, filter, w1, b1, w2, b2, conv_w);
+  at::Tensor dx = new_output_like(x);
+  at::Tensor dg = at::empty({B, C}, x.options().dtype(at::kFloat));
+  if (dx.numel() == 0) return {dx, dg};
+  pooled_gate_train_backward_cpu(dy.data_ptr(), x.data_ptr(), stats.data_ptr<float>(), g.data_ptr<float>(),
+                                 dx.data_ptr(), dg.data_ptr<float>(), dt, B, C, H, W, w);
+  return {dx, dg};
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -331,6 +420,10 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("srm_forward(Tensor x, Tensor a_mean, Tensor a_std, Tensor bias, float eps) -> Tensor");
   m.def("cbam_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool use_mean, bool use_max, "
         "Tensor? conv_weight, float conv_bias) -> Tensor");
+  m.def("pooled_gate_train_forward(Tensor x, Tensor? filter, Tensor? w1, Tensor? b1, Tensor? w2, Tensor? b2, "
+        "Tensor? conv_w) -> (Tensor, Tensor, Tensor)");
+  m.def("pooled_gate_train_backward(Tensor dy, Tensor x, Tensor stats, Tensor g, Tensor? filter, Tensor? w1, "
+        "Tensor? b1, Tensor? w2, Tensor? b2, Tensor? conv_w) -> (Tensor, Tensor)");
   m.def("channel_dot(Tensor dy, Tensor x) -> Tensor");
   m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor? k, Tensor a, Tensor? filter, "
         "Tensor? e) -> Tensor");
@@ -347,6 +440,8 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("fca_forward", &fastattn::fca_forward);
   m.impl("srm_forward", &fastattn::srm_forward);
   m.impl("cbam_forward", &fastattn::cbam_forward);
+  m.impl("pooled_gate_train_forward", &fastattn::pooled_gate_train_forward);
+  m.impl("pooled_gate_train_backward", &fastattn::pooled_gate_train_backward);
   m.impl("channel_dot", &fastattn::channel_dot);
   m.impl("channel_scale_affine_backward", &fastattn::channel_scale_affine_backward);
   m.impl("cbam_backward_sums", &fastattn::cbam_backward_sums);

@@ -92,6 +92,37 @@ void channel_scale_affine_backward_cpu(const void* dy, const void* x, const void
                                        const void* filter, const void* e, void* dx, DType dtype, int64_t B, int64_t C,
                                        int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx);
 
+// The gate of the pooled-gate training kernels (SqueezeExcite, ECA, FcaNet), per sample, from
+// the plane statistics s (C): the means, or with `filter` (C x H x W floats) FcaNet's DCT pool
+// s[c] = sum over H x W of x * filter[c]. conv_w null: g = sigmoid(w2 relu(w1 s + b1) + b2)
+// (w1 (hidden, C), w2 (C, hidden); b1, b2 may be null); conv_w (k odd taps) set: ECA's
+// g = sigmoid(conv1d over the channels of s, zero padding (k - 1) / 2). Floats, contiguous.
+struct PooledGateWeights {
+  const float* filter;
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  int64_t hidden;
+  const float* conv_w;
+  int64_t k;
+};
+
+// Training forward in one read of x from memory (the inference kernels' scheme, one sample per
+// thread, NCHW-contiguous x and y): y = x * g, and each sample's statistics and gate (stats, g:
+// B x C floats) for the backward.
+void pooled_gate_train_forward_cpu(const void* x, void* y, float* stats, float* g, DType dtype, int64_t B, int64_t C,
+                                   int64_t H, int64_t W, const PooledGateWeights& w);
+
+// Its backward in one read of dy and x from memory, one sample per thread (NCHW-contiguous dy, x,
+// dx): dg = sum over H x W of dy * x (B x C floats, written: the parameters' gradients follow
+// from it), the statistics' gradient ds = the gate's vector-Jacobian product with dg (from the
+// saved stats and g), then dx = dy * g + ds / HW (the mean) or + ds * filter[c] (the DCT pool),
+// re-reading dy from that core's cache.
+void pooled_gate_train_backward_cpu(const void* dy, const void* x, const float* stats, const float* g, void* dx,
+                                    float* dg, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
+                                    const PooledGateWeights& w);
+
 // CBAM training, backward in three passes over NCHW-contiguous tensors (HW = H * W; a, s, da,
 // ds, dp*, dmean, dmax of acc_t, contiguous): with y = x * a[b, c] * s[b, p], the spatial pool
 // [max, mean] over the channels of x * a (argmax idx_c (B, HW) int32) and the channel pools

@@ -32,9 +32,14 @@ class SqueezeExcite(reference.SqueezeExcite):
         if self.one_read(x, residual):
             return _se_one_read(x, self.fc1, self.fc2, residual)
         if self.train_fused(x, residual):
+            plain = _conv_mlp_weights(self.fc1, self.act, self.fc2)
+
             def excite(m: torch.Tensor) -> torch.Tensor:     # (B, C) means -> (B, C) gate
+                if plain is not None:
+                    return self.gate(_linear_mlp(m, self.fc1, self.fc2))
                 return self.gate(self.fc2(self.act(self.fc1(m[..., None, None])))).flatten(1)
-            return _pooled_gate(self, x, excite)
+            one_read = plain if type(self.gate) is torch.nn.Sigmoid else None
+            return _pooled_gate(self, x, excite, one_read=one_read)
         s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
@@ -42,8 +47,10 @@ class SqueezeExcite(reference.SqueezeExcite):
     def one_read(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         """Whether forward runs the one-read C++ inference kernel (`fastattn_C::se_forward`: one
         sample per thread, its means, its MLP and its scale while it is in that core's cache)
-        instead of the channel_mean + channel_scale pair: see `_one_read_ok`."""
-        return _one_read_ok(self, "se_forward", x, residual)
+        instead of the channel_mean + channel_scale pair: see `_one_read_ok`; the layers must be
+        the constructor's (1x1 convs, ReLU, sigmoid: the kernel's math)."""
+        return (type(self.gate) is torch.nn.Sigmoid and _conv_mlp_weights(self.fc1, self.act, self.fc2) is not None
+                and _one_read_ok(self, "se_forward", x, residual))
 
     def train_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
@@ -105,6 +112,7 @@ _RAW_CHECKS = {op: _dispatch.cpu_kernel(op)
                for op in ("se_forward", "eca_forward", "srm_forward", "cbam_forward", "fca_forward", "scse_forward")}
 _RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine_backward", "channel_pool",
                                             "channel_scale")
+_RAW_CHECKS["train_one_read"] = _dispatch.cpu_kernel("pooled_gate_train_forward", "pooled_gate_train_backward")
 _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_backward_pool_grad", "cbam_backward_dx",
                                                  "spatial_pool", "spatial_scale", "gate_conv", "gate_conv_backward")
 
@@ -157,10 +165,26 @@ class _PooledGate(torch.autograd.Function):
     (the gate's gradient), autograd takes it through the gate to the statistics and parameters,
     pass 2 writes dx = dy * g + (the statistics' gradient terms) in one go. The op path instead
     writes dy * g, the pooling's gradient and their sum: three full passes more.
+
+    `one_read` (the gate's float32 weights (filter, w1, b1, w2, b2, conv_w), see
+    `_one_read_train_weights`): the forward and the backward each read x (and dy) from memory
+    once, a sample per thread while it is in that core's cache (`fastattn_C::pooled_gate_train_*`:
+    the kernel computes the gate of y and the statistics' gradient of dx itself; autograd's graph
+    of the gate gives the parameters' gradients).
     """
 
     @staticmethod
-    def forward(ctx, x, with_std, eps, gate_fn, filt, *params):
+    def forward(ctx, x, with_std, eps, gate_fn, filt, one_read, *params):
+        ctx.one_read = one_read is not None
+        if one_read is not None:
+            y, stat, g_acc = torch.ops.fastattn_C.pooled_gate_train_forward(x, *one_read)
+            with torch.enable_grad():
+                leaves = [stat.to(x.dtype).requires_grad_()]
+                g = gate_fn(*leaves)
+            ctx.save_for_backward(x, g_acc, stat, *one_read)
+            ctx.graph = (g, leaves, params)
+            ctx.with_std, ctx.filt = False, filt
+            return y
         if filt is not None:
             stats, saved = [torch.ops.fastattn_C.dct_pool(x, filt)], []
         elif with_std:   # mean and std in x's dtype (for the gate), then in the accumulation dtype
@@ -184,9 +208,13 @@ class _PooledGate(torch.autograd.Function):
     def backward(ctx, dy):
         x, g_acc, *saved = ctx.saved_tensors
         g, leaves, params = ctx.graph
-        dg = torch.ops.fastattn_C.channel_dot(dy, x)
         want = [p for p in params if p.requires_grad]
         need_x = ctx.needs_input_grad[0]
+        if ctx.one_read and need_x and dy.is_contiguous():
+            dx, dg = torch.ops.fastattn_C.pooled_gate_train_backward(dy, x, saved[0], g_acc, *saved[1:])
+            grads = torch.autograd.grad(g, want, dg.to(g.dtype), allow_unused=True, retain_graph=True) if want else []
+            return (dx, None, None, None, None, None, *_per_param(params, grads))
+        dg = torch.ops.fastattn_C.channel_dot(dy, x)
         # retain_graph: the outer graph may be run again (backward(retain_graph=True)); the gate's
         # small graph is freed with it
         grads = torch.autograd.grad(g, (leaves if need_x else []) + want, dg.to(g.dtype), allow_unused=True,
@@ -199,17 +227,66 @@ class _PooledGate(torch.autograd.Function):
             if ctx.filt is not None:       # d sum(x * filter) / dx = filter
                 a, filt, e = torch.zeros_like(g_acc), ctx.filt.to(g_acc.dtype).contiguous(), dstat
             if ctx.with_std and grads[1] is not None:
-                mean, std = saved          # d std / dx = (x - mean) / ((HW - 1) std)
+                mean, std = saved[:2]      # d std / dx = (x - mean) / ((HW - 1) std)
                 k = (grads[1].to(g_acc.dtype) / ((hw - 1) * std)).contiguous()
                 a = a - k * mean
             dx = torch.ops.fastattn_C.channel_scale_affine_backward(dy, x, g_acc, k, a.contiguous(), filt, e)
-        param_grads = iter(grads[len(leaves) if need_x else 0:])
-        return (dx, None, None, None, None, *[next(param_grads) if p.requires_grad else None for p in params])
+        return (dx, None, None, None, None, None, *_per_param(params, grads[len(leaves) if need_x else 0:]))
+
+
+def _conv_mlp_weights(fc1: torch.nn.Module, act: torch.nn.Module, fc2: torch.nn.Module) -> tuple | None:
+    """fc2(relu(fc1(s))) by two plain 1x1 convs as the one-read kernels' MLP weights
+    (filter, w1, b1, w2, b2, conv_w) = (None, (hidden, C), (hidden,), (C, hidden), (C,), None),
+    views of the parameters; None for other layers."""
+    def plain(c: torch.nn.Module) -> bool:
+        return (type(c) is torch.nn.Conv2d and c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
+                and c.dilation == (1, 1) and c.groups == 1)
+
+    if not (plain(fc1) and plain(fc2) and type(act) is torch.nn.ReLU):
+        return None
+
+    def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().reshape(t.shape[0], -1)
+
+    b1, b2 = (None if b is None else b.detach() for b in (fc1.bias, fc2.bias))
+    return None, flat(fc1.weight), b1, flat(fc2.weight), b2, None
+
+
+def _linear_mlp(m: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d) -> torch.Tensor:
+    """fc2(relu(fc1(m))) of plain 1x1 convs (`_conv_mlp_weights`) on (B, C) as two F.linear on
+    views of their weights: the same math, without the 1x1 convolutions' (oneDNN's) per-call cost
+    (0.3 ms forward and 0.6 ms backward at B = 32, C = 1024, a sixth of SE's training step)."""
+    h = F.linear(m, fc1.weight.flatten(1), fc1.bias).relu()
+    return F.linear(h, fc2.weight.flatten(1), fc2.bias)
+
+
+def _per_param(params, grads) -> list:
+    """The gradients of `params` in order: the next of `grads` for those that require one, else None."""
+    it = iter(grads)
+    return [next(it) if p.requires_grad else None for p in params]
 
 
 def _pooled_gate(module: torch.nn.Module, x: torch.Tensor, gate_fn, with_std: bool = False,
-                 eps: float = 1e-5, filt: torch.Tensor | None = None) -> torch.Tensor:
-    return _PooledGate.apply(x, with_std, eps, gate_fn, filt, *module.parameters())
+                 eps: float = 1e-5, filt: torch.Tensor | None = None,
+                 one_read: tuple[torch.Tensor | None, ...] | None = None) -> torch.Tensor:
+    if one_read is not None and not _one_read_train_ok(x, one_read):
+        one_read = None
+    return _PooledGate.apply(x, with_std, eps, gate_fn, filt, one_read, *module.parameters())
+
+
+def _one_read_train_ok(x: torch.Tensor, weights: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether `_PooledGate` takes its one-read kernels (on top of `_train_fused_ok`): 16/32-bit
+    x, no autocast, the gate's weights float32 and contiguous (no copies: autograd checks that
+    they are not modified before backward), at least one sample per thread, and one sample's x
+    and dy per thread fit twice over in the last-level cache."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cpu"):
+        return False
+    if _RAW_CHECKS["train_one_read"](x) is not None:
+        return False
+    if any(w is not None and (w.dtype != torch.float32 or not w.is_contiguous()) for w in weights):
+        return False
+    threads = torch.get_num_threads()
+    return x.shape[0] >= threads and 4 * threads * x[0].numel() * x.element_size() <= _llc_bytes()
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,7 +305,8 @@ class ECA(reference.ECA):
         if self.one_read(x):
             return torch.ops.fastattn_C.eca_forward(x, self.conv.weight.detach().float().reshape(-1).contiguous())
         if self.train_fused(x):
-            return _pooled_gate(self, x, lambda m: torch.sigmoid(self.conv(m.unsqueeze(1)).squeeze(1)))
+            return _pooled_gate(self, x, lambda m: torch.sigmoid(self.conv(m.unsqueeze(1)).squeeze(1)),
+                                one_read=self._kernel_weights())
         y = self.conv(_mean(x, self.backend).unsqueeze(1)).squeeze(1)
         return channel_scale(x, torch.sigmoid(y), backend=self.backend)
 
@@ -242,6 +320,16 @@ class ECA(reference.ECA):
         """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
         path: see `_train_fused_ok`."""
         return _train_fused_ok(self, x)
+
+    def _kernel_weights(self) -> tuple | None:
+        """The conv's taps for `_PooledGate`'s one-read kernels (filter, w1, b1, w2, b2, conv_w),
+        or None unless it is the constructor's conv (odd k, zero padding (k - 1) / 2, no bias)."""
+        c = self.conv
+        k = c.kernel_size[0]
+        plain = (type(c) is torch.nn.Conv1d and c.in_channels == 1 and c.out_channels == 1 and c.bias is None
+                 and k % 2 == 1 and c.padding == ((k - 1) // 2,) and c.stride == (1,) and c.dilation == (1,)
+                 and c.padding_mode == "zeros")
+        return (None, None, None, None, None, c.weight.detach().reshape(-1)) if plain else None
 
 
 class NAM(reference.NAM):
@@ -339,7 +427,15 @@ class GatherExcite(reference.GatherExcite):
         elif isinstance(self.mlp, _ConvMlp) and _one_read_ok(self, "se_forward", x):
             return _se_one_read(x, self.mlp.fc1, self.mlp.fc2, None)    # SE's math: one read in CPU inference
         elif self.train_fused(x):
-            return _pooled_gate(self, x, lambda m: torch.sigmoid(self.mlp(m[:, :, None, None])).flatten(1))
+            mlp = self.mlp
+            one_read = _conv_mlp_weights(mlp.fc1, mlp.act, mlp.fc2) if type(mlp) is _ConvMlp else None
+            if one_read is not None:
+                def excite(m: torch.Tensor) -> torch.Tensor:
+                    return torch.sigmoid(_linear_mlp(m, mlp.fc1, mlp.fc2))
+            else:
+                def excite(m: torch.Tensor) -> torch.Tensor:
+                    return torch.sigmoid(mlp(m[:, :, None, None])).flatten(1)
+            return _pooled_gate(self, x, excite, one_read=one_read)
         else:
             g = _mean(x, self.backend)[:, :, None, None]
         return channel_scale(x, torch.sigmoid(self.mlp(g)).flatten(1), backend=self.backend)
@@ -543,7 +639,8 @@ class MultiSpectralAttention(reference.MultiSpectralAttention):
             w = [t.detach().float().contiguous() for t in (self.dct_layer.weight, self.fc[0].weight, self.fc[2].weight)]
             return torch.ops.fastattn_C.fca_forward(x, *w)
         if self.train_fused(x):
-            return _pooled_gate(self, x, self.fc, filt=self.dct_layer.weight.detach().to(x.dtype).contiguous())
+            return _pooled_gate(self, x, self.fc, filt=self.dct_layer.weight.detach().to(x.dtype).contiguous(),
+                                one_read=self._kernel_weights())
         pooled = x
         if x.shape[-2:] != (self.dct_h, self.dct_w):
             pooled = F.adaptive_avg_pool2d(x, (self.dct_h, self.dct_w))
@@ -555,11 +652,19 @@ class MultiSpectralAttention(reference.MultiSpectralAttention):
         SqueezeExcite's, with the DCT pool as the squeeze) instead of dct_pool + channel_scale:
         the conditions of `_one_read_ok`, a dct_h x dct_w map (no adaptive pool) and the official
         fc (Linear, ReLU, Linear, Sigmoid, no biases)."""
-        fc = self.fc
-        official = (len(fc) == 4 and type(fc[1]) is torch.nn.ReLU and type(fc[3]) is torch.nn.Sigmoid
-                    and fc[0].bias is None and fc[2].bias is None)
-        return (official and tuple(x.shape[-2:]) == (self.dct_h, self.dct_w)
+        return (self._kernel_weights() is not None and tuple(x.shape[-2:]) == (self.dct_h, self.dct_w)
                 and _one_read_ok(self, "fca_forward", x))
+
+    def _kernel_weights(self) -> tuple | None:
+        """(filter, w1, b1, w2, b2, conv_w) for `_PooledGate`'s one-read kernels: the DCT filter and
+        the official fc's weights (Linear, ReLU, Linear, Sigmoid, no biases), or None for another fc."""
+        fc = self.fc
+        official = (len(fc) == 4 and type(fc[0]) is torch.nn.Linear and type(fc[1]) is torch.nn.ReLU
+                    and type(fc[2]) is torch.nn.Linear and type(fc[3]) is torch.nn.Sigmoid
+                    and fc[0].bias is None and fc[2].bias is None)
+        if not official:
+            return None
+        return self.dct_layer.weight.detach(), fc[0].weight.detach(), None, fc[2].weight.detach(), None, None
 
     def train_fused(self, x: torch.Tensor) -> bool:
         """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
