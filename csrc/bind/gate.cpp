@@ -126,6 +126,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_gate_backward(cons
   return {dx, dal, dbe};
 }
 
+// NAM's training gate (see bn_affine_gate_train_forward_cpu): x NCHW-contiguous 16/32-bit CPU,
+// the per-channel vectors float32 (C,) contiguous.
+DType check_nam_args(const char* op, const at::Tensor& x, std::initializer_list<std::pair<const char*, const at::Tensor*>> vecs) {
+  using namespace gate_checks;
+  const DType dt = check_x(op, x, c10::DeviceType::CPU);
+  check_nchw_contiguous(op, "x", x);
+  TORCH_CHECK_TYPE(dt != DType::Float64, "fastattn::", op, ": argument 'x' must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  for (const auto& [name, t] : vecs) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), "fastattn::", op, ": argument '", name,
+                      "' must have shape (C) = (", x.size(1), "), got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "fastattn::", op, ": argument '", name, "' must be float32, got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->device().is_cpu(), "fastattn::", op, ": argument '", name,
+                      "' must be a contiguous CPU tensor");
+  }
+  return dt;
+}
+
+// (y, mean, var): y = x * sigmoid(w * batchnorm(x)) with the batch statistics (population
+// variance), mean and var (C) float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nam_train_forward(const at::Tensor& x, const at::Tensor& gamma,
+                                                                 const at::Tensor& bias, const at::Tensor& w,
+                                                                 double eps) {
+  const char* op = "nam_train_forward";
+  const DType dt = check_nam_args(op, x, {{"gamma", &gamma}, {"bias", &bias}, {"w", &w}});
+  TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) > 0, "fastattn::", op,
+                    ": argument 'x' must have B * H * W >= 1 (a batch to normalise over), got ", x.sizes());
+  at::Tensor y = new_output_like(x);
+  at::Tensor mean = at::empty({x.size(1)}, gamma.options()), var = at::empty({x.size(1)}, gamma.options());
+  if (y.numel() == 0) return {y, mean, var};
+  bn_affine_gate_train_forward_cpu(x.data_ptr(), gamma.data_ptr<float>(), bias.data_ptr<float>(), w.data_ptr<float>(),
+                                   static_cast<float>(eps), y.data_ptr(), mean.data_ptr<float>(), var.data_ptr<float>(),
+                                   dt, x.size(0), x.size(1), x.size(2) * x.size(3));
+  return {y, mean, var};
+}
+
+// (dx, dgamma, dbias) of nam_train_forward from its mean and var; dx is an empty tensor unless
+// need_dx.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nam_train_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                  const at::Tensor& gamma, const at::Tensor& bias,
+                                                                  const at::Tensor& w, double eps,
+                                                                  const at::Tensor& mean, const at::Tensor& var,
+                                                                  bool need_dx) {
+  const char* op = "nam_train_backward";
+  const DType dt = check_nam_args(op, x, {{"gamma", &gamma}, {"bias", &bias}, {"w", &w}, {"mean", &mean},
+                                          {"var", &var}});
+  gate_checks::check_like_x(op, "dy", dy, x);
+  check_nchw_contiguous(op, "dy", dy);
+  at::Tensor dx = need_dx ? new_output_like(x) : at::empty({0}, x.options());
+  at::Tensor dgamma = at::zeros({x.size(1)}, gamma.options()), dbias = at::zeros({x.size(1)}, gamma.options());
+  if (x.numel() == 0) return {dx, dgamma, dbias};
+  bn_affine_gate_train_backward_cpu(dy.data_ptr(), x.data_ptr(), gamma.data_ptr<float>(), bias.data_ptr<float>(),
+                                    w.data_ptr<float>(), static_cast<float>(eps), mean.data_ptr<float>(),
+                                    var.data_ptr<float>(), need_dx ? dx.data_ptr() : nullptr, dgamma.data_ptr<float>(),
+                                    dbias.data_ptr<float>(), dt, x.size(0), x.size(1), x.size(2) * x.size(3));
+  return {dx, dgamma, dbias};
+}
+
 // ShuffleAttention's gate and channel shuffle in one pass: channel c = j * (C / groups) + k of
 // x * sigmoid(alpha x + beta) is written to output channel k * groups + j (the reference's
 // channel_shuffle), by running the gate on each of the `groups` channel slices of x with the
@@ -206,12 +265,17 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("channel_spatial_gate_backward(Tensor dy, Tensor x, Tensor a, Tensor s, str mode) -> (Tensor, Tensor, Tensor)");
   m.def("channel_affine_gate(Tensor x, Tensor alpha, Tensor beta) -> Tensor");
   m.def("channel_affine_gate_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta) -> (Tensor, Tensor, Tensor)");
+  m.def("nam_train_forward(Tensor x, Tensor gamma, Tensor bias, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("nam_train_backward(Tensor dy, Tensor x, Tensor gamma, Tensor bias, Tensor w, float eps, Tensor mean, "
+        "Tensor var, bool need_dx) -> (Tensor, Tensor, Tensor)");
   m.def("shuffle_affine_gate(Tensor x, Tensor alpha, Tensor beta, int groups) -> Tensor");
   m.def("shuffle_affine_gate_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta, int groups) -> "
         "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
+  m.impl("nam_train_forward", &fastattn::nam_train_forward);
+  m.impl("nam_train_backward", &fastattn::nam_train_backward);
   m.impl("channel_scale", &fastattn::channel_scale);
   m.impl("channel_scale_backward", &fastattn::channel_scale_backward);
   m.impl("channel_spatial_gate", &fastattn::channel_spatial_gate);

@@ -57,4 +57,18 @@ void channel_affine_gate_backward_cpu(const void* dy, const void* x, const void*
                                       void* dalpha, void* dbeta, DType dtype, int64_t B, int64_t C, int64_t H,
                                       int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx);
 
+// NAM in training: y = x * sigmoid(w[c] * z), z = gamma[c] (x - mean[c]) / sqrt(var[c] + eps) +
+// bias[c] the training BatchNorm over (B, H, W) (population variance), x NCHW-contiguous 16/32-bit,
+// gamma, bias, w float (C). Channel by channel, one per thread at a time: the channel's B planes are
+// read from memory once (the variance's and the gate's passes find them in that core's cache);
+// mean and var (C floats) out, for the backward and the running statistics.
+void bn_affine_gate_train_forward_cpu(const void* x, const float* gamma, const float* bias, const float* w, float eps,
+                                      void* y, float* mean, float* var, DType dtype, int64_t B, int64_t C, int64_t HW);
+
+// Its backward (w a constant, as NAM detaches it), channel by channel in one read of dy and x:
+// dgamma, dbias (C floats) and, unless dx is null, dx (like dy, NCHW-contiguous) from the cache.
+void bn_affine_gate_train_backward_cpu(const void* dy, const void* x, const float* gamma, const float* bias,
+                                       const float* w, float eps, const float* mean, const float* var, void* dx,
+                                       float* dgamma, float* dbias, DType dtype, int64_t B, int64_t C, int64_t HW);
+
 }  // namespace fastattn

@@ -10,6 +10,8 @@
 //            inner loops along the channels;
 //   generic  anything else (correct, not fast).
 // fp32 math for 16/32-bit inputs, fp64 for fp64; every reduction in an order fixed by the shape.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -578,6 +580,187 @@ void channel_affine_gate_forward_cpu(const void* x, const void* alpha, const voi
     using A = acc_t<T>;
     forward_typed<AffineOp>(static_cast<const T*>(x), static_cast<const A*>(alpha), static_cast<const A*>(beta),
                             nullptr, static_cast<T*>(y), B, C, H, W, sx, sy);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// NAM's training gate: y = x * sigmoid(w[c] * batchnorm(x)[c]), channel by channel
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// Sum of f(i) over [0, n) in fp32 lanes per chunk of kChunk, folded into double.
+template <typename F>
+double chunked_sum(int64_t n, F f) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) total += lane_sum<float>(i0, std::min(n, i0 + kChunk), f);
+  return total;
+}
+
+// Calls f(tag) for the 16/32-bit dtypes (the bindings refuse Float64).
+template <typename F>
+void for_dtype_16_32(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float16: return f(fp16_t{});
+    case DType::BFloat16: return f(bf16_t{});
+    case DType::Float64: break;
+  }
+}
+
+// The gate's per-channel coefficients:
+// sigmoid(alpha x + beta) = sigmoid(w (gamma (x - mean) inv + bias)), inv = 1 / sqrt(var + eps).
+struct BnGate {
+  float alpha, beta, inv;
+};
+inline BnGate bn_gate(float gamma, float bias, float w, double mean, double var, float eps) {
+  const double inv = 1.0 / std::sqrt(var + eps);
+  return {static_cast<float>(w * gamma * inv), static_cast<float>(w * (bias - mean * gamma * inv)),
+          static_cast<float>(inv)};
+}
+
+// Channels per job: a block of K channels is B runs of K * HW contiguous elements (NCHW), longer
+// runs for the hardware prefetcher on small planes (one 14 x 14 plane is 12 cache lines), whose
+// bytes (bytes_per_element: of x, or of dy and x) fit in 256 KiB, a quarter of a 1 MiB L2, so
+// that its second and third passes find it there; at least two blocks per thread.
+int64_t channel_block(int64_t B, int64_t C, int64_t HW, int64_t bytes_per_element) {
+  const int64_t slab = std::max<int64_t>(1, B * HW * bytes_per_element);
+  const int64_t threads = std::max(1, omp_get_max_threads());
+  const int64_t k = std::max<int64_t>(1, (256 << 10) / slab);
+  return std::max<int64_t>(1, std::min(k, C / (2 * threads)));
+}
+
+}  // namespace
+
+void bn_affine_gate_train_forward_cpu(const void* x, const float* gamma, const float* bias, const float* w, float eps,
+                                      void* y, float* mean, float* var, DType dtype, int64_t B, int64_t C,
+                                      int64_t HW) {
+  for_dtype_16_32(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x);
+    T* yp = static_cast<T*>(y);
+    const double n = static_cast<double>(B) * static_cast<double>(HW);
+    const int64_t K = channel_block(B, C, HW, sizeof(T));
+#pragma omp parallel
+    {
+      std::vector<double> sums(static_cast<size_t>(K));
+      std::vector<BnGate> gates(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+      for (int64_t c0 = 0; c0 < C; c0 += K) {
+        const int64_t kn = std::min(K, C - c0);
+        // the block's planes are read from memory once; the variance's and the gate's passes find
+        // them in this core's cache
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t k = 0; k < kn; ++k) {
+            const T* p = xp + (b * C + c0 + k) * HW;
+            sums[k] += chunked_sum(HW, [&](int64_t i) { return to_float(p[i]); });
+          }
+        for (int64_t k = 0; k < kn; ++k) mean[c0 + k] = static_cast<float>(sums[k] / n);
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t k = 0; k < kn; ++k) {
+            const T* p = xp + (b * C + c0 + k) * HW;
+            const float m = mean[c0 + k];
+            sums[k] += chunked_sum(HW, [&](int64_t i) {
+              const float d = to_float(p[i]) - m;
+              return d * d;
+            });
+          }
+        for (int64_t k = 0; k < kn; ++k) {
+          const int64_t c = c0 + k;
+          var[c] = static_cast<float>(sums[k] / n);
+          gates[k] = bn_gate(gamma[c], bias[c], w[c], mean[c], var[c], eps);   // as the backward will
+        }
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t k = 0; k < kn; ++k) {
+            const T* px = xp + (b * C + c0 + k) * HW;
+            const BnGate g = gates[k];
+            T* py = yp + (b * C + c0 + k) * HW;
+            // (streaming stores through an L1 buffer were slower: 2.05 -> 2.2 ms at 32x1024x14x14)
+#pragma omp simd
+            for (int64_t i = 0; i < HW; ++i) {
+              const float xv = to_float(px[i]);
+              py[i] = store<T>(xv * sigmoid(g.alpha * xv + g.beta));
+            }
+          }
+      }
+    }
+  });
+}
+
+void bn_affine_gate_train_backward_cpu(const void* dy, const void* x, const float* gamma, const float* bias,
+                                       const float* w, float eps, const float* mean, const float* var, void* dx,
+                                       float* dgamma, float* dbias, DType dtype, int64_t B, int64_t C, int64_t HW) {
+  for_dtype_16_32(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* dyp = static_cast<const T*>(dy);
+    const T* xp = static_cast<const T*>(x);
+    T* dxp = static_cast<T*>(dx);
+    const double n = static_cast<double>(B) * static_cast<double>(HW);
+    const int64_t K = channel_block(B, C, HW, 2 * sizeof(T));   // dy and x
+#pragma omp parallel
+    {
+      std::vector<double> se(static_cast<size_t>(K)), sex(static_cast<size_t>(K));
+      std::vector<BnGate> gates(static_cast<size_t>(K));
+      // the block's gate values, kept for the dx pass (one exp per element)
+      std::vector<float> sg(dxp ? static_cast<size_t>(K * B * HW) : 0);
+#pragma omp for schedule(static)
+      for (int64_t c0 = 0; c0 < C; c0 += K) {
+        const int64_t kn = std::min(K, C - c0);
+        for (int64_t k = 0; k < kn; ++k) {
+          const int64_t c = c0 + k;
+          gates[k] = bn_gate(gamma[c], bias[c], w[c], mean[c], var[c], eps);
+          se[k] = sex[k] = 0;
+        }
+        // e = dy x s (1 - s), the gradient of the sigmoid's argument; x_hat = (x - mean) inv
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t k = 0; k < kn; ++k) {
+            const int64_t o = (b * C + c0 + k) * HW;
+            const BnGate g = gates[k];
+            const float mc = mean[c0 + k];
+            float* sk = dxp ? sg.data() + (b * kn + k) * HW : nullptr;
+            for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+              float a, e2;
+              lane_sum2<float>(
+                  i0, std::min(HW, i0 + kChunk),
+                  [&](int64_t i, float& e, float& ex) {
+                    const float xv = to_float(xp[o + i]), s = sigmoid(g.alpha * xv + g.beta);
+                    if (sk) sk[i] = s;
+                    e = to_float(dyp[o + i]) * xv * s * (1.0f - s);
+                    ex = e * (xv - mc) * g.inv;
+                  },
+                  a, e2);
+              se[k] += a;
+              sex[k] += e2;
+            }
+          }
+        // through the BatchNorm (z = gamma x_hat + bias; the argument is w z, w a constant)
+        for (int64_t k = 0; k < kn; ++k) {
+          const int64_t c = c0 + k;
+          dbias[c] = static_cast<float>(w[c] * se[k]);
+          dgamma[c] = static_cast<float>(w[c] * sex[k]);
+        }
+        if (!dxp) continue;
+        // dx = dy s + alpha (e - mean(e) - x_hat mean(e x_hat)), dy and x from this core's cache
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t k = 0; k < kn; ++k) {
+            const int64_t o = (b * C + c0 + k) * HW;
+            const BnGate g = gates[k];
+            const float mc = mean[c0 + k], me = static_cast<float>(se[k] / n), mex = static_cast<float>(sex[k] / n);
+            const float* sk = sg.data() + (b * kn + k) * HW;
+            const T* px = xp + o;
+            const T* pdy = dyp + o;
+            T* pdx = dxp + o;
+#pragma omp simd
+            for (int64_t i = 0; i < HW; ++i) {
+              const float xv = to_float(px[i]), d = to_float(pdy[i]), s = sk[i];
+              const float e = d * xv * s * (1.0f - s);
+              pdx[i] = store<T>(d * s + g.alpha * (e - me - (xv - mc) * g.inv * mex));
+            }
+          }
+      }
+    }
   });
 }
 

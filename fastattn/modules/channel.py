@@ -113,6 +113,7 @@ _RAW_CHECKS = {op: _dispatch.cpu_kernel(op)
 _RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine_backward", "channel_pool",
                                             "channel_scale")
 _RAW_CHECKS["train_one_read"] = _dispatch.cpu_kernel("pooled_gate_train_forward", "pooled_gate_train_backward")
+_RAW_CHECKS["nam_train"] = _dispatch.cpu_kernel("nam_train_forward", "nam_train_backward")
 _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_backward_pool_grad", "cbam_backward_dx",
                                                  "spatial_pool", "spatial_scale", "gate_conv", "gate_conv_backward")
 
@@ -337,7 +338,8 @@ class NAM(reference.NAM):
     a per-channel affine map inside the sigmoid, ``x * sigmoid(alpha_c x + beta_c)``.
 
     Train mode reads x once more for the batch statistics (`plane_var_mean`) and updates the
-    running statistics as nn.BatchNorm2d does.
+    running statistics as nn.BatchNorm2d does; on the CPU (see `train_fused`) one C++ kernel
+    per direction does it channel by channel, reading x (and dy) from memory once.
     """
 
     backend: str | None = None
@@ -347,11 +349,66 @@ class NAM(reference.NAM):
         bn = self.bn2
         gamma = bn.weight.detach().abs()
         w = gamma / gamma.sum()
+        if self.train_fused(x):
+            y, mean, var = _NAMTrain.apply(x, w, bn.eps, bn.weight, bn.bias)
+            _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+            return y
         mean, var = _batch_norm_stats(bn, x, self.backend)
         scale = bn.weight * torch.rsqrt(var + bn.eps)
         alpha = (w * scale).expand(x.shape[0], -1)
         beta = (w * (bn.bias - mean * scale)).expand(x.shape[0], -1)
         return channel_affine_gate(x, alpha, beta, backend=self.backend)
+
+
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the CPU training kernels (`fastattn_C::nam_train_forward` /
+        `_backward`, `_NAMTrain`) instead of the op path: the BatchNorm normalises with the batch
+        statistics (train mode, or no running statistics), float32 affine parameters, 16/32-bit
+        x, and the conditions of `_cpu_path_ok`."""
+        bn = self.bn2
+        if not (bn.training or bn.running_mean is None) or bn.weight is None or bn.bias is None:
+            return False
+        if type(bn) is not torch.nn.BatchNorm2d or x.dtype == torch.float64:
+            return False
+        if bn.weight.dtype != torch.float32 or bn.bias.dtype != torch.float32:
+            return False
+        return x.shape[0] * x.shape[2] * x.shape[3] > 1 and _cpu_path_ok(self, x, "nam_train")
+
+
+class _NAMTrain(torch.autograd.Function):
+    """(y, mean, var) of NAM's training forward, y = x * sigmoid(w * batchnorm(x)) with w a
+    constant: the batch statistics, the gate and its backward channel by channel in C++."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps, gamma, bias):
+        w = w.float().contiguous()
+        y, mean, var = torch.ops.fastattn_C.nam_train_forward(x, gamma.detach(), bias.detach(), w, eps)
+        ctx.save_for_backward(x, gamma, bias, w, mean, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dvar):
+        x, gamma, bias, w, mean, var = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        dx, dgamma, dbias = torch.ops.fastattn_C.nam_train_backward(
+            dy.contiguous(), x, gamma.detach(), bias.detach(), w, ctx.eps, mean, var, need_x)
+        return (dx if need_x else None), None, None, dgamma, dbias
+
+
+def _update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """bn's running statistics after a training batch of n values per channel with these batch
+    statistics (var the population variance), as nn.BatchNorm2d updates them."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+        unbiased = var * (n / max(n - 1, 1))
+        bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
 
 
 def plane_var_mean(x: torch.Tensor, eps: float, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,14 +440,7 @@ def _batch_norm_stats(bn: torch.nn.BatchNorm2d, x: torch.Tensor,
     var_p, mean_p = plane_var_mean(x, bn.eps, backend)
     mean = mean_p.mean(0)
     var = var_p.mean(0) + (mean_p - mean).square().mean(0)
-    if bn.training and bn.track_running_stats:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            n = x.numel() // x.shape[1]
-            bn.running_mean.mul_(1 - m).add_(mean.detach().to(bn.running_mean.dtype), alpha=m)
-            unbiased = var.detach() * (n / max(n - 1, 1))
-            bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
+    _update_running_stats(bn, mean.detach(), var.detach(), x.numel() // x.shape[1])
     return mean, var
 
 
