@@ -98,6 +98,31 @@ def test_large_samples_take_the_unstaggered_loop(kind):
     torch.testing.assert_close(dx.double(), xd.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "conv3", "dct"])
+def test_staggered_loop_with_several_samples_per_thread(kind):
+    """Seven samples on two threads (three and four each): the staggered loops (the next sample's
+    statistics / dy * x sums between this sample's planes) run, whatever the machine's threads."""
+    assert _ext.build_info().get("llc_bytes", 0) > 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(4)
+        shape = (7, 24, 9, 11)
+        weights = gate_weights(kind, 24, 9, 11, gen)
+        x, dy = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        y, stats, g = OPS.pooled_gate_train_forward(x, *weights)
+        dx, dg = OPS.pooled_gate_train_backward(dy, x, stats, g, *weights)
+    finally:
+        torch.set_num_threads(before)
+    xd = x.double().requires_grad_()
+    yd, stats_d, _ = gate_math(xd, weights)
+    yd.backward(dy.double())
+    torch.testing.assert_close(y.double(), yd.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.double(), stats_d.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dg.double(), (dy.double() * x.double()).sum((2, 3)), rtol=1e-5, atol=1e-4)
+
+
 def test_nan_propagates():
     gen = torch.Generator().manual_seed(2)
     weights = gate_weights("mlp", 8, 4, 4, gen)
@@ -189,6 +214,26 @@ def test_non_contiguous_dy_and_backward_twice(name, args, kwargs):
     torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name,args,kwargs", MODULES[::2], ids=MODULE_IDS[::2])
+def test_backward_twice_through_the_one_read_backward(name, args, kwargs):
+    """A contiguous dy twice through one graph (retain_graph): the one-read backward both times,
+    the gradients add up."""
+    torch.manual_seed(3)
+    _, fast = random_pair(name, torch.float32, *args, **kwargs)
+    x = torch.randn(max(3, torch.get_num_threads()), 32, 7, 9, requires_grad=True)
+    dy = torch.randn_like(x)
+    y = fast(x)
+
+    def twice():
+        y.backward(dy, retain_graph=True)
+        once = [x.grad.clone()] + [p.grad.clone() for p in fast.parameters()]
+        y.backward(dy)
+        for a, b in zip(once, [x.grad] + [p.grad for p in fast.parameters()]):
+            torch.testing.assert_close(b, 2 * a, rtol=1e-5, atol=1e-6)
+    names = _op_names(twice)
+    assert "fastattn_C::pooled_gate_train_backward" in names and "fastattn_C::channel_dot" not in names
+
+
 def _one_read_taken(module, x) -> bool:
     x = x.clone().requires_grad_()
     taken = "fastattn_C::pooled_gate_train_forward" in _op_names(lambda: module(x).sum().backward())
@@ -211,10 +256,20 @@ def test_conditions():
         torch.testing.assert_close(fast.eval()(x), ref.eval()(x))   # eval: not the one-read inference kernel
     fast.train()
 
-    _, eca = random_pair("ECA", torch.float32, 16)
+    ref_eca, eca = random_pair("ECA", torch.float32, 16)
     assert _one_read_taken(eca, x)
-    eca.conv.padding = (0,)                                  # another conv: the reference fails on it too
-    assert eca._kernel_weights() is None
+    for m in (ref_eca, eca):                                 # a conv with a bias: neither kernel
+        m.conv = torch.nn.Conv1d(1, 1, 3, padding=1, bias=True)
+    eca.conv.load_state_dict(ref_eca.conv.state_dict())
+    assert eca._kernel_weights() is None and not eca.one_read(x) and not _one_read_taken(eca, x)
+    with torch.no_grad():
+        torch.testing.assert_close(eca.eval()(x), ref_eca.eval()(x))
+
+    ref_ge, ge = random_pair("GatherExcite", torch.float32, 16)
+    ref_ge.mlp.act = ge.mlp.act = torch.nn.GELU()           # not the kernels' ReLU
+    assert not _one_read_taken(ge, x)
+    with torch.no_grad():
+        torch.testing.assert_close(ge.eval()(x), ref_ge.eval()(x))
 
     _, se64 = random_pair("SqueezeExcite", torch.float64, 16)
     assert not _one_read_taken(se64, x.double())

@@ -3,7 +3,7 @@
 // fastattn modules use them only where no gradient is recorded.
 // channel_dot / channel_scale_affine_backward: the two passes of the backward of those modules'
 // training path (fastattn/modules/channel.py, _PooledGate), and pooled_gate_train_forward / _backward its
-// one-read variants (SqueezeExcite, ECA, MultiSpectralAttention); cbam_backward_*: the three passes of
+// one-read variants (SqueezeExcite, ECA, GatherExcite, MultiSpectralAttention); cbam_backward_*: the three passes of
 // CBAM's (fastattn/modules/hybrid.py, _CBAMTrain).
 #include "../cpu/se.h"
 #include "common.h"

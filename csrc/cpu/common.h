@@ -116,6 +116,18 @@ void for_every_dtype(DType dtype, const F& f) {
   }
 }
 
+// Calls f(tag) for the 16/32-bit float dtypes; nothing for Float64 (the kernels that use it
+// compute in fp32, and their bindings refuse Float64).
+template <typename F>
+void for_dtype_16_32(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float16: return f(fp16_t{});
+    case DType::BFloat16: return f(bf16_t{});
+    case DType::Float64: break;
+  }
+}
+
 // Long sums run in fp32 over chunks of kChunk elements (vectorised) folded into a double total:
 // one fp32 accumulator stops growing at 2^24 when adding ones.
 constexpr int64_t kChunk = 4096;

@@ -597,17 +597,6 @@ double chunked_sum(int64_t n, F f) {
   return total;
 }
 
-// Calls f(tag) for the 16/32-bit dtypes (the bindings refuse Float64).
-template <typename F>
-void for_dtype_16_32(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::Float16: return f(fp16_t{});
-    case DType::BFloat16: return f(bf16_t{});
-    case DType::Float64: break;
-  }
-}
-
 // The gate's per-channel coefficients:
 // sigmoid(alpha x + beta) = sigmoid(w (gamma (x - mean) inv + bias)), inv = 1 / sqrt(var + eps).
 struct BnGate {
@@ -703,8 +692,10 @@ void bn_affine_gate_train_backward_cpu(const void* dy, const void* x, const floa
     {
       std::vector<double> se(static_cast<size_t>(K)), sex(static_cast<size_t>(K));
       std::vector<BnGate> gates(static_cast<size_t>(K));
-      // the block's gate values, kept for the dx pass (one exp per element)
-      std::vector<float> sg(dxp ? static_cast<size_t>(K * B * HW) : 0);
+      // the block's gate values, kept for the dx pass (one exp per element) where they fit in
+      // 512 KiB (a block of one channel can be larger than the L2 budget: then recomputed)
+      const bool keep = dxp && K * B * HW * static_cast<int64_t>(sizeof(float)) <= (512 << 10);
+      std::vector<float> sg(keep ? static_cast<size_t>(K * B * HW) : 0);
 #pragma omp for schedule(static)
       for (int64_t c0 = 0; c0 < C; c0 += K) {
         const int64_t kn = std::min(K, C - c0);
@@ -719,7 +710,7 @@ void bn_affine_gate_train_backward_cpu(const void* dy, const void* x, const floa
             const int64_t o = (b * C + c0 + k) * HW;
             const BnGate g = gates[k];
             const float mc = mean[c0 + k];
-            float* sk = dxp ? sg.data() + (b * kn + k) * HW : nullptr;
+            float* sk = keep ? sg.data() + (b * kn + k) * HW : nullptr;
             for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
               float a, e2;
               lane_sum2<float>(
@@ -748,13 +739,14 @@ void bn_affine_gate_train_backward_cpu(const void* dy, const void* x, const floa
             const int64_t o = (b * C + c0 + k) * HW;
             const BnGate g = gates[k];
             const float mc = mean[c0 + k], me = static_cast<float>(se[k] / n), mex = static_cast<float>(sex[k] / n);
-            const float* sk = sg.data() + (b * kn + k) * HW;
+            const float* sk = keep ? sg.data() + (b * kn + k) * HW : nullptr;
             const T* px = xp + o;
             const T* pdy = dyp + o;
             T* pdx = dxp + o;
 #pragma omp simd
             for (int64_t i = 0; i < HW; ++i) {
-              const float xv = to_float(px[i]), d = to_float(pdy[i]), s = sk[i];
+              const float xv = to_float(px[i]), d = to_float(pdy[i]);
+              const float s = sk ? sk[i] : sigmoid(g.alpha * xv + g.beta);
               const float e = d * xv * s * (1.0f - s);
               pdx[i] = store<T>(d * s + g.alpha * (e - me - (xv - mc) * g.inv * mex));
             }

@@ -581,23 +581,13 @@ void scse_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
 
 }  // namespace
 
-// Calls f(typed pointer tag) for the 16/32-bit dtypes (Float64 is refused by the bindings).
-template <typename F>
-void for_dtype(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::Float16: return f(fp16_t{});
-    case DType::BFloat16: return f(bf16_t{});
-    case DType::Float64: break;
-  }
-}
 
 void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
                     Strides4 sx, Strides4 sr, Strides4 sy, const float* w1, const float* b1, const float* w2,
                     const float* b2, int64_t hidden) {
   const std::vector<float> w2t_buffer = transposed(w2, C, hidden);
   const float* w2t = w2t_buffer.data();
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t, float* st) { st[0] = plane_mean(p, H, W, sx); };
     const auto mlp = [=](const float* mean, float* g, float* hid) {
@@ -613,7 +603,7 @@ void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t 
 
 void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                      Strides4 sy, const float* w, int64_t k) {
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t, float* st) { st[0] = plane_mean(p, H, W, sx); };
     const auto conv = [=](const float* mean, float* g, float*) { eca_excite(mean, C, w, k, g); };
@@ -627,7 +617,7 @@ void eca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
 
 void scse_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                       Strides4 sy, const ScseWeights& weights) {
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     scse_one_read(static_cast<const T*>(x), static_cast<T*>(y), B, C, H, W, sx, sy, weights);
   });
@@ -638,7 +628,7 @@ void fca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
   const std::vector<float> w2t_buffer = transposed(w2, C, hidden);
   const float* w2t = w2t_buffer.data();
   const int64_t HW = H * W;
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t c, float* st) { st[0] = plane_filter_dot(p, filter + c * HW, H, W, sx); };
     const auto mlp = [=](const float* d, float* g, float* hid) {
@@ -651,7 +641,7 @@ void fca_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
 
 void srm_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                      Strides4 sy, const float* a_mean, const float* a_std, const float* bias, float eps) {
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t, float* st) { plane_mean_std(p, H, W, sx, eps, st, st + 1); };
     const auto gate = [=](const float* st, float* g, float*) {
@@ -664,7 +654,7 @@ void srm_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, 
 
 void cbam_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                       Strides4 sy, const CbamWeights& weights) {
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     cbam_one_read(static_cast<const T*>(x), static_cast<T*>(y), B, C, H, W, sx, sy, weights);
   });
@@ -771,9 +761,9 @@ void scale_affine_backward_typed(const T* dy, const T* x, const acc_t<T>* g, con
 // The statistics' gradient ds (C) of one sample: the vector-Jacobian product of the pooled
 // gate (see PooledGateWeights) with dg, from the sample's statistics s and gate g (recomputing the
 // MLP's hidden pre-activations, as the forward computes them, for the ReLU's mask). w2t is w2
-// transposed (hidden, C); dz (C) and hid (2 * hidden) are scratch.
+// transposed (hidden, C); dz (C) and dh (hidden) are scratch.
 void gate_vjp(const PooledGateWeights& w, const float* w2t, const float* s, const float* g, const float* dg,
-              int64_t C, float* ds, float* dz, float* hid) {
+              int64_t C, float* ds, float* dz, float* dh) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) dz[c] = dg[c] * g[c] * (1.0f - g[c]);   // through the sigmoid
   if (w.conv_w) {   // z[c] = sum_t w[t] s[c - pad + t], so ds[i] = sum_t w[t] dz[i + pad - t]
@@ -789,7 +779,6 @@ void gate_vjp(const PooledGateWeights& w, const float* w2t, const float* s, cons
     return;
   }
   const int64_t hidden = w.hidden;
-  float* dh = hid + hidden;
   for (int64_t j = 0; j < hidden; ++j) {
     const float z1 = static_cast<float>(lane_dot(w.w1 + j * C, s, static_cast<const float*>(nullptr), C)) +
                      (w.b1 ? w.b1[j] : 0.0f);
@@ -825,7 +814,7 @@ void pooled_gate_backward_typed(const T* dy, const T* x, const float* stats, con
 #pragma omp parallel
   {
     std::vector<float> ds(static_cast<size_t>(C)), dz(static_cast<size_t>(C)),
-        hid(static_cast<size_t>(2 * std::max<int64_t>(w.hidden, 1)));
+        dh(static_cast<size_t>(std::max<int64_t>(w.hidden, 1)));
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t b0 = B * t / nt, b1 = B * (t + 1) / nt;   // this thread's samples
     // staggered when three samples (dy of b; dy, x of b + 1) per thread fit twice over in the
@@ -836,7 +825,7 @@ void pooled_gate_backward_typed(const T* dy, const T* x, const float* stats, con
     for (int64_t b = b0; b < b1; ++b) {
       if (!stagger)
         for (int64_t c = 0; c < C; ++c) plane_dot(b, c);
-      gate_vjp(w, w2t, stats + b * C, g + b * C, dg + b * C, C, ds.data(), dz.data(), hid.data());
+      gate_vjp(w, w2t, stats + b * C, g + b * C, dg + b * C, C, ds.data(), dz.data(), dh.data());
       for (int64_t c = 0; c < C; ++c) {
         const int64_t o = (b * C + c) * HW;
         const float* fc = w.filter ? w.filter + c * HW : nullptr;   // the DCT pool: d sum(x f) / dx = f
@@ -883,7 +872,7 @@ void pooled_gate_train_forward_cpu(const void* x, void* y, float* stats, float* 
   const Strides4 s{C * HW, HW, W, 1};
   const std::vector<float> w2t_buffer = w.conv_w ? std::vector<float>() : transposed(w.w2, C, w.hidden);
   const float* w2t = w2t_buffer.data();
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto pool = [=](const T* p, int64_t c, float* st) {
       st[0] = w.filter ? plane_filter_dot(p, w.filter + c * HW, H, W, s) : plane_mean(p, H, W, s);
@@ -901,7 +890,7 @@ void pooled_gate_train_backward_cpu(const void* dy, const void* x, const float* 
                                     float* dg, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
                                     const PooledGateWeights& w) {
   const std::vector<float> w2t_buffer = w.conv_w ? std::vector<float>() : transposed(w.w2, C, w.hidden);
-  for_dtype(dtype, [&](auto tag) {
+  for_dtype_16_32(dtype, [&](auto tag) {
     using T = decltype(tag);
     pooled_gate_backward_typed(static_cast<const T*>(dy), static_cast<const T*>(x), stats, g, static_cast<T*>(dx), dg,
                                B, C, H, W, w, w2t_buffer.data());

@@ -32,14 +32,8 @@ class SqueezeExcite(reference.SqueezeExcite):
         if self.one_read(x, residual):
             return _se_one_read(x, self.fc1, self.fc2, residual)
         if self.train_fused(x, residual):
-            plain = _conv_mlp_weights(self.fc1, self.act, self.fc2)
-
-            def excite(m: torch.Tensor) -> torch.Tensor:     # (B, C) means -> (B, C) gate
-                if plain is not None:
-                    return self.gate(_linear_mlp(m, self.fc1, self.fc2))
-                return self.gate(self.fc2(self.act(self.fc1(m[..., None, None])))).flatten(1)
-            one_read = plain if type(self.gate) is torch.nn.Sigmoid else None
-            return _pooled_gate(self, x, excite, one_read=one_read)
+            excite, plain = _mlp_gate(self.fc1, self.act, self.fc2, self.gate)
+            return _pooled_gate(self, x, excite, one_read=plain if type(self.gate) is torch.nn.Sigmoid else None)
         s = _mean(x, self.backend)[:, :, None, None]
         g = self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)
         return channel_scale(x, g, residual, backend=self.backend)
@@ -167,8 +161,8 @@ class _PooledGate(torch.autograd.Function):
     pass 2 writes dx = dy * g + (the statistics' gradient terms) in one go. The op path instead
     writes dy * g, the pooling's gradient and their sum: three full passes more.
 
-    `one_read` (the gate's float32 weights (filter, w1, b1, w2, b2, conv_w), see
-    `_one_read_train_weights`): the forward and the backward each read x (and dy) from memory
+    `one_read` (the gate's float32 weights (filter, w1, b1, w2, b2, conv_w): `_conv_mlp_weights`,
+    `ECA._kernel_weights`, `MultiSpectralAttention._kernel_weights`): the forward and the backward each read x (and dy) from memory
     once, a sample per thread while it is in that core's cache (`fastattn_C::pooled_gate_train_*`:
     the kernel computes the gate of y and the statistics' gradient of dx itself; autograd's graph
     of the gate gives the parameters' gradients).
@@ -253,12 +247,20 @@ def _conv_mlp_weights(fc1: torch.nn.Module, act: torch.nn.Module, fc2: torch.nn.
     return None, flat(fc1.weight), b1, flat(fc2.weight), b2, None
 
 
-def _linear_mlp(m: torch.Tensor, fc1: torch.nn.Conv2d, fc2: torch.nn.Conv2d) -> torch.Tensor:
-    """fc2(relu(fc1(m))) of plain 1x1 convs (`_conv_mlp_weights`) on (B, C) as two F.linear on
-    views of their weights: the same math, without the 1x1 convolutions' (oneDNN's) per-call cost
-    (0.3 ms forward and 0.6 ms backward at B = 32, C = 1024, a sixth of SE's training step)."""
-    h = F.linear(m, fc1.weight.flatten(1), fc1.bias).relu()
-    return F.linear(h, fc2.weight.flatten(1), fc2.bias)
+def _mlp_gate(fc1: torch.nn.Module, act: torch.nn.Module, fc2: torch.nn.Module, gate) -> tuple:
+    """(excite, plain): excite maps (B, C) statistics to the (B, C) gate gate(fc2(act(fc1(m))));
+    plain is `_conv_mlp_weights` of the layers (None unless two plain 1x1 convs around a ReLU).
+    For plain layers excite runs two F.linear on views of the convs' weights: the same math
+    without the 1x1 convolutions' (oneDNN's) per-call cost (0.3 ms forward and 0.6 ms backward at
+    B = 32, C = 1024, a sixth of SE's training step)."""
+    plain = _conv_mlp_weights(fc1, act, fc2)
+    if plain is None:
+        return (lambda m: gate(fc2(act(fc1(m[..., None, None])))).flatten(1)), None
+
+    def excite(m: torch.Tensor) -> torch.Tensor:
+        h = F.linear(m, fc1.weight.flatten(1), fc1.bias).relu()
+        return gate(F.linear(h, fc2.weight.flatten(1), fc2.bias))
+    return excite, plain
 
 
 def _per_param(params, grads) -> list:
@@ -278,8 +280,9 @@ def _pooled_gate(module: torch.nn.Module, x: torch.Tensor, gate_fn, with_std: bo
 def _one_read_train_ok(x: torch.Tensor, weights: tuple[torch.Tensor | None, ...]) -> bool:
     """Whether `_PooledGate` takes its one-read kernels (on top of `_train_fused_ok`): 16/32-bit
     x, no autocast, the gate's weights float32 and contiguous (no copies: autograd checks that
-    they are not modified before backward), at least one sample per thread, and one sample's x
-    and dy per thread fit twice over in the last-level cache."""
+    they are not modified before backward; so through the modules, whose gates need x's dtype,
+    float32 x), at least one sample per thread, and two samples per thread (x, or dy and x) fit
+    twice over in the last-level cache."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cpu"):
         return False
     if _RAW_CHECKS["train_one_read"](x) is not None:
@@ -314,8 +317,8 @@ class ECA(reference.ECA):
     def one_read(self, x: torch.Tensor) -> bool:
         """Whether forward runs the one-read C++ inference kernel (`fastattn_C::eca_forward`, as
         SqueezeExcite's) instead of channel_mean + channel_scale: see `_one_read_ok`; the conv
-        must have an odd number of taps (an even one fails in the reference too)."""
-        return self.conv.kernel_size[0] % 2 == 1 and _one_read_ok(self, "eca_forward", x)
+        must be the constructor's (`_kernel_weights`: odd k, zero padding, no bias)."""
+        return self._kernel_weights() is not None and _one_read_ok(self, "eca_forward", x)
 
     def train_fused(self, x: torch.Tensor) -> bool:
         """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
@@ -474,18 +477,15 @@ class GatherExcite(reference.GatherExcite):
                     f"(global gather with extra_params=True), got {tuple(x.shape[-2:])}"
                 )
             g = self.gather_act(self.gather(x))
-        elif isinstance(self.mlp, _ConvMlp) and _one_read_ok(self, "se_forward", x):
+        elif (type(self.mlp) is _ConvMlp and _conv_mlp_weights(self.mlp.fc1, self.mlp.act, self.mlp.fc2) is not None
+              and _one_read_ok(self, "se_forward", x)):
             return _se_one_read(x, self.mlp.fc1, self.mlp.fc2, None)    # SE's math: one read in CPU inference
         elif self.train_fused(x):
-            mlp = self.mlp
-            one_read = _conv_mlp_weights(mlp.fc1, mlp.act, mlp.fc2) if type(mlp) is _ConvMlp else None
-            if one_read is not None:
-                def excite(m: torch.Tensor) -> torch.Tensor:
-                    return torch.sigmoid(_linear_mlp(m, mlp.fc1, mlp.fc2))
+            if type(self.mlp) is _ConvMlp:
+                excite, plain = _mlp_gate(self.mlp.fc1, self.mlp.act, self.mlp.fc2, torch.sigmoid)
             else:
-                def excite(m: torch.Tensor) -> torch.Tensor:
-                    return torch.sigmoid(mlp(m[:, :, None, None])).flatten(1)
-            return _pooled_gate(self, x, excite, one_read=one_read)
+                excite, plain = (lambda m: torch.sigmoid(self.mlp(m[:, :, None, None])).flatten(1)), None
+            return _pooled_gate(self, x, excite, one_read=plain)
         else:
             g = _mean(x, self.backend)[:, :, None, None]
         return channel_scale(x, torch.sigmoid(self.mlp(g)).flatten(1), backend=self.backend)
