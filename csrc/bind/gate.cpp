@@ -128,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_gate_backward(cons
 
 // NAM's training gate (see bn_affine_gate_train_forward_cpu): x NCHW-contiguous 16/32-bit CPU,
 // the per-channel vectors float32 (C,) contiguous.
-DType check_nam_args(const char* op, const at::Tensor& x, std::initializer_list<std::pair<const char*, const at::Tensor*>> vecs) {
+DType check_nam_args(const char* op, const at::Tensor& x,
+                     std::initializer_list<std::pair<const char*, const at::Tensor*>> vecs) {
   using namespace gate_checks;
   const DType dt = check_x(op, x, c10::DeviceType::CPU);
   check_nchw_contiguous(op, "x", x);

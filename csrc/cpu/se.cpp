@@ -581,7 +581,6 @@ void scse_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
 
 }  // namespace
 
-
 void se_forward_cpu(const void* x, const void* r, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W,
                     Strides4 sx, Strides4 sr, Strides4 sy, const float* w1, const float* b1, const float* w2,
                     const float* b2, int64_t hidden) {

@@ -162,10 +162,10 @@ class _PooledGate(torch.autograd.Function):
     writes dy * g, the pooling's gradient and their sum: three full passes more.
 
     `one_read` (the gate's float32 weights (filter, w1, b1, w2, b2, conv_w): `_conv_mlp_weights`,
-    `ECA._kernel_weights`, `MultiSpectralAttention._kernel_weights`): the forward and the backward each read x (and dy) from memory
-    once, a sample per thread while it is in that core's cache (`fastattn_C::pooled_gate_train_*`:
-    the kernel computes the gate of y and the statistics' gradient of dx itself; autograd's graph
-    of the gate gives the parameters' gradients).
+    `ECA._kernel_weights`, `MultiSpectralAttention._kernel_weights`): the forward and the backward
+    each read x (and dy) from memory once, a sample per thread while it is in that core's cache
+    (`fastattn_C::pooled_gate_train_*`: the kernel computes the gate of y and the statistics'
+    gradient of dx itself; autograd's graph of the gate gives the parameters' gradients).
     """
 
     @staticmethod
@@ -361,7 +361,6 @@ class NAM(reference.NAM):
         alpha = (w * scale).expand(x.shape[0], -1)
         beta = (w * (bn.bias - mean * scale)).expand(x.shape[0], -1)
         return channel_affine_gate(x, alpha, beta, backend=self.backend)
-
 
     def train_fused(self, x: torch.Tensor) -> bool:
         """Whether forward runs the CPU training kernels (`fastattn_C::nam_train_forward` /
