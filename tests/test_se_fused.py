@@ -403,8 +403,12 @@ def _count_pooled_gate(monkeypatch):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_pooled_gate_training_path_matches_reference(monkeypatch, name, dtype, tol, x_grad, train):
     """With a gradient to record on CPU NCHW, SE/ECA/SRM/GatherExcite take the two-pass training
-    path; output, every gradient and the BatchNorm running statistics match the reference."""
+    path (SRM in train mode on float32: its batch-statistics kernels, tests/test_srm_train_cpu.py);
+    output, every gradient and the BatchNorm running statistics match the reference."""
+    from fastattn.modules import channel as ch
+
     calls = _count_pooled_gate(monkeypatch)
+    srm_calls = count_calls(monkeypatch, ch._SRMTrain, "apply")
     torch.manual_seed(0)
     args = (32, 7, 9) if name == "MultiSpectralAttention" else (32,)     # FcaNet: the DCT grid is the map
     r = getattr(fastattn.reference, name)(*args).to(dtype)
@@ -418,8 +422,10 @@ def test_pooled_gate_training_path_matches_reference(monkeypatch, name, dtype, t
     xr, xf = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
     dy = torch.randn_like(x)
     assert f.train_fused(xf)
+    batch_stats = name == "SRM" and f.batch_stats_fused(xf)
+    assert batch_stats == (name == "SRM" and train and dtype == torch.float32)
     yr, yf = r(xr), f(xf)
-    assert calls, "the training path was not taken"
+    assert (srm_calls if batch_stats else calls), "the training path was not taken"
     torch.autograd.backward(yr, dy)
     torch.autograd.backward(yf, dy)
     torch.testing.assert_close(yf, yr, rtol=tol, atol=tol)
@@ -666,13 +672,16 @@ def test_scse_squeeze_conv_matches_torch(dtype, tol, bias, x_grad):
 def test_training_paths_backward_twice_with_retain_graph(monkeypatch, name):
     """backward(retain_graph=True) then backward again: the module paths keep their gate graphs,
     so the gradients accumulate to twice one backward's."""
+    from fastattn.modules import channel as ch
+
     pooled_gate, cbam = _count_pooled_gate(monkeypatch), _count_cbam_train(monkeypatch)
+    srm = count_calls(monkeypatch, ch._SRMTrain, "apply")
     torch.manual_seed(0)
     f = getattr(fastattn, name)(16)
     x = torch.randn(2 * torch.get_num_threads(), 16, 5, 6, requires_grad=True)
     dy = torch.randn_like(x)
     y = f(x)
-    assert len(pooled_gate) + len(cbam) == 1
+    assert len(pooled_gate) + len(cbam) + len(srm) == 1
     y.backward(dy, retain_graph=True)
     once = [x.grad.clone()] + [p.grad.clone() for p in f.parameters()]
     y.backward(dy)

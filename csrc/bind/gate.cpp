@@ -186,6 +186,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nam_train_backward(const at::Tens
   return {dx, dgamma, dbias};
 }
 
+// A (rows, cols) float32 contiguous CPU table (SRM's cfc, its per-plane statistics).
+void check_f32_table(const char* op, const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fastattn::", op, ": argument '", name,
+                    "' must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "fastattn::", op, ": argument '", name, "' must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "fastattn::", op, ": argument '", name,
+                    "' must be a contiguous CPU tensor");
+}
+
+// SRM's training gate (see srm_train_forward_cpu): (y, mean, std, g, zmean, zvar).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srm_train_forward(
+    const at::Tensor& x, const at::Tensor& cfc, const at::Tensor& gamma, const at::Tensor& beta, double bn_eps,
+    double std_eps) {
+  const char* op = "srm_train_forward";
+  const DType dt = check_nam_args(op, x, {{"gamma", &gamma}, {"beta", &beta}});
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  check_f32_table(op, "cfc", cfc, C, 2);
+  TORCH_CHECK_VALUE(HW >= 2, "fastattn::", op, ": argument 'x' must have H * W >= 2 (unbiased variance), got ",
+                    x.sizes());
+  at::Tensor y = new_output_like(x);
+  const auto f32 = gamma.options();
+  at::Tensor mean = at::empty({B, C}, f32), stdv = at::empty({B, C}, f32), g = at::empty({B, C}, f32);
+  at::Tensor zmean = at::empty({C}, f32), zvar = at::empty({C}, f32);
+  if (y.numel() > 0)
+    srm_train_forward_cpu(x.data_ptr(), cfc.data_ptr<float>(), gamma.data_ptr<float>(), beta.data_ptr<float>(),
+                          static_cast<float>(bn_eps), static_cast<float>(std_eps), y.data_ptr(), mean.data_ptr<float>(),
+                          stdv.data_ptr<float>(), g.data_ptr<float>(), zmean.data_ptr<float>(), zvar.data_ptr<float>(),
+                          dt, B, C, HW);
+  return {y, mean, stdv, g, zmean, zvar};
+}
+
+// (dx, dcfc, dgamma, dbeta) of srm_train_forward from its outputs; dx is an empty tensor unless
+// need_dx.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> srm_train_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& cfc, const at::Tensor& gamma, double bn_eps,
+    const at::Tensor& mean, const at::Tensor& stdv, const at::Tensor& g, const at::Tensor& zmean,
+    const at::Tensor& zvar, bool need_dx) {
+  const char* op = "srm_train_backward";
+  const DType dt = check_nam_args(op, x, {{"gamma", &gamma}, {"zmean", &zmean}, {"zvar", &zvar}});
+  gate_checks::check_like_x(op, "dy", dy, x);
+  check_nchw_contiguous(op, "dy", dy);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  check_f32_table(op, "cfc", cfc, C, 2);
+  check_f32_table(op, "mean", mean, B, C);
+  check_f32_table(op, "std", stdv, B, C);
+  check_f32_table(op, "g", g, B, C);
+  TORCH_CHECK_VALUE(HW >= 2, "fastattn::", op, ": argument 'x' must have H * W >= 2, got ", x.sizes());
+  at::Tensor dx = need_dx ? new_output_like(x) : at::empty({0}, x.options());
+  at::Tensor dcfc = at::zeros({C, 2}, gamma.options());
+  at::Tensor dgamma = at::zeros({C}, gamma.options()), dbeta = at::zeros({C}, gamma.options());
+  if (x.numel() > 0)
+    srm_train_backward_cpu(dy.data_ptr(), x.data_ptr(), cfc.data_ptr<float>(), gamma.data_ptr<float>(),
+                           static_cast<float>(bn_eps), mean.data_ptr<float>(), stdv.data_ptr<float>(),
+                           g.data_ptr<float>(), zmean.data_ptr<float>(), zvar.data_ptr<float>(),
+                           need_dx ? dx.data_ptr() : nullptr, dcfc.data_ptr<float>(), dgamma.data_ptr<float>(),
+                           dbeta.data_ptr<float>(), dt, B, C, HW);
+  return {dx, dcfc, dgamma, dbeta};
+}
+
 // ShuffleAttention's gate and channel shuffle in one pass: channel c = j * (C / groups) + k of
 // x * sigmoid(alpha x + beta) is written to output channel k * groups + j (the reference's
 // channel_shuffle), by running the gate on each of the `groups` channel slices of x with the
@@ -269,12 +329,18 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("nam_train_forward(Tensor x, Tensor gamma, Tensor bias, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("nam_train_backward(Tensor dy, Tensor x, Tensor gamma, Tensor bias, Tensor w, float eps, Tensor mean, "
         "Tensor var, bool need_dx) -> (Tensor, Tensor, Tensor)");
+  m.def("srm_train_forward(Tensor x, Tensor cfc, Tensor gamma, Tensor beta, float bn_eps, float std_eps) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("srm_train_backward(Tensor dy, Tensor x, Tensor cfc, Tensor gamma, float bn_eps, Tensor mean, Tensor std, "
+        "Tensor g, Tensor zmean, Tensor zvar, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("shuffle_affine_gate(Tensor x, Tensor alpha, Tensor beta, int groups) -> Tensor");
   m.def("shuffle_affine_gate_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta, int groups) -> "
         "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
+  m.impl("srm_train_forward", &fastattn::srm_train_forward);
+  m.impl("srm_train_backward", &fastattn::srm_train_backward);
   m.impl("nam_train_forward", &fastattn::nam_train_forward);
   m.impl("nam_train_backward", &fastattn::nam_train_backward);
   m.impl("channel_scale", &fastattn::channel_scale);

@@ -71,4 +71,20 @@ void bn_affine_gate_train_backward_cpu(const void* dy, const void* x, const floa
                                        const float* w, float eps, const float* mean, const float* var, void* dx,
                                        float* dgamma, float* dbias, DType dtype, int64_t B, int64_t C, int64_t HW);
 
+// SRM in training: y = x * g, g[b, c] = sigmoid(gamma[c] (z - zmean[c]) / sqrt(zvar[c] + bn_eps) +
+// beta[c]), z = cfc[c, 0] mean[b, c] + cfc[c, 1] std[b, c], the plane statistics over H x W
+// (std = sqrt(unbiased variance + std_eps), H * W >= 2), zmean, zvar the batch's (population)
+// statistics of z per channel; x NCHW-contiguous 16/32-bit, cfc (C, 2), gamma, beta (C) floats.
+// Channel blocks as NAM's: x read from memory once. Out: mean, stdv, g (B x C), zmean, zvar (C).
+void srm_train_forward_cpu(const void* x, const float* cfc, const float* gamma, const float* beta, float bn_eps,
+                           float std_eps, void* y, float* mean, float* stdv, float* g, float* zmean, float* zvar,
+                           DType dtype, int64_t B, int64_t C, int64_t HW);
+
+// Its backward from the forward's outputs, dy and x read from memory once: dcfc (C, 2), dgamma,
+// dbeta (C) and, unless dx is null, dx (like dy, NCHW-contiguous).
+void srm_train_backward_cpu(const void* dy, const void* x, const float* cfc, const float* gamma, float bn_eps,
+                            const float* mean, const float* stdv, const float* g, const float* zmean,
+                            const float* zvar, void* dx, float* dcfc, float* dgamma, float* dbeta, DType dtype,
+                            int64_t B, int64_t C, int64_t HW);
+
 }  // namespace fastattn

@@ -756,6 +756,137 @@ void bn_affine_gate_train_backward_cpu(const void* dy, const void* x, const floa
   });
 }
 
+// SRM's training gate: g[b, c] = sigmoid(batchnorm over b of z[b, c]), z = cfc[c, 0] mean[b, c] +
+// cfc[c, 1] std[b, c], the plane statistics over H x W; per channel block as NAM's.
+void srm_train_forward_cpu(const void* x, const float* cfc, const float* gamma, const float* beta, float bn_eps,
+                           float std_eps, void* y, float* mean, float* stdv, float* g, float* zmean, float* zvar,
+                           DType dtype, int64_t B, int64_t C, int64_t HW) {
+  for_dtype_16_32(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x);
+    T* yp = static_cast<T*>(y);
+    const int64_t K = channel_block(B, C, HW, sizeof(T));
+#pragma omp parallel for schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += K) {
+      const int64_t kn = std::min(K, C - c0);
+      // the planes' statistics: x from memory (the variance's pass from the cache)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < kn; ++k) {
+          const int64_t bc = b * C + c0 + k;
+          const T* p = xp + bc * HW;
+          const float m = static_cast<float>(chunked_sum(HW, [&](int64_t i) { return to_float(p[i]); }) / HW);
+          const double sq = chunked_sum(HW, [&](int64_t i) {
+            const float d = to_float(p[i]) - m;
+            return d * d;
+          });
+          mean[bc] = m;
+          stdv[bc] = std::sqrt(static_cast<float>(sq / static_cast<double>(HW - 1)) + std_eps);
+        }
+      // each channel's gates: the style integration, the BatchNorm over the batch, the sigmoid
+      for (int64_t c = c0; c < c0 + kn; ++c) {
+        double zs = 0;
+        for (int64_t b = 0; b < B; ++b) zs += cfc[2 * c] * mean[b * C + c] + cfc[2 * c + 1] * stdv[b * C + c];
+        const float zm = static_cast<float>(zs / B);
+        double zq = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const float d = cfc[2 * c] * mean[b * C + c] + cfc[2 * c + 1] * stdv[b * C + c] - zm;
+          zq += static_cast<double>(d) * d;
+        }
+        zmean[c] = zm;
+        zvar[c] = static_cast<float>(zq / B);
+        const float inv = static_cast<float>(1.0 / std::sqrt(zq / B + bn_eps));
+        for (int64_t b = 0; b < B; ++b) {
+          const float z = cfc[2 * c] * mean[b * C + c] + cfc[2 * c + 1] * stdv[b * C + c];
+          g[b * C + c] = sigmoid(gamma[c] * (z - zm) * inv + beta[c]);
+        }
+      }
+      // y = x g, x from the cache
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < kn; ++k) {
+          const int64_t bc = b * C + c0 + k;
+          const T* p = xp + bc * HW;
+          T* q = yp + bc * HW;
+          const float gg = g[bc];
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) q[i] = store<T>(to_float(p[i]) * gg);
+        }
+    }
+  });
+}
+
+void srm_train_backward_cpu(const void* dy, const void* x, const float* cfc, const float* gamma, float bn_eps,
+                            const float* mean, const float* stdv, const float* g, const float* zmean,
+                            const float* zvar, void* dx, float* dcfc, float* dgamma, float* dbeta, DType dtype,
+                            int64_t B, int64_t C, int64_t HW) {
+  for_dtype_16_32(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* dyp = static_cast<const T*>(dy);
+    const T* xp = static_cast<const T*>(x);
+    T* dxp = static_cast<T*>(dx);
+    const int64_t K = channel_block(B, C, HW, 2 * sizeof(T));   // dy and x
+#pragma omp parallel
+    {
+      // per (b, channel of the block): the gate's gradient, then the statistics' gradients
+      std::vector<float> dgate(static_cast<size_t>(B * K)), dm(static_cast<size_t>(B * K)),
+          ds(static_cast<size_t>(B * K));
+#pragma omp for schedule(static)
+      for (int64_t c0 = 0; c0 < C; c0 += K) {
+        const int64_t kn = std::min(K, C - c0);
+        // dg = sum over the plane of dy x: dy and x from memory
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t k = 0; k < kn; ++k) {
+            const int64_t o = (b * C + c0 + k) * HW;
+            dgate[b * kn + k] = static_cast<float>(
+                chunked_sum(HW, [&](int64_t i) { return to_float(dyp[o + i]) * to_float(xp[o + i]); }));
+          }
+        // through the sigmoid, the BatchNorm over the batch (z_hat = (z - zmean) inv) and the style
+        // integration, channel by channel
+        for (int64_t k = 0; k < kn; ++k) {
+          const int64_t c = c0 + k;
+          const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(zvar[c]) + bn_eps));
+          double sp = 0, spz = 0;   // sums of dpre and dpre z_hat over the batch
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t bc = b * C + c;
+            const float dpre = dgate[b * kn + k] * g[bc] * (1.0f - g[bc]);
+            const float zh = (cfc[2 * c] * mean[bc] + cfc[2 * c + 1] * stdv[bc] - zmean[c]) * inv;
+            dgate[b * kn + k] = dpre;
+            sp += dpre;
+            spz += static_cast<double>(dpre) * zh;
+          }
+          dbeta[c] = static_cast<float>(sp);
+          dgamma[c] = static_cast<float>(spz);
+          const float mp = static_cast<float>(sp / B), mpz = static_cast<float>(spz / B);
+          double dc0 = 0, dc1 = 0;
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t bc = b * C + c;
+            const float zh = (cfc[2 * c] * mean[bc] + cfc[2 * c + 1] * stdv[bc] - zmean[c]) * inv;
+            const float dz = gamma[c] * inv * (dgate[b * kn + k] - mp - zh * mpz);
+            dc0 += static_cast<double>(dz) * mean[bc];
+            dc1 += static_cast<double>(dz) * stdv[bc];
+            dm[b * kn + k] = dz * cfc[2 * c] / static_cast<float>(HW);                         // d mean / dx = 1 / HW
+            ds[b * kn + k] = dz * cfc[2 * c + 1] / (static_cast<float>(HW - 1) * stdv[bc]);   // d std / dx
+          }
+          dcfc[2 * c] = static_cast<float>(dc0);
+          dcfc[2 * c + 1] = static_cast<float>(dc1);
+        }
+        if (!dxp) continue;
+        // dx = dy g + dmean / HW + dstd (x - mean) / ((HW - 1) std): dy and x from the cache
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t k = 0; k < kn; ++k) {
+            const int64_t bc = b * C + c0 + k, o = bc * HW;
+            const float gg = g[bc], a = dm[b * kn + k], kk = ds[b * kn + k], mc = mean[bc];
+            const T* px = xp + o;
+            const T* pdy = dyp + o;
+            T* pdx = dxp + o;
+#pragma omp simd
+            for (int64_t i = 0; i < HW; ++i)
+              pdx[i] = store<T>(to_float(pdy[i]) * gg + a + kk * (to_float(px[i]) - mc));
+          }
+      }
+    }
+  });
+}
+
 void channel_affine_gate_backward_cpu(const void* dy, const void* x, const void* alpha, const void* beta, void* dx,
                                       void* dalpha, void* dbeta, DType dtype, int64_t B, int64_t C, int64_t H,
                                       int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx) {

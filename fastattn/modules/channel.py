@@ -108,6 +108,7 @@ _RAW_CHECKS["train"] = _dispatch.cpu_kernel("channel_dot", "channel_scale_affine
                                             "channel_scale")
 _RAW_CHECKS["train_one_read"] = _dispatch.cpu_kernel("pooled_gate_train_forward", "pooled_gate_train_backward")
 _RAW_CHECKS["nam_train"] = _dispatch.cpu_kernel("nam_train_forward", "nam_train_backward")
+_RAW_CHECKS["srm_train"] = _dispatch.cpu_kernel("srm_train_forward", "srm_train_backward")
 _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_backward_pool_grad", "cbam_backward_dx",
                                                  "spatial_pool", "spatial_scale", "gate_conv", "gate_conv_backward")
 
@@ -631,6 +632,11 @@ class SRM(reference.SRM):
             )
         if self.one_read(x):
             return _srm_one_read(self, x)
+        if self.batch_stats_fused(x):
+            bn = self.bn
+            y, zmean, zvar = _SRMTrain.apply(x, self.cfc, bn.weight, bn.bias, bn.eps)
+            _update_running_stats(bn, zmean, zvar, x.shape[0])
+            return y
         if self.train_fused(x):
             def gate(mean, std):
                 z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
@@ -648,8 +654,47 @@ class SRM(reference.SRM):
 
     def train_fused(self, x: torch.Tensor) -> bool:
         """Whether forward runs the two-pass CPU training path (`_PooledGate`) instead of the op
-        path: see `_train_fused_ok`."""
+        path: see `_train_fused_ok` (when `batch_stats_fused` does not hold)."""
         return _train_fused_ok(self, x)
+
+    def batch_stats_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs SRM's CPU training kernels (`fastattn_C::srm_train_forward` /
+        `_backward`, `_SRMTrain`: channel blocks, x and dy read from memory once): the BatchNorm
+        normalises with the batch statistics (train mode, or no running statistics) of at least
+        two samples, float32 cfc and affine BatchNorm parameters, 16/32-bit x, and the conditions
+        of `_cpu_path_ok`."""
+        bn = self.bn
+        if not (bn.training or bn.running_mean is None) or bn.weight is None or bn.bias is None:
+            return False
+        if type(bn) is not torch.nn.BatchNorm2d or x.dtype == torch.float64 or x.shape[0] < 2:
+            return False
+        if any(p.dtype != torch.float32 for p in (self.cfc, bn.weight, bn.bias)):
+            return False
+        return _cpu_path_ok(self, x, "srm_train")
+
+
+class _SRMTrain(torch.autograd.Function):
+    """(y, zmean, zvar) of SRM's training forward: the plane statistics, the style integration,
+    the BatchNorm over the batch and the gate, channel block by channel block in C++; zmean and
+    zvar (the BatchNorm's batch statistics) for the running statistics."""
+
+    @staticmethod
+    def forward(ctx, x, cfc, gamma, beta, bn_eps):
+        y, mean, std, g, zmean, zvar = torch.ops.fastattn_C.srm_train_forward(
+            x, cfc.detach(), gamma.detach(), beta.detach(), bn_eps, 1e-5)
+        ctx.save_for_backward(x, cfc, gamma, mean, std, g, zmean, zvar)
+        ctx.bn_eps = bn_eps
+        ctx.mark_non_differentiable(zmean, zvar)
+        return y, zmean, zvar
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dzmean, _dzvar):
+        x, cfc, gamma, mean, std, g, zmean, zvar = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        dx, dcfc, dgamma, dbeta = torch.ops.fastattn_C.srm_train_backward(
+            dy.contiguous(), x, cfc.detach(), gamma.detach(), ctx.bn_eps, mean, std, g, zmean, zvar, need_x)
+        return (dx if need_x else None), dcfc, dgamma, dbeta, None
 
 
 def _bn_frozen(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
