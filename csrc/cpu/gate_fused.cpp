@@ -794,7 +794,8 @@ void srm_train_forward_cpu(const void* x, const float* cfc, const float* gamma, 
         }
         zmean[c] = zm;
         zvar[c] = static_cast<float>(zq / B);
-        const float inv = static_cast<float>(1.0 / std::sqrt(zq / B + bn_eps));
+        // from the stored (float) variance, as the backward will
+        const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(zvar[c]) + bn_eps));
         for (int64_t b = 0; b < B; ++b) {
           const float z = cfc[2 * c] * mean[b * C + c] + cfc[2 * c + 1] * stdv[b * C + c];
           g[b * C + c] = sigmoid(gamma[c] * (z - zm) * inv + beta[c]);
