@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastattn
-from cases.paths import check_backward_twice, check_training_step
+from cases.paths import op_names, check_backward_twice, check_training_step
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -78,12 +78,6 @@ def test_errors():
         bwd(x, x, v, v, v, EPS, mean, var[:2], True)
 
 
-def _op_names(fn) -> set:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events()}
-
-
 def _pair(C, dtype=torch.float32, **bn_kwargs):
     ref, fast = fastattn.reference.NAM(C), fastattn.NAM(C)
     for m in (ref, fast):
@@ -106,7 +100,7 @@ def test_module_training_takes_the_kernels(bn_kwargs, x_grad, shape):
     for step in range(2):
         x = torch.randn(shape) * 2 + step
         assert fast.train_fused(x)
-        names = _op_names(lambda: check_training_step(ref, fast, x, 1e-4, x_grad=x_grad))
+        names = op_names(lambda: check_training_step(ref, fast, x, 1e-4, x_grad=x_grad))
         assert "fastattn_C::nam_train_forward" in names and "fastattn_C::nam_train_backward" in names
         for m in (ref, fast):
             m.zero_grad(set_to_none=True)
@@ -125,7 +119,7 @@ def test_module_conditions():
     fast.train()
     _, fast64 = _pair(16, torch.float64)
     assert not fast64.train_fused(x.double())
-    names = _op_names(lambda: check_backward_twice(fast, x))
+    names = op_names(lambda: check_backward_twice(fast, x))
     assert "fastattn_C::nam_train_backward" in names
     ref.train(), fast.train()
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -4,8 +4,7 @@ fastattn.modules.channel._PooledGate."""
 import pytest
 import torch
 
-import fastattn
-from cases.paths import check_backward_twice, check_training_step, random_pair
+from cases.paths import op_names, check_backward_twice, check_training_step, random_pair
 from fastattn import _ext
 from fastattn.modules import channel as ch
 
@@ -171,12 +170,6 @@ def test_errors():
 # --- the module path
 
 
-def _op_names(fn) -> set:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events()}
-
-
 MODULES = [("SqueezeExcite", (32,), {}), ("SqueezeExcite", (32,), {"bias": False}), ("ECA", (32,), {}),
            ("ECA", (32,), {"k_size": 5}), ("GatherExcite", (32,), {}), ("MultiSpectralAttention", (32, 7, 9), {})]
 MODULE_IDS = ["se", "se_nobias", "eca", "eca_k5", "gather_excite", "fca"]
@@ -191,7 +184,7 @@ def test_modules_take_the_one_read_kernels(name, args, kwargs, x_grad):
     ref, fast = random_pair(name, torch.float32, *args, **kwargs)
     ref.train(), fast.train()
     x = torch.randn(max(3, torch.get_num_threads()), 32, 7, 9) * 2 + 1
-    names = _op_names(lambda: check_training_step(ref, fast, x, 1e-4, x_grad=x_grad))
+    names = op_names(lambda: check_training_step(ref, fast, x, 1e-4, x_grad=x_grad))
     assert "fastattn_C::pooled_gate_train_forward" in names
     assert ("fastattn_C::pooled_gate_train_backward" in names) == x_grad
     assert ("fastattn_C::channel_dot" in names) != x_grad
@@ -204,7 +197,7 @@ def test_non_contiguous_dy_and_backward_twice(name, args, kwargs):
     torch.manual_seed(1)
     _, fast = random_pair(name, torch.float32, *args, **kwargs)
     x = torch.randn(max(3, torch.get_num_threads()), 32, 7, 9)
-    names = _op_names(lambda: check_backward_twice(fast, x))
+    names = op_names(lambda: check_backward_twice(fast, x))
     assert "fastattn_C::pooled_gate_train_forward" in names and "fastattn_C::channel_dot" in names
     ref, fast = random_pair(name, torch.float32, *args, **kwargs)
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -230,13 +223,13 @@ def test_backward_twice_through_the_one_read_backward(name, args, kwargs):
         y.backward(dy)
         for a, b in zip(once, [x.grad] + [p.grad for p in fast.parameters()]):
             torch.testing.assert_close(b, 2 * a, rtol=1e-5, atol=1e-6)
-    names = _op_names(twice)
+    names = op_names(twice)
     assert "fastattn_C::pooled_gate_train_backward" in names and "fastattn_C::channel_dot" not in names
 
 
 def _one_read_taken(module, x) -> bool:
     x = x.clone().requires_grad_()
-    taken = "fastattn_C::pooled_gate_train_forward" in _op_names(lambda: module(x).sum().backward())
+    taken = "fastattn_C::pooled_gate_train_forward" in op_names(lambda: module(x).sum().backward())
     module.zero_grad(set_to_none=True)
     return taken
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastattn
-from cases.paths import check_backward_twice, check_training_step
+from cases.paths import op_names, check_backward_twice, check_training_step
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -75,12 +75,6 @@ def test_errors():
         bwd(x.to(memory_format=torch.channels_last), x, cfc, v, BN_EPS, mean, std, g, zmean, zvar, True)
 
 
-def _op_names(fn) -> set:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events()}
-
-
 def _pair(C, dtype=torch.float32, **bn_kwargs):
     ref, fast = fastattn.reference.SRM(C), fastattn.SRM(C)
     for m in (ref, fast):
@@ -105,7 +99,7 @@ def test_module_training_takes_the_kernels(bn_kwargs, x_grad, shape):
     for step in range(2):
         x = torch.randn(shape) * 2 + step
         assert fast.batch_stats_fused(x)
-        names = _op_names(lambda: check_training_step(ref, fast, x, 1e-3, x_grad=x_grad))
+        names = op_names(lambda: check_training_step(ref, fast, x, 1e-3, x_grad=x_grad))
         assert "fastattn_C::srm_train_forward" in names and "fastattn_C::srm_train_backward" in names
         for m in (ref, fast):
             m.zero_grad(set_to_none=True)
@@ -124,7 +118,7 @@ def test_module_conditions():
     fast.train()
     _, fast64 = _pair(16, torch.float64)
     assert not fast64.batch_stats_fused(x.double())
-    names = _op_names(lambda: check_backward_twice(fast, x))
+    names = op_names(lambda: check_backward_twice(fast, x))
     assert "fastattn_C::srm_train_backward" in names
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     dy = torch.randn(3, 5, 5, 16).permute(0, 3, 1, 2)

@@ -368,14 +368,19 @@ class NAM(reference.NAM):
         `_backward`, `_NAMTrain`) instead of the op path: the BatchNorm normalises with the batch
         statistics (train mode, or no running statistics), float32 affine parameters, 16/32-bit
         x, and the conditions of `_cpu_path_ok`."""
-        bn = self.bn2
-        if not (bn.training or bn.running_mean is None) or bn.weight is None or bn.bias is None:
-            return False
-        if type(bn) is not torch.nn.BatchNorm2d or x.dtype == torch.float64:
-            return False
-        if bn.weight.dtype != torch.float32 or bn.bias.dtype != torch.float32:
-            return False
-        return x.shape[0] * x.shape[2] * x.shape[3] > 1 and _cpu_path_ok(self, x, "nam_train")
+        return (_batch_stats_bn_ok(self.bn2, x) and x.shape[0] * x.shape[2] * x.shape[3] > 1
+                and _cpu_path_ok(self, x, "nam_train"))
+
+
+def _batch_stats_bn_ok(bn: torch.nn.Module, x: torch.Tensor, *more: torch.Tensor) -> bool:
+    """The BatchNorm conditions of NAM's and SRM's training kernels: an nn.BatchNorm2d that
+    normalises with the batch statistics (train mode, or no running statistics), affine, with
+    float32 parameters (and float32 `more`), and 16/32-bit x."""
+    if type(bn) is not torch.nn.BatchNorm2d or not (bn.training or bn.running_mean is None):
+        return False
+    if bn.weight is None or bn.bias is None or x.dtype == torch.float64:
+        return False
+    return all(p.dtype == torch.float32 for p in (bn.weight, bn.bias, *more))
 
 
 class _NAMTrain(torch.autograd.Function):
@@ -663,14 +668,8 @@ class SRM(reference.SRM):
         normalises with the batch statistics (train mode, or no running statistics) of at least
         two samples, float32 cfc and affine BatchNorm parameters, 16/32-bit x, and the conditions
         of `_cpu_path_ok`."""
-        bn = self.bn
-        if not (bn.training or bn.running_mean is None) or bn.weight is None or bn.bias is None:
-            return False
-        if type(bn) is not torch.nn.BatchNorm2d or x.dtype == torch.float64 or x.shape[0] < 2:
-            return False
-        if any(p.dtype != torch.float32 for p in (self.cfc, bn.weight, bn.bias)):
-            return False
-        return _cpu_path_ok(self, x, "srm_train")
+        return (_batch_stats_bn_ok(self.bn, x, self.cfc) and x.shape[0] >= 2
+                and _cpu_path_ok(self, x, "srm_train"))
 
 
 class _SRMTrain(torch.autograd.Function):

@@ -15,6 +15,13 @@ def count_calls(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+def op_names(fn) -> set:
+    """The names of the ops (e.g. "fastattn_C::nam_train_forward") that fn() ran, from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
 def check_training_step(ref: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, tol: float,
                         x_grad: bool = True) -> None:
     """One forward and backward of both modules on copies of x with the same random dy: the
