@@ -58,15 +58,54 @@ at::Tensor simam_backward(const at::Tensor& dy, const at::Tensor& x, double e_la
   return dx;
 }
 
+// SimAM's training forward: (y, stats), stats (B, C, 2) float64 holding each plane's (mu, r) for
+// simam_train_backward, which then skips the statistics' passes.
+std::tuple<at::Tensor, at::Tensor> simam_train_forward(const at::Tensor& x, double e_lambda) {
+  const DType dt = check_simam_x("simam_train_forward", x, e_lambda);
+  at::Tensor y = new_output_like(x);
+  at::Tensor stats = at::empty({x.size(0), x.size(1), 2}, x.options().dtype(at::kDouble));
+  if (y.numel() == 0) return {y, stats};
+  simam_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), e_lambda,
+                    strides4(x), strides4(y), stats.data_ptr<double>());
+  return {y, stats};
+}
+
+// dx from dy, x and the stats of simam_train_forward(x): the same dx as simam_backward.
+at::Tensor simam_train_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& stats) {
+  const char* op = "simam_train_backward";
+  const DType dt = check_simam_x(op, x, 1.0);
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastattn::", op, ": argument 'dy' must have the shape of 'x' ",
+                    x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op,
+                   ": argument 'dy' must have the dtype of 'x' (", x.scalar_type(), "), got ", dy.scalar_type());
+  TORCH_CHECK(dy.device().is_cpu() && stats.device().is_cpu(), "fastattn::", op,
+              ": this kernel runs on CPU tensors, got 'dy' on ", dy.device(), " and 'stats' on ", stats.device());
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kDouble && stats.is_contiguous() &&
+                        stats.sizes() == at::IntArrayRef({x.size(0), x.size(1), 2}),
+                    "fastattn::", op, ": argument 'stats' must be a contiguous float64 tensor of shape (",
+                    x.size(0), ", ", x.size(1), ", 2) from simam_train_forward, got ", stats.scalar_type(), " ",
+                    stats.sizes(), stats.is_contiguous() ? "" : " (not contiguous)");
+  at::Tensor dx = new_output_like(x);
+  if (dx.numel() == 0) return dx;
+  const at::Tensor dy_read = dy_in_layout_of(dy, x);
+  simam_backward_cpu(dy_read.data_ptr(), x.data_ptr(), dx.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3),
+                     1.0, strides4(dy_read), strides4(x), strides4(dx), stats.data_ptr<double>());
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastattn
 
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("simam(Tensor x, float e_lambda) -> Tensor");
   m.def("simam_backward(Tensor dy, Tensor x, float e_lambda) -> Tensor");
+  m.def("simam_train_forward(Tensor x, float e_lambda) -> (Tensor, Tensor)");
+  m.def("simam_train_backward(Tensor dy, Tensor x, Tensor stats) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("simam", &fastattn::simam);
   m.impl("simam_backward", &fastattn::simam_backward);
+  m.impl("simam_train_forward", &fastattn::simam_train_forward);
+  m.impl("simam_train_backward", &fastattn::simam_train_backward);
 }

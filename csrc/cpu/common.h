@@ -159,7 +159,37 @@ inline A lane_sum(int64_t i0, int64_t i1, F f) {
   return lane_tree_sum(lanes) + tail;
 }
 
-// Two such sums at once: f(i, a, b) sets element i's terms a and b; s0, s1 receive the sums.
+// lane_sum with four accumulators of 16 lanes, which hide the add's latency (one accumulator makes a sum of
+// cheap terms over cached data latency-bound), and the last partial group of 16 as one masked step (a 196-element
+// plane's 4-element scalar tail cost as much as its vectors): a 14 x 14 plane's mean and variance in 31% less
+// time. Used where measured (SimAM's moments): as the general lane_sum it made SRM's training step at
+// 32x1024x14x14 12% slower (in its unrolled main loop GCC keeps these accumulators on the stack).
+template <typename A, typename F>
+inline A lane_sum_x4(int64_t i0, int64_t i1, F f) {
+  A l0[16] = {}, l1[16] = {}, l2[16] = {}, l3[16] = {};
+  int64_t i = i0;
+  for (; i + 64 <= i1; i += 64) {
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) {
+      l0[j] += f(i + j);
+      l1[j] += f(i + 16 + j);
+      l2[j] += f(i + 32 + j);
+      l3[j] += f(i + 48 + j);
+    }
+  }
+  for (; i + 16 <= i1; i += 16) {
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) l0[j] += f(i + j);
+  }
+  const int64_t rest = i1 - i;
+#pragma omp simd
+  for (int j = 0; j < 16; ++j) l1[j] += j < rest ? f(i + j) : A(0);
+#pragma omp simd
+  for (int j = 0; j < 16; ++j) l0[j] = (l0[j] + l1[j]) + (l2[j] + l3[j]);
+  return lane_tree_sum(l0);
+}
+
+// Two sums at once: f(i, a, b) sets element i's terms a and b; s0, s1 receive the sums.
 template <typename A, typename F>
 inline void lane_sum2(int64_t i0, int64_t i1, F f, A& s0, A& s1) {
   A l0[16] = {}, l1[16] = {};

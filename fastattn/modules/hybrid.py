@@ -9,7 +9,7 @@ from ..ops import _dispatch
 from ..ops.gate import channel_affine_gate, channel_scale, channel_spatial_gate
 from ..ops.coord import coord_pool, coord_scale
 from ..ops.pool import channel_pool
-from ..ops.simam import simam
+from ..ops.simam import check_args as check_simam_args, simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
 from .channel import (_bn_fold, _bn_frozen, _cpu_path_ok, _one_read_ok, _RAW_CHECKS,
@@ -550,10 +550,41 @@ class CoordinateAttention(reference.CoordinateAttention):
 
 class SimAM(reference.SimAM):
     """`fastattn.reference.SimAM` as one fused op: statistics and gate per plane, backward
-    recomputing them from x (the only tensor saved)."""
+    recomputing them from x (the only tensor saved). In CPU training (see `saves_stats`), the
+    forward also saves each plane's mean and gate scale, and the backward skips their passes."""
 
     backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("SimAM", x)
+        if self.saves_stats(x):
+            check_simam_args(x, self.e_lambda)
+            return _SimAMTrain.apply(x, float(self.e_lambda))
         return simam(x, self.e_lambda, backend=self.backend)
+
+    def saves_stats(self, x: torch.Tensor) -> bool:
+        """Whether forward runs SimAM's CPU training kernels (`fastattn_C::simam_train_forward` /
+        `_backward`: the forward saves (mu, r) per plane, B x C x 2 float64, beside x, and the
+        backward's arithmetic drops by a fifth at 14 x 14): x requires grad under grad mode, and the
+        conditions of `_cpu_path_ok` (NCHW; channels_last takes the op path)."""
+        return torch.is_grad_enabled() and x.requires_grad and _cpu_path_ok(self, x, "simam_train")
+
+
+_RAW_CHECKS["simam_train"] = _dispatch.cpu_kernel("simam_train_forward", "simam_train_backward")
+
+
+class _SimAMTrain(torch.autograd.Function):
+    """SimAM with its plane statistics saved: the backward's dx equals the op path's (the same
+    constants, without recomputing them from x)."""
+
+    @staticmethod
+    def forward(ctx, x, e_lambda):
+        y, stats = torch.ops.fastattn_C.simam_train_forward(x, e_lambda)
+        ctx.save_for_backward(x, stats)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, stats = ctx.saved_tensors
+        return torch.ops.fastattn_C.simam_train_backward(dy.to(x.dtype), x, stats), None

@@ -98,6 +98,12 @@ def simam(x: Tensor, e_lambda: float = 1e-4, *, backend: str | None = None) -> T
     backend: None (the process default, see fastattn.set_backend), "auto", "triton", "cuda"
     (the CUDA C++ kernels), "cpu" (the OpenMP C++ kernels, CPU tensors), "torch".
     """
+    check_args(x, e_lambda)
+    return _dispatch.run(_simam, x, float(e_lambda), _dispatch.resolve(OP, x, backend, CHECKS))
+
+
+def check_args(x: Tensor, e_lambda: float) -> None:
+    """simam's argument checks (also those of `fastattn.SimAM`'s CPU training path)."""
     from ..reference._checks import check_feature_map
 
     check_feature_map(OP, x)
@@ -107,4 +113,3 @@ def simam(x: Tensor, e_lambda: float = 1e-4, *, backend: str | None = None) -> T
                          f"got H={H}, W={W}")
     if isinstance(e_lambda, bool) or not isinstance(e_lambda, (int, float)) or not 0 < e_lambda < float("inf"):
         raise ValueError(f"{OP}: argument 'e_lambda' must be a positive float, got {e_lambda!r}")
-    return _dispatch.run(_simam, x, float(e_lambda), _dispatch.resolve(OP, x, backend, CHECKS))
