@@ -90,3 +90,22 @@ def test_se_forward_channels_last_streaming_path(residual):
     y = torch.ops.fastattn_C.se_forward(x, w1, b1, w2, b2, r)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y.double(), se_math(x, w1, b1, w2, b2, r), rtol=1e-5, atol=1e-5)
+
+
+def test_sge_streaming_path():
+    """SGE's forward and backward stream fp32 y and dx (NCHW): against the same kernels in float64
+    (no streaming)."""
+    shape = _big_shape(planes=8)
+    g = torch.Generator().manual_seed(8)
+    x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    w, b = torch.randn(2, generator=g), torch.randn(2, generator=g)
+    ops = torch.ops.fastattn_C
+    y, m, mu, sd = ops.sge_gate(x, w, b, 2, 1e-5)
+    dx, dw, db = ops.sge_gate_backward(dy, x, w, b, m, mu, sd, 2, 1e-5)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    y64, m64, mu64, sd64 = ops.sge_gate(x64, w64, b64, 2, 1e-5)
+    want, dw64, db64 = ops.sge_gate_backward(dy.double(), x64, w64, b64, m64, mu64, sd64, 2, 1e-5)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.double(), db64, rtol=1e-4, atol=1e-4)
