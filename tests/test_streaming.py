@@ -109,3 +109,56 @@ def test_sge_streaming_path():
     torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(db.double(), db64, rtol=1e-4, atol=1e-4)
+
+
+def test_simam_backward_streaming_path():
+    """SimAM's backward streams fp32 dx for NCHW planes that keep their gates (<= 16384 positions):
+    against the same kernel in float64 (no streaming); odd planes start unaligned."""
+    H, W = 45, 47
+    planes = _ext.build_info()["llc_bytes"] // 2 // 4 // (H * W) + 1
+    shape = (2, (planes + 1) // 2, H, W)
+    g = torch.Generator().manual_seed(10)
+    x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    ops = torch.ops.fastattn_C
+    want = ops.simam_backward(dy.double(), x.double(), 0.1)
+    torch.testing.assert_close(ops.simam_backward(dy, x, 0.1).double(), want, rtol=1e-5, atol=1e-5)
+    _, stats = ops.simam_train_forward(x, 0.1)
+    torch.testing.assert_close(ops.simam_train_backward(dy, x, stats).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_srm_train_streaming_path():
+    """SRM's training kernels stream fp32 y and dx: against float64 autograd (test_srm_train_cpu's
+    math); odd planes start unaligned, each plane has its own scale (a well-conditioned BatchNorm)."""
+    from test_srm_train_cpu import BN_EPS, STD_EPS, srm_math
+
+    B, H, W = 4, 63, 63
+    C = _ext.build_info()["llc_bytes"] // 2 // 4 // (B * H * W) + 1
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(B, C, H, W, generator=g) * (torch.rand(B, C, 1, 1, generator=g) + 0.5) \
+        + torch.randn(B, C, 1, 1, generator=g)
+    dy = torch.randn(B, C, H, W, generator=g)
+    cfc, gamma, beta = torch.randn(C, 2, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g)
+    y, mean, std, gate, zmean, zvar = torch.ops.fastattn_C.srm_train_forward(x, cfc, gamma, beta, BN_EPS, STD_EPS)
+    xd = x.double().requires_grad_()
+    yd = srm_math(xd, cfc.double(), gamma.double(), beta.double())[0]
+    yd.backward(dy.double())
+    torch.testing.assert_close(y.double(), yd.detach(), rtol=5e-5, atol=5e-5)
+    dx = torch.ops.fastattn_C.srm_train_backward(dy, x, cfc, gamma, BN_EPS, mean, std, gate, zmean, zvar, True)[0]
+    torch.testing.assert_close(dx.double(), xd.grad, rtol=5e-5, atol=5e-5)
+
+
+def test_nam_train_backward_streaming_path():
+    """NAM's training backward streams fp32 dx from its kept gates: against float64 autograd
+    (test_nam_train_cpu's math); odd planes start unaligned."""
+    from test_nam_train_cpu import EPS, nam_math, random_args
+
+    B, H, W = 4, 63, 63
+    C = _ext.build_info()["llc_bytes"] // 2 // 4 // (B * H * W) + 1
+    g = torch.Generator().manual_seed(14)
+    x, gamma, bias, w = random_args((B, C, H, W), torch.float32, g)
+    dy = torch.randn(B, C, H, W, generator=g)
+    _, mean, var = torch.ops.fastattn_C.nam_train_forward(x, gamma, bias, w, EPS)
+    xd = x.double().requires_grad_()
+    nam_math(xd, gamma.double(), bias.double(), w.double())[0].backward(dy.double())
+    dx = torch.ops.fastattn_C.nam_train_backward(dy, x, gamma, bias, w, EPS, mean, var, True)[0]
+    torch.testing.assert_close(dx.double(), xd.grad, rtol=5e-5, atol=5e-5)
