@@ -27,7 +27,7 @@ def layouts(x):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 def test_kernels_equal_the_recomputing_ones(dtype, shape, layout):
     """y equals simam's, the saved stats are each plane's (mu, r) (float64 reference), and dx from
-    them equals simam_backward's (which recomputes them): the same constants, so the same bits.
+    them equals simam_backward's (which recomputes them; bit for bit in NCHW, the module's path).
     1x2x130x131: planes split into segments (few planes); 33x4x14x14: more planes than threads;
     2x40x5x6: channels_last in blocks of 16 channels (1x40x64x65: and segments)."""
     gen = torch.Generator().manual_seed(sum(shape))
@@ -45,7 +45,11 @@ def test_kernels_equal_the_recomputing_ones(dtype, shape, layout):
     torch.testing.assert_close(stats[..., 0], mu, rtol=rel, atol=rel * xd.abs().max().item())
     torch.testing.assert_close(stats[..., 1], r, rtol=rel, atol=0)
     dx = OPS.simam_train_backward(dy, x, stats)
-    torch.testing.assert_close(dx, OPS.simam_backward(dy, x, LAMBDA), rtol=0, atol=0)
+    # NCHW: forward and backward cut the planes alike, so the same bits; channels_last blocks are cut by
+    # bytes per element of the tensors swept (x; dy and x), so the moments may merge in another order
+    exact = layout == "nchw"
+    tol = 0 if exact else {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    torch.testing.assert_close(dx, OPS.simam_backward(dy, x, LAMBDA), rtol=tol, atol=tol)
 
 
 def test_backward_uses_the_saved_stats():

@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> simam_train_forward(const at::Tensor& x, doub
   return {y, stats};
 }
 
-// dx from dy, x and the stats of simam_train_forward(x): the same dx as simam_backward.
+// dx from dy, x and the stats of simam_train_forward(x): simam_backward's dx (see simam_backward_cpu).
 at::Tensor simam_train_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& stats) {
   const char* op = "simam_train_backward";
   const DType dt = check_simam_x(op, x, 1.0);

@@ -17,7 +17,8 @@ void simam_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C
                        double e_lambda, Strides4 sx, Strides4 sy, double* save = nullptr);
 
 // dx from dy and x (the statistics are recomputed from x, or taken from `saved`: the forward's `save` of
-// this x; then e_lambda is unused and dx is the same). With s the gate, xc = x - mu,
+// this x; then e_lambda is unused, and dx is the same: bit for bit where the forward and the backward cut the
+// planes alike (NCHW), else within rounding of the moments' merge order). With s the gate, xc = x - mu,
 // e = dy x s (1 - s), A = sum(e xc), Bs = sum(e d):
 //   dx = dy s + 2 xc (e r + dS) - 2 r A / n,  dS = -4 r^2 Bs / (n - 1).
 void simam_backward_cpu(const void* dy, const void* x, void* dx, DType dtype, int64_t B, int64_t C, int64_t H,
