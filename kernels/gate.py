@@ -130,7 +130,7 @@ MODES = {"max": 1, "add": 2, "bam": 3, "bam_sum": 4}   # x * a * s is spatial.py
 @triton.jit
 def _combine(x, a, s, MODE: tl.constexpr):
     if MODE == 1:                                   # scSE (official): max(x * a, x * s)
-        y = tl.maximum(x * a, x * s)
+        y = tl.maximum(x * a, x * s, propagate_nan=tl.PropagateNan.ALL)   # NaN wins, as torch.maximum
     elif MODE == 2:                                 # scSE (paper): x * a + x * s
         y = x * (a + s)
     elif MODE == 3:                                 # BAM: x * (1 + sigmoid(a * s))
@@ -200,10 +200,14 @@ def _channel_spatial_bwd(
     x = tl.load(x_ptr + b * sxb + c[:, None] * sxc + hw[None, :] * sxhw, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + b * sdb + c[:, None] * sdc + hw[None, :] * sdhw, mask=mask, other=0.0).to(tl.float32)
     if MODE == 1:
-        a_wins = x * a >= x * s
-        dx = tl.where(a_wins, dy * a, dy * s)
-        ga = tl.where(a_wins, dy * x, 0.0)
-        gs = tl.where(a_wins, 0.0, dy * x)
+        # torch.maximum's gradient: half to each side on a tie (x = 0 ties), all to both on a NaN
+        xa = x * a
+        xs = x * s
+        wa = tl.where(xa == xs, 0.5, tl.where(xa < xs, 0.0, 1.0))
+        ws = tl.where(xa == xs, 0.5, tl.where(xa > xs, 0.0, 1.0))
+        dx = dy * (wa * a + ws * s)
+        ga = wa * (dy * x)
+        gs = ws * (dy * x)
     elif MODE == 2:
         dx = dy * (a + s)
         ga = dy * x

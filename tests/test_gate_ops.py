@@ -393,13 +393,14 @@ def _reference(op, x, p, r, dy, acc):
         u = dy64 * x64 * sg * (1 - sg)
         return x64 * sg, {"x": dy64 * sg + u * al, "alpha": (u * x64).sum((2, 3)), "beta": u.sum((2, 3))}
     a4, s = q["a"][:, :, None, None], q["s"]
-    if op == "max":
+    if op == "max":     # torch.maximum's gradient: half to each side on a tie
         xa, a_acc, s_acc = x.to(acc), p["a"].to(acc)[:, :, None, None], p["s"].to(acc)
-        win = xa * a_acc >= xa * s_acc
+        win, tie = xa * a_acc >= xa * s_acc, xa * a_acc == xa * s_acc
+        wa = torch.where(tie, 0.5, win.double())
+        ws = torch.where(tie, 0.5, 1 - win.double())
         g = dy64 * x64
         return (torch.where(win, x64 * a4, x64 * s),
-                {"x": dy64 * torch.where(win, a4, s), "a": torch.where(win, g, 0).sum((2, 3)),
-                 "s": torch.where(win, 0, g).sum(1, keepdim=True)})
+                {"x": dy64 * (wa * a4 + ws * s), "a": (wa * g).sum((2, 3)), "s": (ws * g).sum(1, keepdim=True)})
     if op == "add":
         g = dy64 * x64
         return x64 * (a4 + s), {"x": dy64 * (a4 + s), "a": g.sum((2, 3)), "s": g.sum(1, keepdim=True)}
@@ -431,6 +432,10 @@ def _check(op, shape, dtype, layout, device, *, dy_layout=None, param_dtype=None
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = _map(shape, dtype, layout, device, g)
     p = _params(op, shape, param_dtype or acc, device, g)
+    if op == "max" and x.numel():
+        # ties: x = 0 (every pixel of a column, as after a ReLU), and a = s at one pixel of channel 0
+        x[..., ::3] = 0
+        p["a"][:, 0] = p["s"][:, 0, 0, -1]
     r = _map(shape, dtype, "channels_last" if layout == "nchw" else "nchw", device, g) if op == "scale_res" else None
     dy = _map(shape, dtype, dy_layout or layout, device, g)
     y, grads = _run(op, x, p, r, dy, backend)

@@ -123,11 +123,14 @@ struct SpatialOp {
   __device__ static void bwd(A dy, A x, A a, A, A s, A& dx, A& g0, A& g1, A& gq) {
     g1 = A(0);
     if constexpr (kMode == 1) {
-      const bool a_wins = x * a >= x * s;  // the side the forward took (ties: a, as the reference)
-      const A g = dy * x;
-      dx = dy * (a_wins ? a : s);
-      g0 = a_wins ? g : A(0);
-      gq = a_wins ? A(0) : g;
+      // torch.maximum's gradient: all to the larger side, half to each on a tie (x = 0 after a
+      // ReLU ties every pixel), all to both when one is NaN (neither comparison holds)
+      const A xa = x * a, xs = x * s, g = dy * x;
+      const A wa = xa == xs ? A(0.5) : (xa < xs ? A(0) : A(1));
+      const A ws = xa == xs ? A(0.5) : (xa > xs ? A(0) : A(1));
+      dx = dy * (wa * a + ws * s);
+      g0 = wa * g;
+      gq = ws * g;
     } else if constexpr (kMode == 2) {
       dx = dy * (a + s);
       g0 = dy * x;

@@ -166,11 +166,12 @@ def _channel_spatial_gate_backward(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, 
 def _combine_grads_torch(dy: Tensor, x: Tensor, a: Tensor, s: Tensor, mode: str):
     """(dx, da, ds) of every mode, da and ds not yet reduced (shape of x); see the Triton
     backward kernel's docstring for the formulas."""
-    if mode == "max":
-        a_wins = x * a >= x * s
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        return (torch.where(a_wins, dy * a, dy * s), torch.where(a_wins, dy * x, zero),
-                torch.where(a_wins, zero, dy * x))
+    if mode == "max":   # torch.maximum's gradient: half to each side on a tie, all to both on a NaN
+        xa, xs = x * a, x * s
+        half, zero, one = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (0.5, 0.0, 1.0))
+        wa = torch.where(xa == xs, half, torch.where(xa < xs, zero, one))
+        ws = torch.where(xa == xs, half, torch.where(xa > xs, zero, one))
+        return dy * (wa * a + ws * s), wa * dy * x, ws * dy * x
     if mode == "add":
         return dy * (a + s), dy * x, dy * x
     sg = torch.sigmoid(a * s if mode == "bam" else a + s)
