@@ -23,6 +23,14 @@ def test_matches_reference(case, layout, train):
     compare(case, backend="auto", layout=layout, train=train)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_reference_on_relu_outputs(case, layout):
+    """Inputs as a ReLU leaves them (zeros, a dead channel, a dead pixel): the ties of max
+    pools and of scSE's max(x a, x s), whose gradients torch splits or sends to one element."""
+    compare(case, backend="auto", layout=layout, train=True, relu=True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_matches_reference_float64(case):
     compare(case, backend="torch", dtype=torch.float64, train=True, rtol=1e-10, atol=1e-10)

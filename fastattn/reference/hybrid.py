@@ -48,8 +48,10 @@ class _ConvBN(nn.Module):
 
 
 def _max_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Z-pool / CBAM channel pool: [max, mean] over `dim`, stacked as 2 channels at dim 1."""
-    return torch.stack((x.amax(dim=dim), x.mean(dim=dim)), dim=1)
+    """Z-pool / CBAM channel pool: [max, mean] over `dim`, stacked as 2 channels at dim 1. The max
+    is the official ``torch.max(x, dim)[0]``: on a tie (a ReLU's zeros) its gradient goes to the
+    first maximum, where ``amax`` would split it."""
+    return torch.stack((x.max(dim=dim).values, x.mean(dim=dim)), dim=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -336,8 +338,8 @@ class _CBAMChannelGate(nn.Module):
     def _pool(x: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "avg":
             return x.mean(dim=(2, 3))
-        if kind == "max":
-            return x.amax(dim=(2, 3))
+        if kind == "max":  # the official max_pool2d over the plane: a tie's gradient to its first maximum
+            return x.flatten(2).max(dim=2).values
         if kind == "lp":  # power-2 norm over H x W
             return x.square().sum(dim=(2, 3)).sqrt()
         return torch.logsumexp(x.flatten(2), dim=2)  # "lse"

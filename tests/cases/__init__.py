@@ -57,11 +57,19 @@ def flat_outputs(out) -> list:
     return res
 
 
-def rand_inputs(shapes, dtype=torch.float32, channels_last=False, seed=0):
+def rand_inputs(shapes, dtype=torch.float32, channels_last=False, seed=0, relu=False):
+    """Random inputs of `shapes`. relu: 4-D maps as a ReLU leaves them (half the values 0), with
+    a dead channel (plane 1 all 0) and a dead pixel (0, 0 in every channel): the ties of max pools
+    and of max(x a, x s), where torch's gradients split (amax, maximum) or pick one (max_pool)."""
     g = torch.Generator().manual_seed(seed)
     xs = []
     for s in shapes:
-        t = torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+        t = torch.randn(*s, generator=g, dtype=torch.float64)
+        if relu and len(s) == 4:
+            t = t.clamp_min(0)
+            t[:, min(1, s[1] - 1)] = 0
+            t[:, :, 0, 0] = 0
+        t = t.to(dtype)
         if channels_last and len(s) == 4:
             t = t.contiguous(memory_format=torch.channels_last)
         xs.append(t)

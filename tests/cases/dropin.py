@@ -30,7 +30,8 @@ def run(case: Case, m, inputs):
     return flat_outputs(case.run(m, *args) if case.run else m(*args))
 
 
-def compare(case: Case, *, backend: str, dtype=torch.float32, layout="nchw", train=False, rtol=1e-4, atol=1e-4):
+def compare(case: Case, *, backend: str, dtype=torch.float32, layout="nchw", train=False, rtol=1e-4, atol=1e-4,
+            relu=False):
     """Outputs, input gradients, parameter gradients and (train) BN statistics of the fast module
     equal the reference's. fp32 default tolerance: rtol 1e-4 (another summation order, amplified
     by train-mode BatchNorm over a batch of 2 in some modules), atol 1e-4 (a gradient that is exactly
@@ -41,7 +42,7 @@ def compare(case: Case, *, backend: str, dtype=torch.float32, layout="nchw", tra
     r.train(train)
     f.train(train)
     cl = layout == "channels_last"
-    xr = [t.requires_grad_() for t in rand_inputs(case.shapes, dtype=dtype, channels_last=cl)]
+    xr = [t.requires_grad_() for t in rand_inputs(case.shapes, dtype=dtype, channels_last=cl, relu=relu)]
     xf = [t.detach().clone().requires_grad_() for t in xr]
     out_r, out_f = run(case, r, xr), run(case, f, xf)
     g = torch.Generator().manual_seed(7)
@@ -54,16 +55,19 @@ def compare(case: Case, *, backend: str, dtype=torch.float32, layout="nchw", tra
     sum((o * c).sum() for o, c in zip(out_r, cot)).backward()
     sum((o * c).sum() for o, c in zip(out_f, cot)).backward()
     for a, b in zip(xr, xf):
-        torch.testing.assert_close(b.grad, a.grad, rtol=rtol, atol=atol, msg=lambda m: f"input grad: {m}")
+        # equal_nan: the reference's own NaN gradients (CBAM's lp pool of an all-zero plane) must be matched
+        torch.testing.assert_close(b.grad, a.grad, rtol=rtol, atol=atol, equal_nan=relu,
+                                   msg=lambda m: f"input grad: {m}")
     pf = dict(f.named_parameters())
     # Parameter gradients sum many O(scale) terms: their rounding noise is relative to the
     # largest gradient of the module, not to each entry (some are exactly zero in theory).
-    scale = max([1.0] + [p.grad.abs().max().item() for p in r.parameters() if p.grad is not None])
+    scale = max([1.0] + [p.grad.abs().nan_to_num(0).max().item() for p in r.parameters() if p.grad is not None])
     for n, p in r.named_parameters():
         if p.grad is None:
             assert pf[n].grad is None, n
             continue
-        torch.testing.assert_close(pf[n].grad, p.grad, rtol=rtol, atol=atol * scale, msg=lambda m: f"grad {n}: {m}")
+        torch.testing.assert_close(pf[n].grad, p.grad, rtol=rtol, atol=atol * scale, equal_nan=relu,
+                                   msg=lambda m: f"grad {n}: {m}")
     if train:
         for (k, v), w in zip(f.state_dict().items(), r.state_dict().values()):
             torch.testing.assert_close(v, w, rtol=rtol, atol=atol, msg=lambda m: f"state {k}: {m}")
