@@ -16,6 +16,10 @@ import shutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
+# The kernel families the emulator runs (their .cu and *_cuda.cpp glue): the pool family, which its
+# tests cover. The other .cu files use launch and device-language forms the source rewrites and the
+# shim do not handle yet (templated launches with bool arguments, min, ...).
+STEMS = ("bins", "pool")
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
 _SMEM = re.compile(r"extern\s+__shared__\s+__align__\(\d+\)\s+unsigned\s+char\s+(\w+)\[\];")
@@ -59,7 +63,7 @@ def build(build_dir: str | None = None, verbose: bool = False):
     tree = os.path.join(build_dir, "csrc")
     os.makedirs(build_dir, exist_ok=True)
     shutil.copytree(os.path.join(HERE, "shim"), os.path.join(build_dir, "shim"), dirs_exist_ok=True)
-    stems = sorted(f[:-3] for f in os.listdir(os.path.join(CSRC, "cuda")) if f.endswith(".cu"))
+    stems = STEMS
     sources = []
     for sub in ("cpu", "cuda", "bind"):
         os.makedirs(os.path.join(tree, sub), exist_ok=True)
@@ -68,10 +72,10 @@ def build(build_dir: str | None = None, verbose: bool = False):
             with open(src) as f:
                 text = f.read()
             out = name
-            if sub == "cuda" and name.endswith(".cu"):
+            if sub == "cuda" and name.endswith(".cu") and name[:-3] in stems:
                 text, out = _kernel_source(text), name[:-3] + "_cu.cpp"
                 sources.append(os.path.join(tree, sub, out))
-            elif sub == "bind" and name.endswith("_cuda.cpp"):
+            elif sub == "bind" and name.endswith("_cuda.cpp") and name[:-9] in stems:
                 text = _glue_source(text)
                 sources.append(os.path.join(tree, sub, out))
             elif sub == "cpu" and name == "bins.cpp":      # the geometry table builder

@@ -1,8 +1,9 @@
 // A CPU stand-in for the parts of the CUDA runtime and device language that csrc/cuda/*.cu use,
 // so that their kernels run, unmodified, on CPU tensors (tests/cuda_emu/build.py rewrites only the
 // <<<...>>> launches and the extern __shared__ declarations). Each block runs alone; its threads
-// are real threads, __syncthreads a barrier of the block, __shfl_down_sync an exchange through a
-// barrier of the warp. Slow, for correctness only: indexing, splits, merges, alignment paths.
+// are real threads, __syncthreads a barrier of the block, __shfl_down_sync and __shfl_xor_sync
+// exchanges through a barrier of the warp. Slow, for correctness only: indexing, splits, merges,
+// alignment paths.
 #pragma once
 
 #include <barrier>
@@ -40,7 +41,8 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
 using cudaStream_t = void*;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace emu {
 inline int sm_count = 4;
@@ -59,22 +61,50 @@ inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 blockDim, gridDim;
 
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu::sm_count; return cudaSuccess; }
+// the SM count is the test's choice (set_sm_count); shared memory per block: an H100's 227 KiB
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? emu::sm_count : 232448;
+  return cudaSuccess;
+}
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { cudaError_t e = emu::last_error; emu::last_error = cudaSuccess; return e; }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated launch error"; }
 
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp->bar.arrive_and_wait(); }
 
+// Shuffles within segments of `width` lanes (a power of two up to 32): a source lane outside the
+// caller's segment leaves the caller's own value, as on the GPU.
 template <typename V>
-V __shfl_down_sync(unsigned, V v, int o) {
+V __shfl_down_sync(unsigned, V v, int o, int width = 32) {
   static_assert(sizeof(V) <= 16, "shuffle of a value over 16 bytes");
   std::memcpy(emu::warp->slot[emu::lane], &v, sizeof(V));
   emu::warp->bar.arrive_and_wait();
   V r = v;
-  if (emu::lane + o < 32) std::memcpy(&r, emu::warp->slot[emu::lane + o], sizeof(V));
+  if (emu::lane % width + o < width) std::memcpy(&r, emu::warp->slot[emu::lane + o], sizeof(V));
   emu::warp->bar.arrive_and_wait();
   return r;
 }
+
+// Butterfly exchange: lane i reads lane i ^ m.
+template <typename V>
+V __shfl_xor_sync(unsigned, V v, int m, int width = 32) {
+  static_assert(sizeof(V) <= 16, "shuffle of a value over 16 bytes");
+  std::memcpy(emu::warp->slot[emu::lane], &v, sizeof(V));
+  emu::warp->bar.arrive_and_wait();
+  V r = v;
+  const int src_lane = emu::lane ^ m;
+  if (src_lane < (emu::lane / width + 1) * width) std::memcpy(&r, emu::warp->slot[src_lane], sizeof(V));
+  emu::warp->bar.arrive_and_wait();
+  return r;
+}
+
+// 8- and 16-byte vector types (the kernels' raw vector loads) and the read-only-cache load.
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+template <typename V>
+V __ldg(const V* p) { return *p; }
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
