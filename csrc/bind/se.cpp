@@ -80,13 +80,9 @@ at::Tensor eca_forward(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-// scSE: y = max(x g, x s) (combine "max") or x g + x s ("add"); g the cSE gate (w1 (hidden, C),
-// b1, w2 (C, hidden), b2), s = sigmoid(conv_w . x + conv_b) the sSE gate (conv_w (C,)), float32.
-at::Tensor scse_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                        const at::Tensor& b2, const at::Tensor& conv_w, double conv_b, c10::string_view combine) {
-  const char* op = "scse_forward";
-  const DType dt = check_input(x, op);
-  const int64_t C = x.size(1);
+// scSE's weights (float32, contiguous): w1 (hidden, C), b1, w2 (C, hidden), b2, conv_w (C,).
+ScseWeights scse_weights(const char* op, int64_t C, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                         const at::Tensor& b2, const at::Tensor& conv_w, double conv_b, c10::string_view combine) {
   TORCH_CHECK_VALUE(w1.dim() == 2, "fastattn::", op, ": argument 'w1' must be 2-D (hidden, C), got ", w1.sizes());
   const int64_t hidden = w1.size(0);
   check_weight(w1, op, "w1", hidden, C);
@@ -96,11 +92,21 @@ at::Tensor scse_forward(const at::Tensor& x, const at::Tensor& w1, const at::Ten
   check_weight(conv_w, op, "conv_w", C, 0);
   TORCH_CHECK_VALUE(combine == "max" || combine == "add", "fastattn::", op, ": argument 'combine' must be 'max' or "
                     "'add', got '", std::string(combine), "'");
+  return ScseWeights{w1.data_ptr<float>(), b1.data_ptr<float>(),    w2.data_ptr<float>(),
+                     b2.data_ptr<float>(), hidden,                   conv_w.data_ptr<float>(),
+                     static_cast<float>(conv_b), combine == "max"};
+}
+
+// scSE: y = max(x g, x s) (combine "max") or x g + x s ("add"); g the cSE gate (w1 (hidden, C),
+// b1, w2 (C, hidden), b2), s = sigmoid(conv_w . x + conv_b) the sSE gate (conv_w (C,)), float32.
+at::Tensor scse_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, const at::Tensor& conv_w, double conv_b, c10::string_view combine) {
+  const char* op = "scse_forward";
+  const DType dt = check_input(x, op);
+  const int64_t C = x.size(1);
+  const ScseWeights weights = scse_weights(op, C, w1, b1, w2, b2, conv_w, conv_b, combine);
   at::Tensor y = new_output_like(x);
   if (y.numel() == 0) return y;
-  const ScseWeights weights{w1.data_ptr<float>(), b1.data_ptr<float>(),    w2.data_ptr<float>(),
-                            b2.data_ptr<float>(), hidden,                   conv_w.data_ptr<float>(),
-                            static_cast<float>(conv_b), combine == "max"};
   scse_forward_cpu(x.data_ptr(), y.data_ptr(), dt, x.size(0), C, x.size(2), x.size(3), strides4(x), strides4(y),
                    weights);
   return y;
@@ -362,6 +368,61 @@ PooledGateWeights gate_weights(const char* op, int64_t C, int64_t H, int64_t W, 
   return w;
 }
 
+// The (dy, x) pair of a one-read training backward: NCHW-contiguous CPU x (16/32-bit), dy of its
+// shape, dtype and layout, H * W >= 1.
+DType check_train_pair(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  check_input(x, op);
+  const DType dt = check_nchw(op, x, "x");
+  check_grad_pair(op, dy, x);
+  TORCH_CHECK_VALUE(dy.is_contiguous(), "fastattn::", op, ": argument 'dy' must be NCHW-contiguous, got strides ",
+                    dy.strides());
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, "fastattn::", op, ": argument 'x' must have H * W >= 1");
+  return dt;
+}
+
+// scSE training forward in one read of NCHW x: (y, mean (B, C), g (B, C), s (B, H W)), the last
+// three float32 (see scse_train_forward_cpu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scse_train_forward(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& conv_w, double conv_b, c10::string_view combine) {
+  const char* op = "scse_train_forward";
+  check_input(x, op);
+  const DType dt = check_nchw(op, x, "x");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(H * W > 0, "fastattn::", op, ": argument 'x' must have H * W >= 1");
+  const ScseWeights w = scse_weights(op, C, w1, b1, w2, b2, conv_w, conv_b, combine);
+  at::Tensor y = new_output_like(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({B, C}, f32), g = at::empty({B, C}, f32), s = at::empty({B, H * W}, f32);
+  if (y.numel() == 0) return {y, mean, g, s};
+  scse_train_forward_cpu(x.data_ptr(), y.data_ptr(), mean.data_ptr<float>(), g.data_ptr<float>(),
+                         s.data_ptr<float>(), dt, B, C, H, W, w);
+  return {y, mean, g, s};
+}
+
+// Its backward in one read of NCHW dy and x: (dx, dg (B, C), dconv_w (B, C), dconv_b (B,)), the
+// last three float32 (see scse_train_backward_cpu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scse_train_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& g, const at::Tensor& s,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& conv_w,
+    c10::string_view combine) {
+  const char* op = "scse_train_backward";
+  const DType dt = check_train_pair(op, dy, x);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  check_table(op, mean, "mean", B, C, at::kFloat);
+  check_table(op, g, "g", B, C, at::kFloat);
+  check_table(op, s, "s", B, H * W, at::kFloat);
+  const ScseWeights w = scse_weights(op, C, w1, b1, w2, b2, conv_w, 0.0, combine);
+  at::Tensor dx = new_output_like(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dg = at::empty({B, C}, f32), dconv_w = at::empty({B, C}, f32), dconv_b = at::empty({B}, f32);
+  if (dx.numel() == 0) return {dx, dg.zero_(), dconv_w.zero_(), dconv_b.zero_()};
+  scse_train_backward_cpu(dy.data_ptr(), x.data_ptr(), mean.data_ptr<float>(), g.data_ptr<float>(),
+                          s.data_ptr<float>(), dx.data_ptr(), dg.data_ptr<float>(), dconv_w.data_ptr<float>(),
+                          dconv_b.data_ptr<float>(), dt, B, C, H, W, w);
+  return {dx, dg, dconv_w, dconv_b};
+}
+
 // Training forward of y = x * gate(stats(x)) in one read of x: (y, stats (B, C), g (B, C)), the
 // statistics and gate float32 (see pooled_gate_train_forward_cpu).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_gate_train_forward(
@@ -390,13 +451,8 @@ std::tuple<at::Tensor, at::Tensor> pooled_gate_train_backward(
     const std::optional<at::Tensor>& filter, const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& conv_w) {
   const char* op = "pooled_gate_train_backward";
-  check_input(x, op);
-  const DType dt = check_nchw(op, x, "x");
-  check_grad_pair(op, dy, x);
-  TORCH_CHECK_VALUE(dy.is_contiguous(), "fastattn::", op, ": argument 'dy' must be NCHW-contiguous, got strides ",
-                    dy.strides());
+  const DType dt = check_train_pair(op, dy, x);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK_VALUE(H * W > 0, "fastattn::", op, ": argument 'x' must have H * W >= 1");
   check_table(op, stats, "stats", B, C, at::kFloat);
   check_table(op, g, "g", B, C, at::kFloat);
   const PooledGateWeights w = gate_weights(op, C, H, W, filter, w1, b1, w2, b2, conv_w);
@@ -424,6 +480,10 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
         "Tensor? conv_w) -> (Tensor, Tensor, Tensor)");
   m.def("pooled_gate_train_backward(Tensor dy, Tensor x, Tensor stats, Tensor g, Tensor? filter, Tensor? w1, "
         "Tensor? b1, Tensor? w2, Tensor? b2, Tensor? conv_w) -> (Tensor, Tensor)");
+  m.def("scse_train_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor conv_w, float conv_b, "
+        "str combine) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("scse_train_backward(Tensor dy, Tensor x, Tensor mean, Tensor g, Tensor s, Tensor w1, Tensor b1, Tensor w2, "
+        "Tensor b2, Tensor conv_w, str combine) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_dot(Tensor dy, Tensor x) -> Tensor");
   m.def("channel_scale_affine_backward(Tensor dy, Tensor x, Tensor g, Tensor? k, Tensor a, Tensor? filter, "
         "Tensor? e) -> Tensor");
@@ -442,6 +502,8 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("cbam_forward", &fastattn::cbam_forward);
   m.impl("pooled_gate_train_forward", &fastattn::pooled_gate_train_forward);
   m.impl("pooled_gate_train_backward", &fastattn::pooled_gate_train_backward);
+  m.impl("scse_train_forward", &fastattn::scse_train_forward);
+  m.impl("scse_train_backward", &fastattn::scse_train_backward);
   m.impl("channel_dot", &fastattn::channel_dot);
   m.impl("channel_scale_affine_backward", &fastattn::channel_scale_affine_backward);
   m.impl("cbam_backward_sums", &fastattn::cbam_backward_sums);

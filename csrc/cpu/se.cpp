@@ -259,11 +259,15 @@ void se_gate(const float* v, int64_t C, const float* w1, const float* b1, const 
 }
 
 // w (rows, cols) row-major, transposed into a new (cols, rows) buffer.
+// In 16 x 16 tiles: column by column, a 2 MB matrix (scSE's at C = 1024) read one float per cache line.
 std::vector<float> transposed(const float* w, int64_t rows, int64_t cols) {
   std::vector<float> t(static_cast<size_t>(rows * cols));
+  constexpr int64_t kTile = 16;
 #pragma omp parallel for schedule(static) if (rows * cols >= 16384)
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = 0; r < rows; ++r) t[c * rows + r] = w[r * cols + c];
+  for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+      for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c)
+        for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r) t[c * rows + r] = w[r * cols + c];
   return t;
 }
 
@@ -495,83 +499,158 @@ void cbam_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
   }
 }
 
-// scSE inference, one sample per thread. Pass 1 (from memory): each plane's mean and its share of
-// the spatial squeeze s[p] += conv_w[c] x[c, p]; then the cSE MLP (g) and s = sigmoid(s + bias);
-// pass 2 (from the core's cache): y = max(x g, x s) (NaN-propagating, as torch.maximum) or
-// x g + x s.
+// Samples per group of the scSE kernels: the cSE MLP runs on a group's vectors at once, reading
+// each weight row once for all of them. scSE's default reduction 2 gives large weights (4 MB at
+// C = 1024: more than a 14 x 14 sample, and beyond L2), which one sample at a time reads whole per
+// sample (the forward kernel at 32 x 1024 x 14 x 14 spent half its time there). A group, `bytes`
+// per sample, must stay in the last-level cache between the two passes; at most 8, and at most
+// the samples per thread (every thread busy).
+int64_t scse_group(int64_t B, int64_t bytes) {
+  const int64_t nt = omp_get_max_threads();
+  const int64_t fit = llc_bytes() / std::max<int64_t>(1, 2 * nt * bytes);
+  return std::max<int64_t>(1, std::min({fit, int64_t(8), (B + nt - 1) / nt}));
+}
+
+// out[r] = sum_i w[r * ld + i] v[i] (i < n) for the `rows` (<= 4) rows of w: one sweep of v, an
+// accumulator per row. Cached matrix-vector products are bound by the latency of their adds: one
+// accumulator per dot product (lane_dot) ran the scSE MLP at a quarter of this speed. fp32 sums
+// (n is a channel count, far below the chunks where the pooled sums fold into double).
+inline void row_dots(const float* w, int64_t ld, int64_t rows, const float* v, int64_t n, float* out) {
+  const float* r[4];
+  for (int64_t q = 0; q < 4; ++q) r[q] = w + std::min(q, rows - 1) * ld;   // short blocks repeat a row
+  float s[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  if constexpr (kVecWidth > 0) {
+    vfloat a0 = vbroadcast(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + kVecWidth <= n; i += kVecWidth) {
+      const vfloat x = vload(v + i);
+      a0 = vfma(vload(r[0] + i), x, a0);
+      a1 = vfma(vload(r[1] + i), x, a1);
+      a2 = vfma(vload(r[2] + i), x, a2);
+      a3 = vfma(vload(r[3] + i), x, a3);
+    }
+    s[0] = vsum(a0), s[1] = vsum(a1), s[2] = vsum(a2), s[3] = vsum(a3);
+  }
+  for (; i < n; ++i)
+    for (int64_t q = 0; q < 4; ++q) s[q] += r[q][i] * v[i];
+  for (int64_t q = 0; q < rows; ++q) out[q] = s[q];
+}
+
+// SE's gate for n samples at once (see se_gate): v, g are n x C, hid n x hidden scratch. Each row of
+// w1 and w2 (C, hidden) is read from memory once for the n samples. Both layers as dot products of
+// weight rows (row_dots): the second as updates of g along rows of w2 transposed (mlp_output's
+// form) was bound by its loads and stores of g.
+void se_gate_group(const float* v, int64_t n, int64_t C, const float* w1, const float* b1, const float* w2,
+                   const float* b2, int64_t hidden, float* hid, float* g) {
+  for (int64_t j = 0; j < hidden; j += 4) {
+    const int64_t rows = std::min<int64_t>(4, hidden - j);
+    for (int64_t k = 0; k < n; ++k) {
+      float acc[4];
+      row_dots(w1 + j * C, C, rows, v + k * C, C, acc);
+      for (int64_t q = 0; q < rows; ++q) {
+        const float a = acc[q] + (b1 ? b1[j + q] : 0.0f);
+        hid[k * hidden + j + q] = a < 0.0f ? 0.0f : a;   // NaN passes, as torch.relu
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; c += 4) {
+    const int64_t rows = std::min<int64_t>(4, C - c);
+    for (int64_t k = 0; k < n; ++k) {
+      float acc[4];
+      row_dots(w2 + c * hidden, hidden, rows, hid + k * hidden, hidden, acc);
+      for (int64_t q = 0; q < rows; ++q) g[k * C + c + q] = sigmoid(acc[q] + (b2 ? b2[c + q] : 0.0f));
+    }
+  }
+}
+
+// scSE inference, a group of samples (scse_group) per step, each thread its own groups. Pass 1
+// (from memory): each plane's mean and its share of the spatial squeeze s[p] += conv_w[c] x[c, p];
+// then the cSE MLP of the group (g) and s = sigmoid(s + bias); pass 2 (from the core's cache):
+// y = max(x g, x s) (NaN-propagating, as torch.maximum) or x g + x s. mean_out, g_out (B x C) and
+// s_out (B x H W), when set: each sample's channel means, cSE gate and sSE gate, for training.
 template <typename T>
 void scse_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx, Strides4 sy,
-                   const ScseWeights& p) {
+                   const ScseWeights& p, float* mean_out = nullptr, float* g_out = nullptr, float* s_out = nullptr) {
   const int64_t HW = H * W;
-  const std::vector<float> w2t_buffer = transposed(p.w2, C, p.hidden);
-  const float* w2t = w2t_buffer.data();
   const bool contiguous = plane_contiguous(sx, H, W) && plane_contiguous(sy, H, W);
   const bool stream = contiguous && stream_stores<T>(B, C, H, W);
+  const int64_t G = scse_group(B, C * HW * static_cast<int64_t>(sizeof(T)));
 #pragma omp parallel
   {
-    std::vector<float> mean(static_cast<size_t>(C)), g(static_cast<size_t>(C)), hid(static_cast<size_t>(p.hidden)),
-        sp(static_cast<size_t>(HW));
+    std::vector<float> mean(static_cast<size_t>(G * C)), g(static_cast<size_t>(G * C)),
+        hid(static_cast<size_t>(G * p.hidden)), sp(static_cast<size_t>(G * HW));
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b0 = 0; b0 < B; b0 += G) {
+      const int64_t n = std::min(G, B - b0);
       std::fill(sp.begin(), sp.end(), 0.0f);
-      for (int64_t c = 0; c < C; ++c) {
-        const T* q = x + b * sx.b + c * sx.c;
-        const float wc = p.conv_w[c];
-        float* s = sp.data();
-        if (contiguous) {
-          mean[c] = plane_mean(q, H, W, sx);   // the plane is in L1 for the conv's read below
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t b = b0 + k;
+        float* s = sp.data() + k * HW;
+        for (int64_t c = 0; c < C; ++c) {
+          const T* q = x + b * sx.b + c * sx.c;
+          const float wc = p.conv_w[c];
+          mean[k * C + c] = plane_mean(q, H, W, sx);   // the plane is in L1 for the conv's read below
+          if (contiguous) {
 #pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) s[i] += wc * to_float(q[i]);
-        } else {
-          mean[c] = plane_mean(q, H, W, sx);
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w) s[h * W + w] += wc * to_float(q[h * sx.h + w * sx.w]);
+            for (int64_t i = 0; i < HW; ++i) s[i] += wc * to_float(q[i]);
+          } else {
+            for (int64_t h = 0; h < H; ++h)
+              for (int64_t w = 0; w < W; ++w) s[h * W + w] += wc * to_float(q[h * sx.h + w * sx.w]);
+          }
         }
       }
-      se_gate(mean.data(), C, p.w1, p.b1, w2t, p.b2, p.hidden, hid.data(), g.data());
-      for (int64_t i = 0; i < HW; ++i) sp[i] = sigmoid(sp[i] + p.conv_b);
-      const float* s = sp.data();
-      for (int64_t c = 0; c < C; ++c) {
-        const T* q = x + b * sx.b + c * sx.c;
-        T* o = y + b * sy.b + c * sy.c;
-        const float gc = g[c];
-        if constexpr (std::is_same<T, float>::value) {
-          if (stream && p.combine_max) {
-            stream_row_f32(o, HW, [&](int64_t i) {
-                             const vfloat v = vload(q + i);
-                             return vnan_max(vmul(v, vbroadcast(gc)), vmul(v, vload(s + i)));
-                           },
-                           [&](int64_t i) { return nan_max(q[i] * gc, q[i] * s[i]); });
-            continue;
-          }
-          if (stream) {
-            stream_row_f32(o, HW, [&](int64_t i) {
-                             const vfloat v = vload(q + i);
-                             return vfma(v, vbroadcast(gc), vmul(v, vload(s + i)));
-                           },
-                           [&](int64_t i) { return q[i] * gc + q[i] * s[i]; });
-            continue;
-          }
-        }
-        if (contiguous && p.combine_max) {
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) {
-            const float v = to_float(q[i]);
-            o[i] = store<T>(nan_max(v * gc, v * s[i]));
-          }
-        } else if (contiguous) {
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) {
-            const float v = to_float(q[i]);
-            o[i] = store<T>(v * gc + v * s[i]);
-          }
-        } else {
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w) {
-              const float v = to_float(q[h * sx.h + w * sx.w]);
-              const float a = v * gc, z = v * s[h * W + w];
-              o[h * sy.h + w * sy.w] = store<T>(p.combine_max ? nan_max(a, z) : a + z);
+      se_gate_group(mean.data(), n, C, p.w1, p.b1, p.w2, p.b2, p.hidden, hid.data(), g.data());
+      for (int64_t i = 0; i < n * HW; ++i) sp[i] = sigmoid(sp[i] + p.conv_b);
+      if (mean_out) {
+        std::copy(mean.begin(), mean.begin() + n * C, mean_out + b0 * C);
+        std::copy(g.begin(), g.begin() + n * C, g_out + b0 * C);
+        std::copy(sp.begin(), sp.begin() + n * HW, s_out + b0 * HW);
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t b = b0 + k;
+        const float* s = sp.data() + k * HW;
+        for (int64_t c = 0; c < C; ++c) {
+          const T* q = x + b * sx.b + c * sx.c;
+          T* o = y + b * sy.b + c * sy.c;
+          const float gc = g[k * C + c];
+          if constexpr (std::is_same<T, float>::value) {
+            if (stream && p.combine_max) {
+              stream_row_f32(o, HW, [&](int64_t i) {
+                               const vfloat v = vload(q + i);
+                               return vnan_max(vmul(v, vbroadcast(gc)), vmul(v, vload(s + i)));
+                             },
+                             [&](int64_t i) { return nan_max(q[i] * gc, q[i] * s[i]); });
+              continue;
             }
+            if (stream) {
+              stream_row_f32(o, HW, [&](int64_t i) {
+                               const vfloat v = vload(q + i);
+                               return vfma(v, vbroadcast(gc), vmul(v, vload(s + i)));
+                             },
+                             [&](int64_t i) { return q[i] * gc + q[i] * s[i]; });
+              continue;
+            }
+          }
+          if (contiguous && p.combine_max) {
+#pragma omp simd
+            for (int64_t i = 0; i < HW; ++i) {
+              const float v = to_float(q[i]);
+              o[i] = store<T>(nan_max(v * gc, v * s[i]));
+            }
+          } else if (contiguous) {
+#pragma omp simd
+            for (int64_t i = 0; i < HW; ++i) {
+              const float v = to_float(q[i]);
+              o[i] = store<T>(v * gc + v * s[i]);
+            }
+          } else {
+            for (int64_t h = 0; h < H; ++h)
+              for (int64_t w = 0; w < W; ++w) {
+                const float v = to_float(q[h * sx.h + w * sx.w]);
+                const float a = v * gc, z = v * s[h * W + w];
+                o[h * sy.h + w * sy.w] = store<T>(p.combine_max ? nan_max(a, z) : a + z);
+              }
+          }
         }
       }
     }
@@ -893,6 +972,197 @@ void pooled_gate_train_backward_cpu(const void* dy, const void* x, const float* 
     using T = decltype(tag);
     pooled_gate_backward_typed(static_cast<const T*>(dy), static_cast<const T*>(x), stats, g, static_cast<T*>(dx), dg,
                                B, C, H, W, w, w2t_buffer.data());
+  });
+}
+
+namespace {
+
+// The factor of dy in dx for max(x g, x s), as torch.maximum's gradient splits it: g where x g > x s,
+// s where less, (g + s) / 2 on a tie (x = 0, or g = s), g + s when unordered (a NaN: both sides
+// take the whole gradient). wa, ws: the shares of the g side and of the s side.
+inline void max_weights(float xa, float xs, float& wa, float& ws) {
+  wa = xa == xs ? 0.5f : (xa < xs ? 0.0f : 1.0f);
+  ws = xa == xs ? 0.5f : (xa > xs ? 0.0f : 1.0f);
+}
+
+// The cSE MLP's vector-Jacobian product for n samples at once (gate_vjp's MLP branch; each weight
+// row read from memory once for the n samples), as dot products of rows of w1, w2t (w2 transposed,
+// (hidden, C)) and w1t (w1 transposed, (C, hidden)): s, g, dg, ds, dz are n x C, dh n x hidden.
+void mlp_vjp_group(const ScseWeights& w, const float* w2t, const float* w1t, const float* s, const float* g,
+                   const float* dg, int64_t n, int64_t C, float* ds, float* dz, float* dh) {
+  const int64_t hidden = w.hidden;
+#pragma omp simd
+  for (int64_t i = 0; i < n * C; ++i) dz[i] = dg[i] * g[i] * (1.0f - g[i]);   // through the sigmoid
+  for (int64_t j = 0; j < hidden; j += 4) {
+    const int64_t rows = std::min<int64_t>(4, hidden - j);
+    for (int64_t k = 0; k < n; ++k) {
+      float z1[4], d[4];
+      row_dots(w.w1 + j * C, C, rows, s + k * C, C, z1);
+      row_dots(w2t + j * C, C, rows, dz + k * C, C, d);
+      for (int64_t q = 0; q < rows; ++q)   // torch.relu's gradient: where the output is positive
+        dh[k * hidden + j + q] = z1[q] + (w.b1 ? w.b1[j + q] : 0.0f) > 0.0f ? d[q] : 0.0f;
+    }
+  }
+  for (int64_t c = 0; c < C; c += 4) {
+    const int64_t rows = std::min<int64_t>(4, C - c);
+    for (int64_t k = 0; k < n; ++k) row_dots(w1t + c * hidden, hidden, rows, dh + k * hidden, hidden, ds + k * C + c);
+  }
+}
+
+// scSE's training backward, a group of samples (scse_group) per step (see se.h).
+template <typename T>
+void scse_backward_typed(const T* dy, const T* x, const float* mean, const float* g, const float* s, T* dx,
+                         float* dg, float* dconv_w, float* dconv_b, int64_t B, int64_t C, int64_t H, int64_t W,
+                         const ScseWeights& p, const float* w2t, const float* w1t) {
+  const int64_t HW = H * W;
+  const bool stream = stream_stores<T>(B, C, H, W);
+  const float inv_hw = 1.0f / static_cast<float>(HW);
+  const int64_t G = scse_group(B, 2 * C * HW * static_cast<int64_t>(sizeof(T)));   // dy and x
+#pragma omp parallel
+  {
+    std::vector<float> ds(static_cast<size_t>(G * HW)), dq(static_cast<size_t>(G * HW)),
+        dmean(static_cast<size_t>(G * C)), dz(static_cast<size_t>(G * C)),
+        dh(static_cast<size_t>(G * std::max<int64_t>(p.hidden, 1)));
+#pragma omp for schedule(static)
+    for (int64_t b0 = 0; b0 < B; b0 += G) {
+      const int64_t n = std::min(G, B - b0);
+      // pass 1 (from memory): dg[c] = sum_p wa dy x, ds[p] = sum_c ws dy x (fp32 chunks of a plane
+      // folded in double; ds in fp32 over the channels)
+      std::fill(ds.begin(), ds.end(), 0.0f);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t b = b0 + k;
+        const float* sb = s + b * HW;
+        float* dsb = ds.data() + k * HW;
+        for (int64_t c = 0; c < C; ++c) {
+          const T* pdy = dy + (b * C + c) * HW;
+          const T* px = x + (b * C + c) * HW;
+          const float gc = g[b * C + c];
+          double total = 0;
+          for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+            const int64_t i1 = std::min(HW, i0 + kChunk);
+            float acc = 0;
+            int64_t i = i0;
+            if constexpr (std::is_same<T, float>::value && kVecWidth > 0) {
+              // explicit vectors: GCC's 256-bit code for these loops was bound by its instruction count
+              const vfloat vg = vbroadcast(gc);
+              vfloat va = vbroadcast(0.0f);
+              for (; i + kVecWidth <= i1; i += kVecWidth) {
+                const vfloat v = vload(px + i), t = vmul(vload(pdy + i), v);
+                if (p.combine_max) {
+                  vfloat wa, ws;
+                  vmax_weights(vmul(v, vg), vmul(v, vload(sb + i)), wa, ws);
+                  va = vfma(wa, t, va);
+                  vstore(dsb + i, vfma(ws, t, vload(dsb + i)));
+                } else {
+                  va = vadd(va, t);
+                  vstore(dsb + i, vadd(t, vload(dsb + i)));
+                }
+              }
+              acc = vsum(va);
+            }
+            if (p.combine_max) {
+#pragma omp simd reduction(+ : acc)
+              for (int64_t j = i; j < i1; ++j) {
+                const float v = to_float(px[j]), t = to_float(pdy[j]) * v;
+                float wa, ws;
+                max_weights(v * gc, v * sb[j], wa, ws);
+                acc += wa * t;
+                dsb[j] += ws * t;
+              }
+            } else {
+#pragma omp simd reduction(+ : acc)
+              for (int64_t j = i; j < i1; ++j) {
+                const float t = to_float(pdy[j]) * to_float(px[j]);
+                acc += t;
+                dsb[j] += t;
+              }
+            }
+            total += acc;
+          }
+          dg[b * C + c] = static_cast<float>(total);
+        }
+      }
+      // the cSE MLP's vector-Jacobian product to the means; the sSE pre-activation's gradient
+      mlp_vjp_group(p, w2t, w1t, mean + b0 * C, g + b0 * C, dg + b0 * C, n, C, dmean.data(), dz.data(), dh.data());
+      for (int64_t k = 0; k < n; ++k) {
+        const float* sb = s + (b0 + k) * HW;
+        double qsum = 0;
+        for (int64_t i = 0; i < HW; ++i) {
+          dq[k * HW + i] = ds[k * HW + i] * sb[i] * (1.0f - sb[i]);
+          qsum += dq[k * HW + i];
+        }
+        dconv_b[b0 + k] = static_cast<float>(qsum);
+      }
+      // pass 2 (dy, x from this core's cache): dx = dy k + dmean / HW + conv_w[c] dq, and the
+      // conv's gradient sum_p x dq
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t b = b0 + k;
+        const float* sb = s + b * HW;
+        const float* q = dq.data() + k * HW;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t o = (b * C + c) * HW;
+          const T* pdy = dy + o;
+          const T* px = x + o;
+          T* pdx = dx + o;
+          const float gc = g[b * C + c], ac = dmean[k * C + c] * inv_hw, wc = p.conv_w[c];
+          if constexpr (std::is_same<T, float>::value) {
+            const vfloat vg = vbroadcast(gc), va = vbroadcast(ac), vw = vbroadcast(wc);
+            if (p.combine_max)
+              store_row_f32(pdx, HW, stream, [&](int64_t i) {
+                              const vfloat kk = vmax_grad_coef(vload(px + i), vg, vload(sb + i));
+                              return vfma(vload(pdy + i), kk, vfma(vload(q + i), vw, va));
+                            },
+                            [&](int64_t i) {
+                              float wa, ws;
+                              max_weights(px[i] * gc, px[i] * sb[i], wa, ws);
+                              return pdy[i] * (wa * gc + ws * sb[i]) + (q[i] * wc + ac);
+                            });
+            else
+              store_row_f32(pdx, HW, stream, [&](int64_t i) {
+                              return vfma(vload(pdy + i), vadd(vg, vload(sb + i)), vfma(vload(q + i), vw, va));
+                            },
+                            [&](int64_t i) { return pdy[i] * (gc + sb[i]) + (q[i] * wc + ac); });
+          } else if (p.combine_max) {
+#pragma omp simd
+            for (int64_t i = 0; i < HW; ++i) {
+              const float v = to_float(px[i]);
+              float wa, ws;
+              max_weights(v * gc, v * sb[i], wa, ws);
+              pdx[i] = store<T>(to_float(pdy[i]) * (wa * gc + ws * sb[i]) + (q[i] * wc + ac));
+            }
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < HW; ++i)
+              pdx[i] = store<T>(to_float(pdy[i]) * (gc + sb[i]) + (q[i] * wc + ac));
+          }
+          dconv_w[b * C + c] = static_cast<float>(lane_dot(px, q, static_cast<const float*>(nullptr), HW));
+        }
+      }
+    }
+    if (stream) stream_fence();
+  }
+}
+
+}  // namespace
+
+void scse_train_forward_cpu(const void* x, void* y, float* mean, float* g, float* s, DType dtype, int64_t B,
+                            int64_t C, int64_t H, int64_t W, const ScseWeights& weights) {
+  const Strides4 st{C * H * W, H * W, W, 1};
+  for_dtype_16_32(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scse_one_read(static_cast<const T*>(x), static_cast<T*>(y), B, C, H, W, st, st, weights, mean, g, s);
+  });
+}
+
+void scse_train_backward_cpu(const void* dy, const void* x, const float* mean, const float* g, const float* s,
+                             void* dx, float* dg, float* dconv_w, float* dconv_b, DType dtype, int64_t B, int64_t C,
+                             int64_t H, int64_t W, const ScseWeights& weights) {
+  const std::vector<float> w2t = transposed(weights.w2, C, weights.hidden);
+  const std::vector<float> w1t = transposed(weights.w1, weights.hidden, C);
+  for_dtype_16_32(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scse_backward_typed(static_cast<const T*>(dy), static_cast<const T*>(x), mean, g, s, static_cast<T*>(dx), dg,
+                        dconv_w, dconv_b, B, C, H, W, weights, w2t.data(), w1t.data());
   });
 }
 

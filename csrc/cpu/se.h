@@ -44,6 +44,20 @@ struct ScseWeights {
 void scse_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                       Strides4 sy, const ScseWeights& weights);
 
+// scSE training (NCHW-contiguous tensors, one sample per thread). Forward: the inference kernel's
+// one read, keeping each sample's channel means and cSE gate (mean, g: B x C floats) and its sSE
+// gate (s: B x H W floats). Backward, with y = max(x g, x s) (its gradient split as torch.maximum
+// splits it) or x g + x s: pass 1 reads dy and x from memory for the gates' gradients dg (B x C,
+// written: the MLP's parameter gradients follow from it) and ds (H W); the MLP's vector-Jacobian
+// product takes dg to the means; dq = ds s (1 - s); pass 2 re-reads dy and x from that core's
+// cache for dx = dy (wa g + ws s) + dmean / HW + conv_w[c] dq and the 1x1 conv's gradients
+// dconv_w[b, c] = sum_p x dq, dconv_b[b] = sum_p dq (B x C, B floats; summed over b by the caller).
+void scse_train_forward_cpu(const void* x, void* y, float* mean, float* g, float* s, DType dtype, int64_t B,
+                            int64_t C, int64_t H, int64_t W, const ScseWeights& weights);
+void scse_train_backward_cpu(const void* dy, const void* x, const float* mean, const float* g, const float* s,
+                             void* dx, float* dg, float* dconv_w, float* dconv_b, DType dtype, int64_t B, int64_t C,
+                             int64_t H, int64_t W, const ScseWeights& weights);
+
 // FcaNet's (MultiSpectralAttention's) y = x * sigmoid(w2 relu(w1 d)), d[c] = sum over H x W of
 // x * filter[c] (the DCT pool), w1 (hidden, C), w2 (C, hidden), no biases; filter (C, H, W)
 // contiguous floats; same one-read scheme.

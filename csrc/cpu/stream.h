@@ -44,6 +44,22 @@ inline vfloat vnan_max(vfloat a, vfloat b) {
   const __mmask16 take_b = _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
   return _mm512_mask_blend_ps(take_b, a, b);
 }
+// The gradient factor of max(x g, x s) with respect to x as torch.maximum splits it (see
+// max_grad_coef in se.cpp): g where x g > x s, s where less, (g + s) / 2 on a tie, g + s when
+// unordered (a NaN).
+// Its shares of the two sides, wa and ws: 1 to the larger side, 1/2 each on a tie, 1 to both when unordered.
+inline void vmax_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
+  const vfloat one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f);
+  const __mmask16 eq = _mm512_cmp_ps_mask(xa, xs, _CMP_EQ_OQ);
+  wa = _mm512_mask_blend_ps(eq, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xa, xs, _CMP_LT_OQ), one, zero), half);
+  ws = _mm512_mask_blend_ps(eq, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xa, xs, _CMP_GT_OQ), one, zero), half);
+}
+inline vfloat vmax_grad_coef(vfloat x, vfloat g, vfloat s) {
+  const vfloat xa = _mm512_mul_ps(x, g), xs = _mm512_mul_ps(x, s), both = _mm512_add_ps(g, s);
+  vfloat k = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xa, xs, _CMP_GT_OQ), both, g);
+  k = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xa, xs, _CMP_LT_OQ), k, s);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xa, xs, _CMP_EQ_OQ), k, _mm512_mul_ps(both, _mm512_set1_ps(0.5f)));
+}
 #elif defined(__AVX__)
 using vfloat = __m256;
 constexpr int64_t kVecWidth = 8;
@@ -67,6 +83,18 @@ inline vfloat vnan_max(vfloat a, vfloat b) {
   const __m256 take_b = _mm256_or_ps(_mm256_cmp_ps(b, a, _CMP_GT_OQ), _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
   return _mm256_blendv_ps(a, b, take_b);
 }
+inline void vmax_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
+  const vfloat one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
+  const __m256 eq = _mm256_cmp_ps(xa, xs, _CMP_EQ_OQ);
+  wa = _mm256_blendv_ps(_mm256_blendv_ps(one, zero, _mm256_cmp_ps(xa, xs, _CMP_LT_OQ)), half, eq);
+  ws = _mm256_blendv_ps(_mm256_blendv_ps(one, zero, _mm256_cmp_ps(xa, xs, _CMP_GT_OQ)), half, eq);
+}
+inline vfloat vmax_grad_coef(vfloat x, vfloat g, vfloat s) {
+  const vfloat xa = _mm256_mul_ps(x, g), xs = _mm256_mul_ps(x, s), both = _mm256_add_ps(g, s);
+  vfloat k = _mm256_blendv_ps(both, g, _mm256_cmp_ps(xa, xs, _CMP_GT_OQ));
+  k = _mm256_blendv_ps(k, s, _mm256_cmp_ps(xa, xs, _CMP_LT_OQ));
+  return _mm256_blendv_ps(k, _mm256_mul_ps(both, _mm256_set1_ps(0.5f)), _mm256_cmp_ps(xa, xs, _CMP_EQ_OQ));
+}
 #else
 struct vfloat { float v; };
 constexpr int64_t kVecWidth = 0;
@@ -79,6 +107,14 @@ inline void vstore(float* p, vfloat v) { *p = v.v; }
 inline float vsum(vfloat v) { return v.v; }
 inline void vstream(float* p, vfloat v) { *p = v.v; }
 inline vfloat vnan_max(vfloat a, vfloat b) { return {(b.v > a.v || b.v != b.v) ? b.v : a.v}; }
+inline void vmax_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
+  wa.v = xa.v == xs.v ? 0.5f : (xa.v < xs.v ? 0.0f : 1.0f);
+  ws.v = xa.v == xs.v ? 0.5f : (xa.v > xs.v ? 0.0f : 1.0f);
+}
+inline vfloat vmax_grad_coef(vfloat x, vfloat g, vfloat s) {
+  const float xa = x.v * g.v, xs = x.v * s.v;
+  return {xa > xs ? g.v : xa < xs ? s.v : xa == xs ? 0.5f * (g.v + s.v) : g.v + s.v};
+}
 #endif
 
 // Bytes of the last-level cache of this CPU: FASTATTN_LLC_BYTES when set (a positive integer: a
@@ -136,6 +172,17 @@ inline void stream_row_f32(float* __restrict__ y, int64_t n, VecFn vec, OneFn on
     for (; i < head; ++i) y[i] = one(i);
     for (; i + kVecWidth <= n; i += kVecWidth) vstream(y + i, vec(i));
   }
+  for (; i < n; ++i) y[i] = one(i);
+}
+
+// The same with plain stores (stream false) or streaming ones (stream_row_f32): for loops whose
+// vector body GCC does not match (masked selects: its 256-bit code ran at half the speed).
+template <typename VecFn, typename OneFn>
+inline void store_row_f32(float* __restrict__ y, int64_t n, bool stream, VecFn vec, OneFn one) {
+  if (stream) return stream_row_f32(y, n, vec, one);
+  int64_t i = 0;
+  if constexpr (kVecWidth > 0)
+    for (; i + kVecWidth <= n; i += kVecWidth) vstore(y + i, vec(i));
   for (; i < n; ++i) y[i] = one(i);
 }
 

@@ -12,7 +12,7 @@ from ..ops.pool import channel_pool
 from ..ops.simam import check_args as check_simam_args, simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
-from .channel import (_bn_fold, _bn_frozen, _cpu_path_ok, _one_read_ok, _RAW_CHECKS,
+from .channel import (_bn_fold, _bn_frozen, _cpu_path_ok, _llc_bytes, _one_read_ok, _RAW_CHECKS,
                       _train_fused_ok, plane_var_mean)
 from ..reference._checks import check_feature_map, like_input
 
@@ -21,7 +21,8 @@ class SCSE(reference.SCSE):
     """`fastattn.reference.SCSE` with one fused combine: max(x * a, x * s) (or x * a + x * s).
 
     The channel gate reads x once (mean), the spatial gate once (1x1 conv), the combine once. In
-    CPU inference, one read of x from memory (see `one_read`).
+    CPU inference, one read of x from memory (see `one_read`); in CPU training, one read of x
+    forward and one of dy and x backward (see `train_fused`).
     """
 
     backend: str | None = None
@@ -35,6 +36,8 @@ class SCSE(reference.SCSE):
             conv_w = sse.conv.weight.detach().float().reshape(-1).contiguous()
             conv_b = float(sse.conv.bias) if sse.conv.bias is not None else 0.0
             return torch.ops.fastattn_C.scse_forward(x, *w, conv_w, conv_b, self.combine)
+        if self.train_fused(x):
+            return _SCSETrain.apply(x, self, *self.parameters())
         a = torch.sigmoid(cse.fc2(F.relu(cse.fc1(channel_mean(x)))))
         s = torch.sigmoid(_conv_to_one(x, sse.conv))
         return channel_spatial_gate(x, a, s, self.combine, backend=self.backend)
@@ -45,6 +48,67 @@ class SCSE(reference.SCSE):
         from that core's cache) instead of the three-pass path: the conditions of SqueezeExcite's
         (`fastattn.modules.channel._one_read_ok`)."""
         return _one_read_ok(self, "scse_forward", x)
+
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the CPU training kernels (`_SCSETrain`: x and dy read from memory
+        once each, a sample per thread) instead of the op path: the conditions of `_train_fused_ok`,
+        float32 x and layers (the constructor's Linear and 1x1 conv, with biases), at least one
+        sample per thread, and two samples per thread (dy and x) twice over in the last-level cache;
+        not empty."""
+        if x.dtype != torch.float32 or x.numel() == 0 or not _train_fused_ok(self, x):
+            return False
+        if _RAW_CHECKS["scse_train"](x) is not None:
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            return False
+        cse, conv = self.cSE, self.sSE.conv
+        if not (type(cse.fc1) is torch.nn.Linear and type(cse.fc2) is torch.nn.Linear and type(conv) is torch.nn.Conv2d
+                and conv.kernel_size == (1, 1) and conv.out_channels == 1 and conv.groups == 1
+                and all(b is not None for b in (cse.fc1.bias, cse.fc2.bias, conv.bias))):
+            return False
+        if any(p.dtype != torch.float32 or not p.is_contiguous() for p in self.parameters()):
+            return False
+        threads = torch.get_num_threads()
+        return x.shape[0] >= threads and 4 * threads * x[0].numel() * x.element_size() <= _llc_bytes()
+
+
+_RAW_CHECKS["scse_train"] = _dispatch.cpu_kernel("scse_train_forward", "scse_train_backward")
+
+
+class _SCSETrain(torch.autograd.Function):
+    """scSE's CPU training step (`fastattn_C::scse_train_forward` / `_backward`, one sample per
+    thread). Forward: one read of x for the means and the 1x1 conv's sums, the gates, y from the
+    core's cache; the cSE MLP is recorded by autograd on the saved means (its parameters' gradients).
+    Backward: one read of dy and x for the gates' gradients, then dx (every path to x) and the conv's
+    gradients from the cache. The op path writes dx in three passes more (the combine's, the mean's,
+    the conv's) and reads x twice more for the conv's weight gradient and the spatial sums."""
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        cse, conv = module.cSE, module.sSE.conv
+        w = (cse.fc1.weight.detach(), cse.fc1.bias.detach(), cse.fc2.weight.detach(), cse.fc2.bias.detach(),
+             conv.weight.detach().view(-1))
+        y, mean, g, s = torch.ops.fastattn_C.scse_train_forward(x, *w, conv.bias.item(), module.combine)
+        with torch.enable_grad():      # the MLP's graph, for its parameters' gradients
+            gate = torch.sigmoid(cse.fc2(F.relu(cse.fc1(mean))))
+        ctx.save_for_backward(x, mean, g, s, *w)
+        ctx.graph = (gate, params, (cse.fc1.weight, cse.fc1.bias, cse.fc2.weight, cse.fc2.bias), conv)
+        ctx.combine = module.combine
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, mean, g, s, *w = ctx.saved_tensors
+        gate, params, mlp, conv = ctx.graph
+        dx, dg, dconv_w, dconv_b = torch.ops.fastattn_C.scse_train_backward(dy.contiguous(), x, mean, g, s, *w,
+                                                                            ctx.combine)
+        want = [p for p in mlp if p.requires_grad]
+        grads = dict(zip(want, torch.autograd.grad(gate, want, dg, retain_graph=True))) if want else {}
+        grads[conv.weight] = dconv_w.sum(0).view(conv.weight.shape)
+        grads[conv.bias] = dconv_b.sum().view(conv.bias.shape)
+        dx = dx if ctx.needs_input_grad[0] else None
+        return (dx, None, *[grads.get(p) if p.requires_grad else None for p in params])
 
 
 def _conv_to_one(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
