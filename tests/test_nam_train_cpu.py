@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastattn
-from cases.paths import op_names, check_backward_twice, check_training_step
+from cases.paths import op_names, check_backward_twice, check_steps_take_ops
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -97,13 +97,8 @@ def test_module_training_takes_the_kernels(bn_kwargs, x_grad, shape):
     """Two training steps: output, every gradient and the running statistics as the reference's."""
     torch.manual_seed(0)
     ref, fast = _pair(shape[1], **bn_kwargs)
-    for step in range(2):
-        x = torch.randn(shape) * 2 + step
-        assert fast.train_fused(x)
-        names = op_names(lambda: check_training_step(ref, fast, x, 1e-4, x_grad=x_grad))
-        assert "fastattn_C::nam_train_forward" in names and "fastattn_C::nam_train_backward" in names
-        for m in (ref, fast):
-            m.zero_grad(set_to_none=True)
+    check_steps_take_ops(ref, fast, shape, fast.train_fused,
+                         ("fastattn_C::nam_train_forward", "fastattn_C::nam_train_backward"), 1e-4, x_grad=x_grad)
 
 
 def test_module_conditions():

@@ -40,11 +40,12 @@ struct ScseWeights {
   bool combine_max;
 };
 
-// scSE inference in one read of x from memory, one sample per thread.
+// scSE inference in one read of x from memory, groups of samples per thread (the cSE MLP runs on
+// a group at once: its weights are read once per group).
 void scse_forward_cpu(const void* x, void* y, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx,
                       Strides4 sy, const ScseWeights& weights);
 
-// scSE training (NCHW-contiguous tensors, one sample per thread). Forward: the inference kernel's
+// scSE training (NCHW-contiguous tensors, groups of samples per thread). Forward: the inference kernel's
 // one read, keeping each sample's channel means and cSE gate (mean, g: B x C floats) and its sSE
 // gate (s: B x H W floats). Backward, with y = max(x g, x s) (its gradient split as torch.maximum
 // splits it) or x g + x s: pass 1 reads dy and x from memory for the gates' gradients dg (B x C,

@@ -51,10 +51,10 @@ class SCSE(reference.SCSE):
 
     def train_fused(self, x: torch.Tensor) -> bool:
         """Whether forward runs the CPU training kernels (`_SCSETrain`: x and dy read from memory
-        once each, a sample per thread) instead of the op path: the conditions of `_train_fused_ok`,
-        float32 x and layers (the constructor's Linear and 1x1 conv, with biases), at least one
-        sample per thread, and two samples per thread (dy and x) twice over in the last-level cache;
-        not empty."""
+        once each, groups of samples per thread) instead of the op path: the conditions of
+        `_train_fused_ok`, float32 x and layers (the constructor's Linear and 1x1 conv, with
+        biases), at least one sample per thread, one sample's dy and x per thread twice over in the
+        last-level cache; not empty."""
         if x.dtype != torch.float32 or x.numel() == 0 or not _train_fused_ok(self, x):
             return False
         if _RAW_CHECKS["scse_train"](x) is not None:
@@ -76,12 +76,13 @@ _RAW_CHECKS["scse_train"] = _dispatch.cpu_kernel("scse_train_forward", "scse_tra
 
 
 class _SCSETrain(torch.autograd.Function):
-    """scSE's CPU training step (`fastattn_C::scse_train_forward` / `_backward`, one sample per
-    thread). Forward: one read of x for the means and the 1x1 conv's sums, the gates, y from the
-    core's cache; the cSE MLP is recorded by autograd on the saved means (its parameters' gradients).
-    Backward: one read of dy and x for the gates' gradients, then dx (every path to x) and the conv's
-    gradients from the cache. The op path writes dx in three passes more (the combine's, the mean's,
-    the conv's) and reads x twice more for the conv's weight gradient and the spatial sums."""
+    """scSE's CPU training step (`fastattn_C::scse_train_forward` / `_backward`, groups of samples
+    per thread, the MLP run per group). Forward: one read of x for the means and the 1x1 conv's
+    sums, the gates, y from the core's cache; the cSE MLP is recorded by autograd on the saved
+    means (its parameters' gradients). Backward: one read of dy and x for the gates' gradients,
+    then dx (every path to x) and the conv's gradients from the cache. The op path writes dx in
+    three passes more (the combine's, the mean's, the conv's) and reads x twice more for the
+    conv's weight gradient and the spatial sums."""
 
     @staticmethod
     def forward(ctx, x, module, *params):

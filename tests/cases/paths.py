@@ -41,6 +41,19 @@ def check_training_step(ref: torch.nn.Module, fast: torch.nn.Module, x: torch.Te
         torch.testing.assert_close(bf, br, rtol=tol, atol=tol, msg=lambda m: f"buffer {name}: {m}")
 
 
+def check_steps_take_ops(ref: torch.nn.Module, fast: torch.nn.Module, shape: tuple, takes_path, ops: tuple,
+                        tol: float, x_grad: bool = True, steps: int = 2) -> None:
+    """`steps` training steps on fresh random x of `shape`: fast takes its path (takes_path(x)),
+    runs `ops` (profiler names) and matches ref (check_training_step); gradients cleared between."""
+    for step in range(steps):
+        x = torch.randn(shape) * 2 + step
+        assert takes_path(x)
+        names = op_names(lambda: check_training_step(ref, fast, x, tol, x_grad=x_grad))
+        assert set(ops) <= names, names
+        for m in (ref, fast):
+            m.zero_grad(set_to_none=True)
+
+
 def check_backward_twice(module: torch.nn.Module, x: torch.Tensor) -> None:
     """A second backward through the same graph (retain_graph) doubles every gradient: the path's
     backward must not free or overwrite what it saved. dy is non-contiguous (a permuted copy)."""
