@@ -221,4 +221,12 @@ inline bool plane_contiguous(const Strides4& s, int64_t H, int64_t W) {
 }
 inline bool channels_contiguous(const Strides4& s, int64_t C) { return s.c == 1 || C == 1; }
 
+// torch.maximum's gradient shares for max(xa, xs): all to the larger side, half to each on a tie
+// (x = 0 after a ReLU ties every pixel of max(x a, x s)), all to both when unordered (a NaN).
+template <typename A>
+inline void max_grad_weights(A xa, A xs, A& wa, A& ws) {
+  wa = xa == xs ? A(0.5) : (xa < xs ? A(0) : A(1));
+  ws = xa == xs ? A(0.5) : (xa > xs ? A(0) : A(1));
+}
+
 }  // namespace fastattn

@@ -89,11 +89,9 @@ struct SpatialOp {
   static void bwd(A dy, A x, A a, A, A s, A& dx, A& g0, A& g1, A& gq) {
     g1 = A(0);
     if constexpr (kMode == 1) {
-      // torch.maximum's gradient: all to the larger side, half to each on a tie (x = 0 after a
-      // ReLU ties every pixel), all to both when one is NaN (neither comparison holds)
-      const A xa = x * a, xs = x * s, g = dy * x;
-      const A wa = xa == xs ? A(0.5) : (xa < xs ? A(0) : A(1));
-      const A ws = xa == xs ? A(0.5) : (xa > xs ? A(0) : A(1));
+      const A g = dy * x;
+      A wa, ws;
+      max_grad_weights(x * a, x * s, wa, ws);   // torch.maximum's split (common.h)
       dx = dy * (wa * a + ws * s);
       g0 = wa * g;
       gq = ws * g;

@@ -977,14 +977,6 @@ void pooled_gate_train_backward_cpu(const void* dy, const void* x, const float* 
 
 namespace {
 
-// The factor of dy in dx for max(x g, x s), as torch.maximum's gradient splits it: g where x g > x s,
-// s where less, (g + s) / 2 on a tie (x = 0, or g = s), g + s when unordered (a NaN: both sides
-// take the whole gradient). wa, ws: the shares of the g side and of the s side.
-inline void max_weights(float xa, float xs, float& wa, float& ws) {
-  wa = xa == xs ? 0.5f : (xa < xs ? 0.0f : 1.0f);
-  ws = xa == xs ? 0.5f : (xa > xs ? 0.0f : 1.0f);
-}
-
 // The cSE MLP's vector-Jacobian product for n samples at once (gate_vjp's MLP branch; each weight
 // row read from memory once for the n samples), as dot products of rows of w1, w2t (w2 transposed,
 // (hidden, C)) and w1t (w1 transposed, (C, hidden)): s, g, dg, ds, dz are n x C, dh n x hidden.
@@ -1050,7 +1042,7 @@ void scse_backward_typed(const T* dy, const T* x, const float* mean, const float
                 const vfloat v = vload(px + i), t = vmul(vload(pdy + i), v);
                 if (p.combine_max) {
                   vfloat wa, ws;
-                  vmax_weights(vmul(v, vg), vmul(v, vload(sb + i)), wa, ws);
+                  vmax_grad_weights(vmul(v, vg), vmul(v, vload(sb + i)), wa, ws);
                   va = vfma(wa, t, va);
                   vstore(dsb + i, vfma(ws, t, vload(dsb + i)));
                 } else {
@@ -1065,7 +1057,7 @@ void scse_backward_typed(const T* dy, const T* x, const float* mean, const float
               for (int64_t j = i; j < i1; ++j) {
                 const float v = to_float(px[j]), t = to_float(pdy[j]) * v;
                 float wa, ws;
-                max_weights(v * gc, v * sb[j], wa, ws);
+                max_grad_weights(v * gc, v * sb[j], wa, ws);
                 acc += wa * t;
                 dsb[j] += ws * t;
               }
@@ -1114,7 +1106,7 @@ void scse_backward_typed(const T* dy, const T* x, const float* mean, const float
                             },
                             [&](int64_t i) {
                               float wa, ws;
-                              max_weights(px[i] * gc, px[i] * sb[i], wa, ws);
+                              max_grad_weights(px[i] * gc, px[i] * sb[i], wa, ws);
                               return pdy[i] * (wa * gc + ws * sb[i]) + (q[i] * wc + ac);
                             });
             else
@@ -1127,7 +1119,7 @@ void scse_backward_typed(const T* dy, const T* x, const float* mean, const float
             for (int64_t i = 0; i < HW; ++i) {
               const float v = to_float(px[i]);
               float wa, ws;
-              max_weights(v * gc, v * sb[i], wa, ws);
+              max_grad_weights(v * gc, v * sb[i], wa, ws);
               pdx[i] = store<T>(to_float(pdy[i]) * (wa * gc + ws * sb[i]) + (q[i] * wc + ac));
             }
           } else {

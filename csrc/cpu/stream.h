@@ -48,7 +48,7 @@ inline vfloat vnan_max(vfloat a, vfloat b) {
 // max_grad_coef in se.cpp): g where x g > x s, s where less, (g + s) / 2 on a tie, g + s when
 // unordered (a NaN).
 // Its shares of the two sides, wa and ws: 1 to the larger side, 1/2 each on a tie, 1 to both when unordered.
-inline void vmax_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
+inline void vmax_grad_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
   const vfloat one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f);
   const __mmask16 eq = _mm512_cmp_ps_mask(xa, xs, _CMP_EQ_OQ);
   wa = _mm512_mask_blend_ps(eq, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xa, xs, _CMP_LT_OQ), one, zero), half);
@@ -83,7 +83,7 @@ inline vfloat vnan_max(vfloat a, vfloat b) {
   const __m256 take_b = _mm256_or_ps(_mm256_cmp_ps(b, a, _CMP_GT_OQ), _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
   return _mm256_blendv_ps(a, b, take_b);
 }
-inline void vmax_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
+inline void vmax_grad_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
   const vfloat one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
   const __m256 eq = _mm256_cmp_ps(xa, xs, _CMP_EQ_OQ);
   wa = _mm256_blendv_ps(_mm256_blendv_ps(one, zero, _mm256_cmp_ps(xa, xs, _CMP_LT_OQ)), half, eq);
@@ -107,7 +107,7 @@ inline void vstore(float* p, vfloat v) { *p = v.v; }
 inline float vsum(vfloat v) { return v.v; }
 inline void vstream(float* p, vfloat v) { *p = v.v; }
 inline vfloat vnan_max(vfloat a, vfloat b) { return {(b.v > a.v || b.v != b.v) ? b.v : a.v}; }
-inline void vmax_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
+inline void vmax_grad_weights(vfloat xa, vfloat xs, vfloat& wa, vfloat& ws) {
   wa.v = xa.v == xs.v ? 0.5f : (xa.v < xs.v ? 0.0f : 1.0f);
   ws.v = xa.v == xs.v ? 0.5f : (xa.v > xs.v ? 0.0f : 1.0f);
 }
