@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <utility>
@@ -54,7 +55,8 @@ template <typename T, int V>
 __device__ __forceinline__ void load_vec(const T* p, Acc<T> (&out)[V]) {
   if constexpr (V == kVec<T> && V > 1) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
+    T e[V];
+    memcpy(e, &raw, sizeof raw);   // not a T* into raw: strict aliasing (the emulator's -O2 host build read zeros)
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = to_acc(e[k]);
   } else {
@@ -66,10 +68,11 @@ __device__ __forceinline__ void load_vec(const T* p, Acc<T> (&out)[V]) {
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* p, const Acc<T> (&v)[V]) {
   if constexpr (V == kVec<T> && V > 1) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
+    T e[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) e[k] = from_acc<T>(v[k]);
+    uint4 raw;
+    memcpy(&raw, e, sizeof raw);
     *reinterpret_cast<uint4*>(p) = raw;
   } else {
 #pragma unroll

@@ -16,19 +16,37 @@ import shutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
-# The kernel families the emulator runs (their .cu and *_cuda.cpp glue): the pool family, which its
-# tests cover. The other .cu files use launch and device-language forms the source rewrites and the
-# shim do not handle yet (templated launches with bool arguments, min, ...).
-STEMS = ("bins", "pool")
+# The kernel families the emulator runs: every .cu of csrc/cuda/ with its *_cuda.cpp glue.
+STEMS = ("bins", "branch", "coord", "gate", "group", "pool", "simam", "spatial")
 
-_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
+_KERNEL_NAME = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*$")
 _SMEM = re.compile(r"extern\s+__shared__\s+__align__\(\d+\)\s+unsigned\s+char\s+(\w+)\[\];")
 _DEF = re.compile(r'm\.def\(((?:"[^"]*"\s*)+)\);')
 
 
+def _closing_paren(text: str, i: int) -> int:
+    """The index of the parenthesis closing the one at text[i]."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        if depth == 0:
+            return j
+    raise ValueError(f"unbalanced parentheses after offset {i}")
+
+
 def _kernel_source(text: str) -> str:
+    """Rewrite every `kernel<...><<<cfg>>>(args)` as `emu::launch(cfg, [=]() { kernel(args); })`,
+    scanning the argument list's parentheses (launches inside macros have no `;` of their own)."""
     text = _SMEM.sub(r"unsigned char* \1 = emu::dyn_smem;", text)
-    return _LAUNCH.sub(lambda m: f"emu::launch({m.group(2)}, [=]() {{ {m.group(1)}({m.group(3)}); }});", text)
+    while (start := text.find("<<<")) >= 0:
+        name = _KERNEL_NAME.search(text, 0, start)
+        end_cfg = text.index(">>>", start)
+        open_args = text.index("(", end_cfg)
+        close_args = _closing_paren(text, open_args)
+        call = (f"emu::launch({text[start + 3:end_cfg]}, [=]() {{ {name.group(1)}"
+                f"{text[open_args:close_args + 1]}; }})")
+        text = text[:name.start(1)] + call + text[close_args + 1:]
+    return text
 
 
 def _glue_source(text: str) -> str:

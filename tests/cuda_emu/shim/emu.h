@@ -26,7 +26,14 @@
 #define __shared__ static
 
 using std::isfinite;
+using std::isnan;
 using std::sqrt;
+
+// The device language's integer min / max (one type: the kernels call them on int64_t pairs).
+template <typename T>
+inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
 
 struct dim3 {
   unsigned x, y, z;
@@ -105,6 +112,9 @@ struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 template <typename V>
 V __ldg(const V* p) { return *p; }
+
+// The fast-math exponential (glibc declares __expf but does not export it).
+#define __expf(t) std::exp(static_cast<float>(t))
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
