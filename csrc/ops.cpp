@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "bind/output_cache.h"
 #include "cpu/stream.h"
 
 TORCH_LIBRARY(fastattn_C, m) {}
@@ -33,6 +34,17 @@ pybind11::dict build_info() {
 #elif defined(__GNUC__)
   d["compiler"] = std::string("gcc ") + __VERSION__;
 #endif
+  d["output_cache_limit_bytes"] = fastattn::OutputCache::get().limit();   // FASTATTN_CPU_CACHE_BYTES
+  return d;
+}
+
+pybind11::dict output_cache_stats() {
+  const auto st = fastattn::OutputCache::get().stats();
+  pybind11::dict d;
+  d["kept_bytes"] = st.kept_bytes;
+  d["limit_bytes"] = st.limit_bytes;
+  d["hits"] = st.hits;
+  d["misses"] = st.misses;
   return d;
 }
 }  // namespace
@@ -40,4 +52,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn compiled kernels; the ops are registered under torch.ops.fastattn_C";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("output_cache_stats", &output_cache_stats,
+        "The CPU output cache (outputs of 32 MiB or more): bytes of freed blocks kept, the limit, hits, misses");
+  m.def("empty_output_cache", [] { fastattn::OutputCache::get().empty(); },
+        "Free the blocks the CPU output cache keeps (outputs in use are not affected)");
 }

@@ -34,7 +34,7 @@ at::Tensor bin_mean_backward(const at::Tensor& dy, at::IntArrayRef size, at::Int
   TORCH_CHECK_VALUE(dy.dim() == 3 && dy.size(0) == sz[0] && dy.size(1) == sz[1] && dy.size(2) == g.N, "fastattn::", op,
                     ": argument 'dy' must have shape (B, C, N) = (", sz[0], ", ", sz[1], ", ", g.N, "), got ",
                     dy.sizes());
-  at::Tensor dx = with_huge_page_advice(at::empty(sz, dy.options().memory_format(pool_args::format(channels_last))));
+  at::Tensor dx = new_output(sz, dy.options().memory_format(pool_args::format(channels_last)));
   if (dx.numel() == 0) return dx;
   const at::Tensor d = dy.to(acc_scalar_type(dy)).contiguous();
   bin_mean_backward_cpu(d.data_ptr(), dx.data_ptr(), dt, sz[0], sz[1], strides4(dx), g);

@@ -37,9 +37,9 @@ DType check_branch_args(const char* op, const at::Tensor& feats, const at::Tenso
 at::Tensor new_out(const at::Tensor& feats, int64_t channels) {
   const int64_t H = feats.size(3), W = feats.size(4);
   const bool cl = feats.stride(2) == 1 && channels > 1 && H * W > 1;
-  return with_huge_page_advice(at::empty(
+  return new_output(
       {feats.size(0), channels, H, W},
-      feats.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)));
+      feats.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
 at::Tensor forward(const char* op, const at::Tensor& feats, const at::Tensor& logits, BranchMode mode) {

@@ -2,15 +2,14 @@
 // Kernels (csrc/cpu/, csrc/cuda/) never include this: they see pointers, sizes and strides only.
 #pragma once
 
+#include <c10/util/strides.h>
 #include <torch/extension.h>
 
 #include <cstdlib>
 #include <cstring>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "../cpu/common.h"
+#include "output_cache.h"
 
 namespace fastattn {
 
@@ -45,33 +44,21 @@ inline at::ScalarType acc_scalar_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// new_output_like(x): a new output of x's sizes and memory format (as torch.empty_like); it and
-// with_huge_page_advice(t) (for a freshly allocated, untouched t) advise the kernel to back CPU
-// outputs by transparent huge pages when it spans 2 MiB pages (Linux, THP mode "madvise" or "always").
-// glibc serves blocks over 32 MiB from fresh mmaps, so each such output is page-faulted in on its
-// first write: with 4 KiB pages that costs more than the kernel itself (25 ms against 6 ms for a
-// 103 MB fp32 map on the 2-core dev machine). torch does the same for all its CPU tensors under
-// THP_MEM_ALLOC_ENABLE=1. FASTATTN_HUGEPAGES=0 turns the advice off. Only for outputs of 32 MiB
-// or more (glibc's largest mmap threshold: mostly fresh mappings, though a large enough free heap
-// top can still serve one): on smaller ones, which glibc often serves from its heap, the advice made a SimAM training step at 32x1024x14x14 (25.7 MB
-// outputs) take 29 ms instead of 4.7 ms in 2 of 4 bench runs on the dev VM (0 of 4 without it).
-inline at::Tensor with_huge_page_advice(at::Tensor t) {
-#ifdef __linux__
-  static const bool enabled = [] {
-    const char* v = std::getenv("FASTATTN_HUGEPAGES");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const int64_t bytes = t.storage().nbytes();
-  if (enabled && t.device().is_cpu() && bytes >= int64_t(32) << 20) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.storage().data());
-    const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
-    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // advice: errors ignored
-  }
-#endif
-  return t;
+// A new output of `sizes` in the memory format of `options` (contiguous when it names none); large
+// CPU outputs come from the output cache (output_cache.h).
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const auto fmt = options.memory_format_opt().value_or(at::MemoryFormat::Contiguous);
+  const c10::DimVector strides = fmt == at::MemoryFormat::ChannelsLast && sizes.size() == 4
+                                     ? c10::DimVector(c10::get_channels_last_strides_2d(sizes))
+                                     : c10::contiguous_strides(sizes);
+  return new_output(sizes, strides, options.memory_format(std::nullopt));
 }
 
-inline at::Tensor new_output_like(const at::Tensor& x) { return with_huge_page_advice(at::empty_like(x)); }
+// A new output of x's sizes and layout, as torch.empty_like(x): x's strides when x is dense, else
+// contiguous in x's suggested memory format.
+inline at::Tensor new_output_like(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) return new_output(x.sizes(), x.strides(), x.options());
+  return new_output(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+}
 
 }  // namespace fastattn

@@ -78,7 +78,7 @@ at::Tensor pointwise_reduce_dx(const at::Tensor& dz, const at::Tensor& weight, c
     TORCH_CHECK_VALUE(dmean->size(0) == B && dmean->size(1) == C, "fastattn::", op,
                       ": argument 'dmean' must have shape (", B, ", ", C, "), got ", dmean->sizes());
   }
-  at::Tensor dx = with_huge_page_advice(at::empty(shape, dz.options()));
+  at::Tensor dx = new_output(shape, dz.options());
   if (dx.numel() > 0)
     pointwise_reduce_dx_cpu(dz.data_ptr<float>(), w.data_ptr<float>(), g.has_value() ? g->data_ptr<float>() : nullptr,
                             dmean.has_value() ? dmean->data_ptr<float>() : nullptr, dx.data_ptr<float>(), B, C, H * W,

@@ -179,7 +179,7 @@ inline PoolGradPlan plan_channel_pool_backward(const std::optional<at::Tensor>& 
     p.g.mean = p.mean.data_ptr();
     p.g.std = p.std.data_ptr();
   }
-  p.dx = with_huge_page_advice(at::empty(sz, first->options().memory_format(format(channels_last))));
+  p.dx = new_output(sz, first->options().memory_format(format(channels_last)));
   return p;
 }
 
@@ -259,7 +259,7 @@ inline DctGradPlan plan_dct_pool_backward(const at::Tensor& dy, const at::Tensor
   }
   p.need_dx = need_dx;
   p.need_dw = x.has_value();
-  if (need_dx) p.dx = with_huge_page_advice(at::empty(sz, dy.options().memory_format(format(channels_last))));
+  if (need_dx) p.dx = new_output(sz, dy.options().memory_format(format(channels_last)));
   // the layout the kernels walk: x's when dweight is wanted, else dx's
   const Strides4 sref = p.need_dw ? strides4(p.x) : need_dx ? strides4(p.dx) : Strides4{0, p.H * p.W, p.W, 1};
   const at::ScalarType acc = acc_scalar_type(dy);
