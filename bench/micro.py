@@ -8,8 +8,8 @@ timed on a silent PyTorch fallback).
 
 Modes: `forward` (inference: no_grad, eval), `backward` (backward only, through graphs recorded
 once per input buffer, retain_graph), `forward+backward` (a training step of the case: train
-mode, gradients of every input and parameter, reset to None before each call as do_bench's
-grad_to_none).
+mode, gradients of every input and parameter, those of every input buffer reset to None before
+each call as do_bench's grad_to_none: one step's gradients alive at a time, as in training).
 """
 from __future__ import annotations
 
@@ -195,7 +195,13 @@ class Runner:
                 elif mode == "forward+backward":
                     def call(k):
                         torch.autograd.backward(_flat(fn(*bufs[k])), dys[k])
-                    before = clear
+
+                    def before(k):
+                        # A training step frees the previous step's gradients: clear every buffer's
+                        # (clearing buffer k's only kept n - 1 sets alive, a working set no training
+                        # loop has, so each timed call allocated its gradients cold).
+                        for j in range(n):
+                            clear(j)
                 else:
                     graphs = [_flat(fn(*b)) for b in bufs]
 

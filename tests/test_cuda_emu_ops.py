@@ -14,38 +14,32 @@ tests/test_cuda_emu_ops.py
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import CUDA_EMU_MARKS
 from test_gate_ops import _map
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("FASTATTN_CUDA_EMU", "0") != "1",
-                                 reason="set FASTATTN_CUDA_EMU=1 to build and run the CUDA kernels under the CPU "
-                                        "emulator (tests/cuda_emu, a few minutes)")]
+
+pytestmark = CUDA_EMU_MARKS
 
 LAYOUTS = ["nchw", "channels_last", "slice", "slice_cl", "permuted", "offset"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(2, 5, 7, 9), (1, 37, 5, 3), (3, 64, 4, 8)]   # odd planes, C beyond a warp, vector widths
-SMS = [1, 132]
 
 
-@pytest.fixture(scope="module")
-def emu():
-    import sys
+def every_map(shapes=SHAPES):
+    """Parametrize a test over shapes x LAYOUTS x DTYPES."""
+    def wrap(test):
+        test = pytest.mark.parametrize("shape", shapes, ids=lambda s: "x".join(map(str, s)))(test)
+        test = pytest.mark.parametrize("layout", LAYOUTS)(test)
+        return pytest.mark.parametrize("dtype", DTYPES, ids=str)(test)
+    return wrap
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
-    import build
 
-    return build.build()
-
-
-@pytest.fixture(params=SMS, ids=lambda n: f"sm{n}")
-def cuda(emu, request):
-    emu.set_sm_count(request.param)
-    return emu
+@pytest.fixture
+def cuda(cuda_emu_ops):
+    return cuda_emu_ops
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +99,7 @@ def _with_zeros(x):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@every_map()
 def test_gate(cuda, cpu, shape, layout, dtype):
     g = torch.Generator().manual_seed(1)
     B, C, H, W = shape
@@ -149,9 +141,7 @@ def test_gate_max_ties_split_as_torch_maximum(cuda):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@every_map()
 def test_spatial(cuda, cpu, shape, layout, dtype):
     g = torch.Generator().manual_seed(2)
     B, C, H, W = shape
@@ -181,9 +171,7 @@ def test_spatial(cuda, cpu, shape, layout, dtype):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@every_map()
 def test_coord(cuda, cpu, shape, layout, dtype):
     g = torch.Generator().manual_seed(3)
     B, C, H, W = shape
@@ -223,9 +211,7 @@ def test_sge(cuda, cpu, shape, groups, layout, dtype):
     _same(*_both(cuda, cpu, "sge_gate_backward", dy, x, w, b, *fwd_cpu[1:], groups, 1e-5), "sge_gate_backward")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 1, 2)], ids=lambda s: "x".join(map(str, s)))
+@every_map(SHAPES + [(2, 3, 1, 2)])
 def test_simam(cuda, cpu, shape, layout, dtype):
     g = torch.Generator().manual_seed(5)
     x = _map(shape, dtype, layout, "cpu", g)

@@ -10,38 +10,22 @@ tests/test_pool_cuda_emu.py
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import CUDA_EMU_MARKS
 from test_bins_kernels import CASES, SPP, _bins64, _grad64, _n_bins
 from test_pool_kernels import _close, _make, _pool64, _pool_grad64
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("FASTATTN_CUDA_EMU", "0") != "1",
-                                 reason="set FASTATTN_CUDA_EMU=1 to build and run the CUDA kernels under the CPU "
-                                        "emulator (tests/cuda_emu, a few minutes)")]
+pytestmark = CUDA_EMU_MARKS
 
 LAYOUTS = ["nchw", "channels_last", "slice", "slice_cl", "permuted"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-SMS = [1, 132]    # device sizes: 1 SM keeps planes whole, 132 splits small batches into segments
 
 
-@pytest.fixture(scope="module")
-def emu():
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
-    import build
-
-    return build.build()
-
-
-@pytest.fixture(params=SMS, ids=lambda n: f"sm{n}")
-def ops(emu, request):
-    emu.set_sm_count(request.param)
-    return emu
+@pytest.fixture
+def ops(cuda_emu_ops):
+    return cuda_emu_ops
 
 
 def _torch_pool(x, kinds, eps):

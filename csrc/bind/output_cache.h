@@ -2,10 +2,11 @@
 //
 // glibc serves blocks over 32 MiB from fresh mmaps and unmaps them on free, so every large output
 // is page-faulted in again on its first write. On the 2-vCPU Xeon VM a fresh 103 MB fp32 map cost
-// 21 ms of faults against 7.5 ms for the copy into it; with transparent huge pages the faults are
-// fewer, but a step then sometimes took 100-360 ms instead of 38 (SqueezeExcite training at
-// 32x256x56x56). A training loop allocates the same sizes every step, so a freed output is kept
-// and handed to the next request of the same rounded size: no faults, no huge-page stalls.
+// 21 ms of faults against 7.5 ms for the copy into it. A training loop allocates the same sizes
+// every step, so a freed output is kept and handed to the next request of the same rounded size:
+// no faults. No huge-page advice: a first touch of a 105 MB advised block took 15 to 245 ms on that
+// VM (43 ms with 4 KiB pages), and SqueezeExcite training steps at 32x256x56x56 stalled for
+// 100-360 ms now and then; reused blocks are faulted in once either way.
 //
 // Bounded: at most FASTATTN_CPU_CACHE_BYTES of freed blocks are kept (default 1 GiB; 0 turns the
 // cache off, and outputs come from torch's allocator as before). Blocks in use are the caller's
@@ -22,16 +23,13 @@
 #include <mutex>
 #include <unordered_map>
 #include <vector>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace fastattn {
 
 class OutputCache final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t(32) << 20;   // glibc's largest mmap threshold
-  static constexpr size_t kAlign = size_t(2) << 20;       // blocks in whole 2 MiB (huge) pages
+  static constexpr size_t kAlign = size_t(2) << 20;       // sizes rounded to 2 MiB: near sizes share blocks
 
   struct Stats {
     size_t kept_bytes, limit_bytes, hits, misses;
@@ -62,9 +60,6 @@ class OutputCache final : public c10::Allocator {
     if (!p) {
       p = std::aligned_alloc(kAlign, bytes);
       TORCH_CHECK(p != nullptr, "fastattn: out of memory allocating a CPU output of ", bytes, " bytes");
-#ifdef __linux__
-      madvise(p, bytes, MADV_HUGEPAGE);   // advice (errors ignored): faulted in once, then reused
-#endif
     }
     return {p, new Block{p, bytes}, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
   }
