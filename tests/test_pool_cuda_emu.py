@@ -223,7 +223,8 @@ def test_bin_mean_big(ops, shape, levels, mode, layout):
     _check_bins(ops, shape, levels, mode, torch.float32, layout)
 
 
-def test_raw_op_checks(emu):
+def test_raw_op_checks(cuda_emu_build):
+    emu = cuda_emu_build
     with pytest.raises(ValueError, match=r"argument 'kinds' .*'min'"):
         emu.channel_pool(torch.randn(2, 3, 4, 4), ["min"], 1e-5)
     with pytest.raises(ValueError, match=r"argument 'weight' must have shape"):
