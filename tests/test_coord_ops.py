@@ -348,11 +348,12 @@ class _CoordKernelTests:
 
     @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 1, 1), (1, 1, 7, 7), (2, 17, 1, 33), (2, 17, 33, 1),
                                        (2, 600, 9, 9), (1, 16, 100, 90), (1, 3, 4200, 3), (1, 2, 3, 4200),
-                                       (4, 33, 56, 56)], ids=str)
+                                       (4, 33, 56, 56), (2, 40, 20, 40), (1, 64, 17, 64)], ids=str)
     @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
     def test_odd_shapes(self, shape, layout):
         """1 x 1 maps, odd H and W, C not a multiple of 16, row segments (few planes), more than
-        kChunk rows (partial column sums) and columns (folded row sums)."""
+        kChunk rows (partial column sums) and columns (folded row sums); rows of 1 to 4 AVX-512
+        vectors (the short-row kernels: W <= 64, at least 64 planes), H not a multiple of 16."""
         self._check(shape, torch.float32, layout)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)

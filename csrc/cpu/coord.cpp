@@ -7,8 +7,11 @@
 // count.
 #include "coord.h"
 
+#include "short_rows.h"
+
 #include <algorithm>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 namespace fastattn {
@@ -75,11 +78,71 @@ inline double row_sum_into(const T* __restrict__ row, int64_t n, acc_t<T>* __res
   return total;
 }
 
+#if FASTATTN_SHORT_ROWS
+// One plane with unit-stride rows of W <= 16 NV: each row in NV vectors, the column sums in NV
+// registers, the row sums of 16 rows at a time as one vector (row_sums16). fp32 sums (H <= kChunk).
+template <typename T, int NV>
+void pool_fwd_plane_short(const T* p, int64_t sh, int64_t H, int64_t W, T* xh, T* xw) {
+  const __mmask16 tail = lanes_from(16 * (NV - 1), W);
+  __m512 col[NV];
+  for (int j = 0; j < NV; ++j) col[j] = _mm512_setzero_ps();
+  const __m512 width = _mm512_set1_ps(static_cast<float>(W));
+  alignas(64) float sums[16];
+  for (int64_t h0 = 0; h0 < H; h0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, H - h0));
+    __m512 rows[16];
+    for (int r = 0; r < 16; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      if (r < n) {
+        const T* row = p + (h0 + r) * sh;
+        for (int j = 0; j < NV; ++j) {
+          const __m512 v = load16(row + 16 * j, j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF));
+          col[j] = _mm512_add_ps(col[j], v);
+          acc = _mm512_add_ps(acc, v);
+        }
+      }
+      rows[r] = acc;
+    }
+    _mm512_store_ps(sums, _mm512_div_ps(row_sums16(rows), width));
+    for (int r = 0; r < n; ++r) xh[h0 + r] = store<T>(sums[r]);
+  }
+  alignas(64) float cs[16 * NV];
+  for (int j = 0; j < NV; ++j) _mm512_store_ps(cs + 16 * j, _mm512_div_ps(col[j], _mm512_set1_ps(static_cast<float>(H))));
+  for (int64_t w = 0; w < W; ++w) xw[w] = store<T>(cs[w]);
+}
+
+template <typename T, int NV>
+void pool_fwd_short(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * C; ++bc)
+    pool_fwd_plane_short<T, NV>(x + (bc / C) * sx.b + (bc % C) * sx.c, sx.h, H, W, xh + bc * H, xw + bc * W);
+}
+#endif
+
+// Whether the short-row kernels take a rows-path pool of this shape: a 16/32-bit type, rows of at
+// most 64, no plane split (enough planes for the threads) and fp32 column sums (H <= kChunk).
+template <typename T>
+constexpr bool short_rows_ok(int64_t BC, int64_t H, int64_t W) {
+  return FASTATTN_SHORT_ROWS && !std::is_same<T, double>::value && W <= 64 && BC >= kMinJobs && H <= kChunk;
+}
+
 // One job = (b, c, a segment of at most kChunk rows): row sums complete, column sums partial.
 template <typename T>
 void pool_fwd_rows(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sx) {
   using A = acc_t<T>;
   const int64_t BC = B * C;
+#if FASTATTN_SHORT_ROWS
+  if constexpr (!std::is_same<T, double>::value) {
+    if (short_rows_ok<T>(BC, H, W)) {
+      switch ((W + 15) / 16) {
+        case 1: return pool_fwd_short<T, 1>(x, xh, xw, B, C, H, W, sx);
+        case 2: return pool_fwd_short<T, 2>(x, xh, xw, B, C, H, W, sx);
+        case 3: return pool_fwd_short<T, 3>(x, xh, xw, B, C, H, W, sx);
+        default: return pool_fwd_short<T, 4>(x, xh, xw, B, C, H, W, sx);
+      }
+    }
+  }
+#endif
   const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), kChunk);
   std::vector<double> partial(sp.n > 1 ? static_cast<size_t>(BC * sp.n * W) : 0);
 #pragma omp parallel
@@ -270,11 +333,67 @@ void pool_bwd_generic(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int
 // coord_scale forward: y = x * aw * ah
 // ---------------------------------------------------------------------------------------------
 
+#if FASTATTN_SHORT_ROWS
+// y = x * aw * ah over planes with unit-stride rows of W <= 16 NV: a_w in NV registers per plane.
+template <typename T, int NV>
+void scale_fwd_short(const T* x, const float* ah, const float* aw, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
+                     Strides4 sx, Strides4 sy) {
+  const __mmask16 tail = lanes_from(16 * (NV - 1), W);
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * C; ++bc) {
+    const int64_t b = bc / C, c = bc % C;
+    __m512 a_w[NV];
+    for (int j = 0; j < NV; ++j) a_w[j] = load16(aw + bc * W + 16 * j, j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF));
+    if (sx.h == W && sy.h == W && H * W <= 4096) {
+      alignas(64) float mw[4096 + 16], mh[4096 + 16];
+      for (int64_t h = 0; h < H; ++h) {
+        const __m512 s = _mm512_set1_ps(ah[bc * H + h]);
+        for (int j = 0; j < NV; ++j) {
+          const __mmask16 k = j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+          _mm512_mask_storeu_ps(mw + h * W + 16 * j, k, a_w[j]);
+          _mm512_mask_storeu_ps(mh + h * W + 16 * j, k, s);
+        }
+      }
+      const T* px = x + b * sx.b + c * sx.c;
+      T* py = y + b * sy.b + c * sy.c;
+      const int64_t n = H * W;
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = lanes_from(i, n);
+        _mm_prefetch(reinterpret_cast<const char*>(px + i) + 4096, _MM_HINT_T0);
+        store16(py + i, _mm512_mul_ps(_mm512_mul_ps(load16(px + i, k), _mm512_load_ps(mw + i)), _mm512_load_ps(mh + i)), k);
+      }
+      continue;
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 s = _mm512_set1_ps(ah[bc * H + h]);
+      const T* px = x + b * sx.b + c * sx.c + h * sx.h;
+      T* py = y + b * sy.b + c * sy.c + h * sy.h;
+      for (int j = 0; j < NV; ++j) {
+        const __mmask16 k = j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+        store16(py + 16 * j, _mm512_mul_ps(_mm512_mul_ps(load16(px + 16 * j, k), a_w[j]), s), k);
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void scale_fwd_rows(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t B, int64_t C, int64_t H,
                      int64_t W, Strides4 sx, Strides4 sy) {
   using A = acc_t<T>;
   const int64_t BC = B * C;
+#if FASTATTN_SHORT_ROWS
+  if constexpr (!std::is_same<T, double>::value) {
+    if (short_rows_ok<T>(BC, H, W)) {
+      switch ((W + 15) / 16) {
+        case 1: return scale_fwd_short<T, 1>(x, ah, aw, y, B, C, H, W, sx, sy);
+        case 2: return scale_fwd_short<T, 2>(x, ah, aw, y, B, C, H, W, sx, sy);
+        case 3: return scale_fwd_short<T, 3>(x, ah, aw, y, B, C, H, W, sx, sy);
+        default: return scale_fwd_short<T, 4>(x, ah, aw, y, B, C, H, W, sx, sy);
+      }
+    }
+  }
+#endif
   const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), H);
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < BC * sp.n; ++job) {
@@ -340,14 +459,72 @@ void scale_fwd_generic(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y,
 // coord_scale backward: dx = dy * aw * ah, dah = sum_w dy x aw, daw = sum_h dy x ah, one pass
 // ---------------------------------------------------------------------------------------------
 
+#if FASTATTN_SHORT_ROWS
+// scale_bwd_rows over planes with unit-stride rows of W <= 16 NV (dy's too): a_w and the column
+// sums in NV registers, the row sums of 16 rows at a time as one vector (row_sums16). Without kDx
+// only dah and daw.
+template <typename T, int NV, bool kDx>
+void scale_bwd_short(const T* dy, const T* x, const float* ah, const float* aw, T* dx, float* dah, float* daw,
+                     int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx) {
+  const __mmask16 tail = lanes_from(16 * (NV - 1), W);
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * C; ++bc) {
+    const int64_t b = bc / C, c = bc % C;
+    __m512 a_w[NV], col[NV];
+    for (int j = 0; j < NV; ++j) {
+      a_w[j] = load16(aw + bc * W + 16 * j, j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF));
+      col[j] = _mm512_setzero_ps();
+    }
+    for (int64_t h0 = 0; h0 < H; h0 += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, H - h0));
+      __m512 rows[16];
+      for (int r = 0; r < 16; ++r) {
+        __m512 acc = _mm512_setzero_ps();
+        if (r < n) {
+          const int64_t h = h0 + r;
+          const __m512 s = _mm512_set1_ps(ah[bc * H + h]);
+          const T* pdy = dy + b * sdy.b + c * sdy.c + h * sdy.h;
+          const T* px = x + b * sx.b + c * sx.c + h * sx.h;
+          for (int j = 0; j < NV; ++j) {
+            const __mmask16 k = j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+            const __m512 g = load16(pdy + 16 * j, k);
+            const __m512 gx = _mm512_mul_ps(g, load16(px + 16 * j, k));
+            if constexpr (kDx) store16(dx + b * sdx.b + c * sdx.c + h * sdx.h + 16 * j, _mm512_mul_ps(_mm512_mul_ps(g, a_w[j]), s), k);
+            acc = _mm512_fmadd_ps(gx, a_w[j], acc);
+            col[j] = _mm512_fmadd_ps(gx, s, col[j]);
+          }
+        }
+        rows[r] = acc;
+      }
+      _mm512_mask_storeu_ps(dah + bc * H + h0, lanes_from(0, n), row_sums16(rows));
+    }
+    for (int j = 0; j < NV; ++j)
+      _mm512_mask_storeu_ps(daw + bc * W + 16 * j, j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF), col[j]);
+  }
+}
+#endif
+
 // One job = (b, c, a segment of at most kChunk rows). dy rows are read with their own w stride
-// unless kUnitDy (an NCHW x with a dy in another layout stays on this path).
-template <typename T, bool kUnitDy>
+// unless kUnitDy (an NCHW x with a dy in another layout stays on this path). Without kDx only dah
+// and daw.
+template <typename T, bool kUnitDy, bool kDx>
 void scale_bwd_rows(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
                      acc_t<T>* daw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
                      Strides4 sdx) {
   using A = acc_t<T>;
   const int64_t BC = B * C;
+#if FASTATTN_SHORT_ROWS
+  if constexpr (kUnitDy && !std::is_same<T, double>::value) {
+    if (short_rows_ok<T>(BC, H, W)) {
+      switch ((W + 15) / 16) {
+        case 1: return scale_bwd_short<T, 1, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+        case 2: return scale_bwd_short<T, 2, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+        case 3: return scale_bwd_short<T, 3, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+        default: return scale_bwd_short<T, 4, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+      }
+    }
+  }
+#endif
   const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), kChunk);
   const int64_t dyw = kUnitDy ? 1 : sdy.w;
   std::vector<double> partial(sp.n > 1 ? static_cast<size_t>(BC * sp.n * W) : 0);
@@ -366,7 +543,7 @@ void scale_bwd_rows(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>*
         const A s = ah[bc * H + h];
         const T* __restrict__ pdy = dy + b * sdy.b + c * sdy.c + h * sdy.h;
         const T* __restrict__ px = x + b * sx.b + c * sx.c + h * sx.h;
-        T* __restrict__ pdx = dx + b * sdx.b + c * sdx.c + h * sdx.h;
+        T* __restrict__ pdx = kDx ? dx + b * sdx.b + c * sdx.c + h * sdx.h : nullptr;
         double rt = 0;
         for (int64_t w0 = 0; w0 < W; w0 += kChunk) {
           const int64_t w1 = std::min(W, w0 + kChunk);
@@ -375,7 +552,7 @@ void scale_bwd_rows(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>*
           for (int64_t w = w0; w < w1; ++w) {
             const A g = static_cast<A>(to_float(pdy[w * dyw]));
             const A gx = g * static_cast<A>(to_float(px[w]));
-            pdx[w] = store<T>(g * paw[w] * s);
+            if constexpr (kDx) pdx[w] = store<T>(g * paw[w] * s);
             acc += gx * paw[w];
             col[w] += gx * s;
           }
@@ -404,7 +581,8 @@ void scale_bwd_rows(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>*
 
 // One job = (b, a segment of at most kChunk rows); inner loops along the channel rows, with the
 // gates transposed to (B, L, C) rows first. dy is read with its own channel stride unless kUnitDy.
-template <typename T, bool kUnitDy>
+// Without kDx only dah and daw.
+template <typename T, bool kUnitDy, bool kDx>
 void scale_bwd_channels(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
                         acc_t<T>* daw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx,
                         Strides4 sdx) {
@@ -435,14 +613,14 @@ void scale_bwd_channels(const T* dy, const T* x, const acc_t<T>* ah, const acc_t
           for (int64_t w = w0; w < w1; ++w) {
             const T* __restrict__ pdy = dy + b * sdy.b + h * sdy.h + w * sdy.w;
             const T* __restrict__ px = x + b * sx.b + h * sx.h + w * sx.w;
-            T* __restrict__ pdx = dx + b * sdx.b + h * sdx.h + w * sdx.w;
+            T* __restrict__ pdx = kDx ? dx + b * sdx.b + h * sdx.h + w * sdx.w : nullptr;
             const A* __restrict__ a_w = awT.data() + (b * W + w) * C;
             A* __restrict__ cw = colv.data() + w * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const A g = static_cast<A>(to_float(pdy[c * dyc]));
               const A gx = g * static_cast<A>(to_float(px[c]));
-              pdx[c] = store<T>(g * a_w[c] * a_h[c]);
+              if constexpr (kDx) pdx[c] = store<T>(g * a_w[c] * a_h[c]);
               ra[c] += gx * a_w[c];
               cw[c] += gx * a_h[c];
             }
@@ -491,7 +669,7 @@ void scale_bwd_generic(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<
         for (int64_t w = 0; w < W; ++w) {
           const A g = static_cast<A>(to_float(dy[b * sdy.b + c * sdy.c + h * sdy.h + w * sdy.w]));
           const A gx = g * static_cast<A>(to_float(x[b * sx.b + c * sx.c + h * sx.h + w * sx.w]));
-          dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = store<T>(g * aw[bc * W + w] * s);
+          if (dx) dx[b * sdx.b + c * sdx.c + h * sdx.h + w * sdx.w] = store<T>(g * aw[bc * W + w] * s);
           rs += static_cast<double>(gx * aw[bc * W + w]);
           col[w] += static_cast<double>(gx * s);
         }
@@ -546,20 +724,28 @@ void scale_fwd(const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* y, int64_t
   }
 }
 
+// dx null: dah and daw only (sdx is then ignored).
+template <typename T, bool kDx>
+void scale_bwd_walk(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah,
+                    acc_t<T>* daw, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx) {
+  switch (pick_path({sx, kDx ? sdx : sx}, C, W)) {
+    case Path::kRows:
+      if (sdy.w == 1 || W == 1)
+        return scale_bwd_rows<T, true, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+      return scale_bwd_rows<T, false, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+    case Path::kChannels:
+      if (channels_contiguous(sdy, C))
+        return scale_bwd_channels<T, true, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+      return scale_bwd_channels<T, false, kDx>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+    default: return scale_bwd_generic(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+  }
+}
+
 template <typename T>
 void scale_bwd(const T* dy, const T* x, const acc_t<T>* ah, const acc_t<T>* aw, T* dx, acc_t<T>* dah, acc_t<T>* daw,
                int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx) {
-  switch (pick_path({sx, sdx}, C, W)) {
-    case Path::kRows:
-      if (sdy.w == 1 || W == 1)
-        return scale_bwd_rows<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
-      return scale_bwd_rows<T, false>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
-    case Path::kChannels:
-      if (channels_contiguous(sdy, C))
-        return scale_bwd_channels<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
-      return scale_bwd_channels<T, false>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
-    default: return scale_bwd_generic(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
-  }
+  if (dx) return scale_bwd_walk<T, true>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
+  return scale_bwd_walk<T, false>(dy, x, ah, aw, dx, dah, daw, B, C, H, W, sdy, sx, sdx);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "short_rows.h"
 #include "stream.h"
 
 namespace fastattn {
@@ -36,11 +37,6 @@ A lane_sum_of(const A* p, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-// The first min(16, n - j) of 16 lanes.
-inline __mmask16 lanes_from(int64_t j, int64_t n) {
-  return n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-}
-
 // m, ix, s: where x (lanes k, NaN flags x_nan) beats m (takes_max), m = x and ix = value; s += x.
 inline void running_step_f32(__m512 x, __mmask16 x_nan, __mmask16 k, float* m, int32_t* ix, float* s, __m512i value) {
   const __m512 mm = _mm512_maskz_loadu_ps(k, m);
