@@ -1,4 +1,4 @@
-"""The CPU output cache (csrc/bind/output_cache.h): outputs of 32 MiB or more reuse freed blocks of
+"""The CPU output cache (csrc/bind/output_cache.h): outputs of 8 MiB or more reuse freed blocks of
 the same rounded size instead of fresh, page-faulted mappings. Reuse must not change results,
 layouts or storage behaviour; the limit and the off switch must hold."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C is not built")
 
-BIG = (2, 64, 256, 260)          # 34 MB of fp32: above the cache's 32 MiB threshold
+BIG = (2, 64, 256, 260)          # 34 MB of fp32: above the cache's 8 MiB threshold
 
 
 def _C():
@@ -49,12 +49,15 @@ def test_reused_block_gives_the_same_result_and_layout(layout):
     torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
-def test_small_outputs_bypass_the_cache():
+@pytest.mark.parametrize("shape,cached", [((2, 8, 16, 16), False), ((2, 1024, 32, 31), False),
+                                          ((2, 1024, 32, 32), True)], ids=["8KiB", "7.75MiB", "8MiB"])
+def test_outputs_under_8_mib_bypass_the_cache(shape, cached):
     C = _C()
     before = C.output_cache_stats()
-    _scale(torch.randn(2, 8, 16, 16), torch.rand(2, 8))
+    _scale(torch.randn(shape), torch.rand(shape[:2]))
     after = C.output_cache_stats()
-    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    used = (after["hits"] + after["misses"]) - (before["hits"] + before["misses"])
+    assert used == (1 if cached else 0), (before, after)
 
 
 def test_cached_output_storage_resizes_and_frees():

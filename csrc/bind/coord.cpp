@@ -107,6 +107,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward(const at::Te
   return {dx, dah, daw};
 }
 
+// (da_h, da_w) of coord_scale_backward without dx: CoordinateAttention's CPU training step reads
+// dy and x once for them, and writes its whole dx afterwards (coord_backward_dx).
+std::tuple<at::Tensor, at::Tensor> coord_scale_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a_h,
+                                                     const at::Tensor& a_w) {
+  const char* op = "coord_scale_grads";
+  const DType dt = check_scale_args(op, x, a_h, a_w);
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastattn::", op, ": argument 'dy' must have the shape of 'x' ",
+                    x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op, ": argument 'dy' must have the dtype of 'x' (",
+                   x.scalar_type(), "), got ", dy.scalar_type());
+  check_cpu(dy, op, "dy");
+  if (x.numel() == 0) return {at::zeros_like(a_h), at::zeros_like(a_w)};
+  at::Tensor dah = at::empty_like(a_h), daw = at::empty_like(a_w);
+  coord_scale_backward_cpu(dy.data_ptr(), x.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), nullptr, dah.data_ptr(),
+                           daw.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3), strides4(dy), strides4(x),
+                           strides4(x));
+  return {dah, daw};
+}
+
+// dx = dy * a_w[:, :, None, :] * a_h[:, :, :, None] + dxh[..., None] / W + dxw[..., None, :] / H in one
+// pass (coord_scale's and coord_pool's gradients of x, summed), with the strides of
+// torch.empty_like(dy); dxh, dxw in dy's dtype, a_h, a_w in its accumulation dtype.
+at::Tensor coord_backward_dx(const at::Tensor& dy, const at::Tensor& a_h, const at::Tensor& a_w, const at::Tensor& dxh,
+                             const at::Tensor& dxw) {
+  const char* op = "coord_backward_dx";
+  TORCH_CHECK_VALUE(dy.dim() == 4, "fastattn::", op, ": argument 'dy' must be 4-D (B, C, H, W), got ", dy.dim(),
+                    "-D tensor of shape ", dy.sizes());
+  check_cpu(dy, op, "dy");
+  const DType dt = dtype_tag(dy, op, "dy");
+  const int64_t B = dy.size(0), C = dy.size(1), H = dy.size(2), W = dy.size(3);
+  const at::ScalarType acc = acc_scalar_type(dy);
+  check_rows(a_h, op, "a_h", B, C, H, "H", acc);
+  check_rows(a_w, op, "a_w", B, C, W, "W", acc);
+  TORCH_CHECK_VALUE(a_h.is_contiguous(), "fastattn::", op, ": argument 'a_h' must be contiguous");
+  TORCH_CHECK_VALUE(a_w.is_contiguous(), "fastattn::", op, ": argument 'a_w' must be contiguous");
+  check_rows(dxh, op, "dxh", B, C, H, "H", dy.scalar_type());
+  check_rows(dxw, op, "dxw", B, C, W, "W", dy.scalar_type());
+  at::Tensor dx = new_output_like(dy);
+  if (dx.numel() == 0) return dx;
+  const at::Tensor gh = dxh.contiguous(), gw = dxw.contiguous();   // (B, C, H) and (B, C, W): small
+  coord_backward_dx_cpu(dy.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), gh.data_ptr(), gw.data_ptr(), dx.data_ptr(), dt,
+                        B, C, H, W, strides4(dy), strides4(dx));
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -115,6 +160,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("coord_pool_backward(Tensor dxh, Tensor dxw, bool channels_last) -> Tensor");
   m.def("coord_scale(Tensor x, Tensor a_h, Tensor a_w) -> Tensor");
   m.def("coord_scale_backward(Tensor dy, Tensor x, Tensor a_h, Tensor a_w) -> (Tensor, Tensor, Tensor)");
+  m.def("coord_scale_grads(Tensor dy, Tensor x, Tensor a_h, Tensor a_w) -> (Tensor, Tensor)");
+  m.def("coord_backward_dx(Tensor dy, Tensor a_h, Tensor a_w, Tensor dxh, Tensor dxw) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
@@ -122,4 +169,6 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("coord_pool_backward", &fastattn::coord_pool_backward);
   m.impl("coord_scale", &fastattn::coord_scale);
   m.impl("coord_scale_backward", &fastattn::coord_scale_backward);
+  m.impl("coord_scale_grads", &fastattn::coord_scale_grads);
+  m.impl("coord_backward_dx", &fastattn::coord_backward_dx);
 }

@@ -1,12 +1,16 @@
-// Large CPU outputs (32 MiB and more) from a cache of freed blocks.
+// Large CPU outputs (8 MiB and more) from a cache of freed blocks.
 //
 // glibc serves blocks over 32 MiB from fresh mmaps and unmaps them on free, so every large output
 // is page-faulted in again on its first write. On the 2-vCPU Xeon VM a fresh 103 MB fp32 map cost
-// 21 ms of faults against 7.5 ms for the copy into it. A training loop allocates the same sizes
-// every step, so a freed output is kept and handed to the next request of the same rounded size:
-// no faults. No huge-page advice: a first touch of a 105 MB advised block took 15 to 245 ms on that
-// VM (43 ms with 4 KiB pages), and SqueezeExcite training steps at 32x256x56x56 stalled for
-// 100-360 ms now and then; reused blocks are faulted in once either way.
+// 21 ms of faults against 7.5 ms for the copy into it. Smaller blocks come from glibc's heap, but
+// not reliably from pages already faulted in: the heap's top is trimmed and its mmap threshold
+// moves, and a CoordinateAttention training step at 32x1024x14x14 (25.7 MB outputs) faulted 16000
+// pages (63 MB) per step in the benchmark's loop, 29 ms a step against 18.5 ms with its outputs
+// from this cache. A training loop allocates the same sizes every step, so a freed output is kept
+// and handed to the next request of the same rounded size: no faults. No huge-page advice: a
+// first touch of a 105 MB advised block took 15 to 245 ms on that VM (43 ms with 4 KiB pages),
+// and SqueezeExcite training steps at 32x256x56x56 stalled for 100-360 ms now and then; reused
+// blocks are faulted in once either way.
 //
 // Bounded: at most FASTATTN_CPU_CACHE_BYTES of freed blocks are kept (default 1 GiB; 0 turns the
 // cache off, and outputs come from torch's allocator as before). Blocks in use are the caller's
@@ -28,7 +32,8 @@ namespace fastattn {
 
 class OutputCache final : public c10::Allocator {
  public:
-  static constexpr size_t kMinBytes = size_t(32) << 20;   // glibc's largest mmap threshold
+  // From 8 MiB: the 2 MiB rounding wastes at most a fifth of a block (25.7 MB: 6%).
+  static constexpr size_t kMinBytes = size_t(8) << 20;
   static constexpr size_t kAlign = size_t(2) << 20;       // sizes rounded to 2 MiB: near sizes share blocks
 
   struct Stats {
@@ -121,7 +126,7 @@ class OutputCache final : public c10::Allocator {
   size_t kept_ = 0, limit_ = 0, hits_ = 0, misses_ = 0;
 };
 
-// A new CPU output of `sizes` with `strides` and x's dtype: from the cache when it is 32 MiB or
+// A new CPU output of `sizes` with `strides` and x's dtype: from the cache when it is 8 MiB or
 // more and the cache is on, else from torch's allocator (at::empty_strided).
 inline at::Tensor new_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
   int64_t span = 1;   // elements from the first to one past the last (strides of a dense layout)

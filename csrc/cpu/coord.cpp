@@ -260,13 +260,69 @@ void pool_fwd_generic(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H,
 }
 
 // ---------------------------------------------------------------------------------------------
-// coord_pool backward: dx = gh / W + gw / H (a write-only pass)
+// coord_pool backward: dx = gh / W + gw / H (a write-only pass), and with the scale's term
+// dy * aw * ah added (kDy: CoordinateAttention's whole dx in one pass)
 // ---------------------------------------------------------------------------------------------
 
+// The scale's term of the combined dx; unused (dy null) for the pool's gradient alone.
 template <typename T>
-void pool_bwd_rows(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+struct ScaleTerm {
+  const T* dy;
+  Strides4 sdy;
+  const acc_t<T>* ah;   // (B, C, H), contiguous
+  const acc_t<T>* aw;   // (B, C, W), contiguous
+};
+
+#if FASTATTN_SHORT_ROWS
+template <typename T, int NV, bool kDy>
+void pool_bwd_short(const T* gh, const T* gw, ScaleTerm<T> st, T* dx, int64_t B, int64_t C, int64_t H, int64_t W,
+                    Strides4 s) {
+  const __mmask16 tail = lanes_from(16 * (NV - 1), W);
+  const __m512 inv_h = _mm512_set1_ps(static_cast<float>(H));
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * C; ++bc) {
+    const int64_t b = bc / C, c = bc % C;
+    __m512 g_w[NV], a_w[NV];
+    for (int j = 0; j < NV; ++j) {
+      const __mmask16 k = j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+      g_w[j] = _mm512_div_ps(load16(gw + bc * W + 16 * j, k), inv_h);
+      if constexpr (kDy) a_w[j] = load16(st.aw + bc * W + 16 * j, k);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 a = _mm512_set1_ps(to_float(gh[bc * H + h]) / static_cast<float>(W));
+      T* row = dx + b * s.b + c * s.c + h * s.h;
+      for (int j = 0; j < NV; ++j) {
+        const __mmask16 k = j == NV - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+        __m512 v = _mm512_add_ps(a, g_w[j]);
+        if constexpr (kDy) {
+          const T* pdy = st.dy + b * st.sdy.b + c * st.sdy.c + h * st.sdy.h;
+          const __m512 sh = _mm512_set1_ps(st.ah[bc * H + h]);
+          v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(load16(pdy + 16 * j, k), a_w[j]), sh), v);
+        }
+        store16(row + 16 * j, v, k);
+      }
+    }
+  }
+}
+#endif
+
+template <typename T, bool kDy>
+void pool_bwd_rows(const T* gh, const T* gw, ScaleTerm<T> st, T* dx, int64_t B, int64_t C, int64_t H, int64_t W,
+                   Strides4 s) {
   using A = acc_t<T>;
   const int64_t BC = B * C;
+#if FASTATTN_SHORT_ROWS
+  if constexpr (!std::is_same<T, double>::value) {
+    if (short_rows_ok<T>(BC, H, W)) {
+      switch ((W + 15) / 16) {
+        case 1: return pool_bwd_short<T, 1, kDy>(gh, gw, st, dx, B, C, H, W, s);
+        case 2: return pool_bwd_short<T, 2, kDy>(gh, gw, st, dx, B, C, H, W, s);
+        case 3: return pool_bwd_short<T, 3, kDy>(gh, gw, st, dx, B, C, H, W, s);
+        default: return pool_bwd_short<T, 4, kDy>(gh, gw, st, dx, B, C, H, W, s);
+      }
+    }
+  }
+#endif
   const Split sp = split_axis(BC, H, ceil_div(kMinSegment, W), H);
 #pragma omp parallel
   {
@@ -274,26 +330,42 @@ void pool_bwd_rows(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < BC * sp.n; ++job) {
       const int64_t bc = job / sp.n, part = job % sp.n;
+      const int64_t b = bc / C, c = bc % C;
       const int64_t h0 = part * sp.len_per, h1 = std::min(H, h0 + sp.len_per);
       for (int64_t w = 0; w < W; ++w) gwv[w] = static_cast<A>(to_float(gw[bc * W + w])) / static_cast<A>(H);
-      T* p = dx + (bc / C) * s.b + (bc % C) * s.c;
+      T* p = dx + b * s.b + c * s.c;
       const A* __restrict__ gv = gwv.data();
       for (int64_t h = h0; h < h1; ++h) {
         const A a = static_cast<A>(to_float(gh[bc * H + h])) / static_cast<A>(W);
         T* __restrict__ row = p + h * s.h;
+        if constexpr (kDy) {
+          const T* __restrict__ pdy = st.dy + b * st.sdy.b + c * st.sdy.c + h * st.sdy.h;
+          const A* __restrict__ paw = st.aw + bc * W;
+          const A sh = st.ah[bc * H + h];
 #pragma omp simd
-        for (int64_t w = 0; w < W; ++w) row[w] = store<T>(a + gv[w]);
+          for (int64_t w = 0; w < W; ++w)
+            row[w] = store<T>(static_cast<A>(to_float(pdy[w])) * paw[w] * sh + (a + gv[w]));
+        } else {
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) row[w] = store<T>(a + gv[w]);
+        }
       }
     }
   }
 }
 
-template <typename T>
-void pool_bwd_channels(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+template <typename T, bool kDy>
+void pool_bwd_channels(const T* gh, const T* gw, ScaleTerm<T> st, T* dx, int64_t B, int64_t C, int64_t H, int64_t W,
+                       Strides4 s) {
   using A = acc_t<T>;
   std::vector<A> ghT(static_cast<size_t>(B * H * C)), gwT(static_cast<size_t>(B * W * C));
   channel_major(gh, ghT.data(), B, C, H, static_cast<A>(W));
   channel_major(gw, gwT.data(), B, C, W, static_cast<A>(H));
+  std::vector<A> ahT(kDy ? static_cast<size_t>(B * H * C) : 0), awT(kDy ? static_cast<size_t>(B * W * C) : 0);
+  if constexpr (kDy) {
+    channel_major(st.ah, ahT.data(), B, C, H, A(1));
+    channel_major(st.aw, awT.data(), B, C, W, A(1));
+  }
   const int64_t HW = H * W;
   const int64_t P = std::max<int64_t>(1, kPixelWork / C);
   const int64_t nblk = ceil_div(HW, P);
@@ -305,8 +377,16 @@ void pool_bwd_channels(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, in
       T* __restrict__ p = dx + b * s.b + h * s.h + w * s.w;
       const A* __restrict__ a = ghT.data() + (b * H + h) * C;
       const A* __restrict__ g = gwT.data() + (b * W + w) * C;
+      if constexpr (kDy) {
+        const T* __restrict__ pdy = st.dy + b * st.sdy.b + h * st.sdy.h + w * st.sdy.w;
+        const A* __restrict__ a_h = ahT.data() + (b * H + h) * C;
+        const A* __restrict__ a_w = awT.data() + (b * W + w) * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) p[c] = store<T>(a[c] + g[c]);
+        for (int64_t c = 0; c < C; ++c) p[c] = store<T>(static_cast<A>(to_float(pdy[c])) * a_w[c] * a_h[c] + (a[c] + g[c]));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) p[c] = store<T>(a[c] + g[c]);
+      }
       if (++w == W) {
         w = 0;
         ++h;
@@ -315,16 +395,23 @@ void pool_bwd_channels(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, in
   }
 }
 
-template <typename T>
-void pool_bwd_generic(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
+template <typename T, bool kDy>
+void pool_bwd_generic(const T* gh, const T* gw, ScaleTerm<T> st, T* dx, int64_t B, int64_t C, int64_t H, int64_t W,
+                      Strides4 s) {
   using A = acc_t<T>;
 #pragma omp parallel for schedule(static)
   for (int64_t bc = 0; bc < B * C; ++bc) {
-    T* p = dx + (bc / C) * s.b + (bc % C) * s.c;
+    const int64_t b = bc / C, c = bc % C;
     for (int64_t h = 0; h < H; ++h) {
       const A a = static_cast<A>(to_float(gh[bc * H + h])) / static_cast<A>(W);
-      for (int64_t w = 0; w < W; ++w)
-        p[h * s.h + w * s.w] = store<T>(a + static_cast<A>(to_float(gw[bc * W + w])) / static_cast<A>(H));
+      for (int64_t w = 0; w < W; ++w) {
+        A v = a + static_cast<A>(to_float(gw[bc * W + w])) / static_cast<A>(H);
+        if constexpr (kDy) {
+          const T g = st.dy[b * st.sdy.b + c * st.sdy.c + h * st.sdy.h + w * st.sdy.w];
+          v = static_cast<A>(to_float(g)) * st.aw[bc * W + w] * st.ah[bc * H + h] + v;
+        }
+        dx[b * s.b + c * s.c + h * s.h + w * s.w] = store<T>(v);
+      }
     }
   }
 }
@@ -705,13 +792,21 @@ void pool_fwd(const T* x, T* xh, T* xw, int64_t B, int64_t C, int64_t H, int64_t
   }
 }
 
-template <typename T>
-void pool_bwd(const T* gh, const T* gw, T* dx, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 s) {
-  switch (pick_path({s}, C, W)) {
-    case Path::kRows: return pool_bwd_rows(gh, gw, dx, B, C, H, W, s);
-    case Path::kChannels: return pool_bwd_channels(gh, gw, dx, B, C, H, W, s);
-    default: return pool_bwd_generic(gh, gw, dx, B, C, H, W, s);
+template <typename T, bool kDy>
+void pool_bwd_walk(const T* gh, const T* gw, ScaleTerm<T> st, T* dx, int64_t B, int64_t C, int64_t H, int64_t W,
+                   Strides4 s) {
+  switch (pick_path({s, kDy ? st.sdy : s}, C, W)) {
+    case Path::kRows: return pool_bwd_rows<T, kDy>(gh, gw, st, dx, B, C, H, W, s);
+    case Path::kChannels: return pool_bwd_channels<T, kDy>(gh, gw, st, dx, B, C, H, W, s);
+    default: return pool_bwd_generic<T, kDy>(gh, gw, st, dx, B, C, H, W, s);
   }
+}
+
+template <typename T>
+void pool_bwd(const T* gh, const T* gw, ScaleTerm<T> st, T* dx, int64_t B, int64_t C, int64_t H, int64_t W,
+              Strides4 s) {
+  if (st.dy) return pool_bwd_walk<T, true>(gh, gw, st, dx, B, C, H, W, s);
+  return pool_bwd_walk<T, false>(gh, gw, st, dx, B, C, H, W, s);
 }
 
 template <typename T>
@@ -783,7 +878,17 @@ void coord_pool_forward_cpu(const void* x, void* xh, void* xw, DType dtype, int6
 void coord_pool_backward_cpu(const void* gh, const void* gw, void* dx, DType dtype, int64_t B, int64_t C,
                              int64_t H, int64_t W, Strides4 sdx) {
   if (B * C * H * W == 0) return;
-  FA_DISPATCH(pool_bwd(static_cast<const T*>(gh), static_cast<const T*>(gw), static_cast<T*>(dx), B, C, H, W, sdx))
+  FA_DISPATCH(pool_bwd(static_cast<const T*>(gh), static_cast<const T*>(gw), ScaleTerm<T>{nullptr, sdx, nullptr, nullptr},
+                       static_cast<T*>(dx), B, C, H, W, sdx))
+}
+
+void coord_backward_dx_cpu(const void* dy, const void* ah, const void* aw, const void* gh, const void* gw, void* dx,
+                           DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, Strides4 sdy, Strides4 sdx) {
+  if (B * C * H * W == 0) return;
+  FA_DISPATCH(pool_bwd(static_cast<const T*>(gh), static_cast<const T*>(gw),
+                       ScaleTerm<T>{static_cast<const T*>(dy), sdy, static_cast<const acc_t<T>*>(ah),
+                                    static_cast<const acc_t<T>*>(aw)},
+                       static_cast<T*>(dx), B, C, H, W, sdx))
 }
 
 void coord_scale_forward_cpu(const void* x, const void* ah, const void* aw, void* y, DType dtype, int64_t B,

@@ -113,18 +113,23 @@ _RAW_CHECKS["cbam_train"] = _dispatch.cpu_kernel("cbam_backward_sums", "cbam_bac
                                                  "spatial_pool", "spatial_scale", "gate_conv", "gate_conv_backward")
 
 
-def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """The conditions of `_PooledGate`, the CPU training path of the pooled-gate modules:
-    backend "auto" or "cpu" on a CPU tensor of NCHW planes (its passes run plane by plane), a
-    gradient to record (of x or of a parameter), eager mode with plain tensors, no forward hooks on
-    the layers (`_hooked_submodules`), and not compiling (torch.compile traces the op path)."""
+def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor, raw_op: str = "train",
+                    channels_last: bool = False) -> bool:
+    """The conditions of `_PooledGate`, the CPU training path of the pooled-gate modules (and of
+    the other training paths built the same way, with their kernels `_RAW_CHECKS[raw_op]`):
+    backend "auto" or "cpu" on a CPU tensor of NCHW planes (its passes run plane by plane; or
+    channels_last, where `channels_last`), a gradient to record (of x or of a parameter), eager
+    mode with plain tensors, no forward hooks on the layers (`_hooked_submodules`), and not
+    compiling (torch.compile traces the op path)."""
     if torch.compiler.is_compiling():
         return False
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return False
-    if not x.is_contiguous() or not torch.is_grad_enabled():
+    if not (x.is_contiguous() or (channels_last and x.is_contiguous(memory_format=torch.channels_last))):
         return False
-    if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS["train"](x) is not None:
+    if not torch.is_grad_enabled():
+        return False
+    if (module.backend or _dispatch.get_backend()) not in ("auto", "cpu") or _RAW_CHECKS[raw_op](x) is not None:
         return False
     params = list(module.parameters())
     if not (x.requires_grad or any(p.requires_grad for p in params)):

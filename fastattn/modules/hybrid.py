@@ -12,8 +12,8 @@ from ..ops.pool import channel_pool
 from ..ops.simam import check_args as check_simam_args, simam
 from ..ops.spatial import spatial_pool, spatial_scale, zpool
 from ..ops.pool import channel_mean
-from .channel import (_bn_fold, _bn_frozen, _cpu_path_ok, _llc_bytes, _one_read_ok, _RAW_CHECKS,
-                      _train_fused_ok, plane_var_mean)
+from .channel import (_acc_dtype, _bn_fold, _bn_frozen, _cpu_path_ok, _llc_bytes, _one_read_ok, _per_param,
+                      _RAW_CHECKS, _train_fused_ok, plane_var_mean)
 from ..reference._checks import check_feature_map, like_input
 
 
@@ -597,20 +597,78 @@ class _TripletCPU(torch.autograd.Function):
 
 class CoordinateAttention(reference.CoordinateAttention):
     """`fastattn.reference.CoordinateAttention` in two passes over x: both directional means in
-    one read, then ``x * a_w * a_h`` in one pass. Saved for backward: x and the small gates."""
+    one read, then ``x * a_w * a_h`` in one pass. Saved for backward: x and the small gates. In
+    CPU training the backward is two passes too (see `train_fused`)."""
 
     backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("CoordinateAttention", x, channels=self.channels)
-        h, w = x.shape[-2:]
+        if self.train_fused(x):
+            return _CoordTrain.apply(x, self, *self.parameters())
         x_h, x_w = coord_pool(x, backend=self.backend)                       # (B, C, H), (B, C, W)
+        a_h, a_w = self._gates(x_h, x_w)
+        return coord_scale(x, a_h, a_w, backend=self.backend)
+
+    def _gates(self, x_h: torch.Tensor, x_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_h (B, C, H), a_w (B, C, W)) from the means x_h (B, C, H) and x_w (B, C, W)."""
+        h, w = x_h.shape[-1], x_w.shape[-1]
         y = self.bn1(self.conv1(torch.cat([x_h, x_w], dim=2).unsqueeze(-1)))  # (B, mip, H + W, 1)
         y = y * (F.relu6(y + 3) / 6)
         y_h, y_w = torch.split(y, [h, w], dim=2)
-        a_h = torch.sigmoid(self.conv_h(y_h)).squeeze(-1)                   # (B, C, H)
-        a_w = torch.sigmoid(self.conv_w(y_w)).squeeze(-1)                   # (B, C, W)
-        return coord_scale(x, a_h, a_w, backend=self.backend)
+        return torch.sigmoid(self.conv_h(y_h)).squeeze(-1), torch.sigmoid(self.conv_w(y_w)).squeeze(-1)
+
+    def train_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the CPU training path (`_CoordTrain`: backward reads dy and x once
+        for the gates' gradients, then writes dx once) instead of the op path, whose backward
+        writes the scale's dx and the pool's dx and adds them (three more passes): the conditions
+        of `_train_fused_ok`, NCHW or channels_last, not empty."""
+        return x.numel() > 0 and _train_fused_ok(self, x, "coord_train", channels_last=True)
+
+
+_RAW_CHECKS["coord_train"] = _dispatch.cpu_kernel("coord_pool", "coord_scale", "coord_scale_grads",
+                                                  "coord_backward_dx")
+
+
+class _CoordTrain(torch.autograd.Function):
+    """Coordinate attention's CPU training step. Forward: the op path's two passes (means, scale),
+    the gates' layers recorded by autograd on the means (a BatchNorm updates its statistics
+    once). Backward: one read of dy and x for d a_h and d a_w (`coord_scale_grads`), autograd
+    through the gates' layers to the means and parameters, then the whole dx in one write
+    (`coord_backward_dx`: dy * a_w * a_h plus the means' gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        x_h, x_w = torch.ops.fastattn_C.coord_pool(x)
+        with torch.enable_grad():
+            leaves = [x_h.requires_grad_(), x_w.requires_grad_()]
+            gates = module._gates(*leaves)
+        acc = _acc_dtype(x)
+        a_h, a_w = (g.detach().to(acc).contiguous() for g in gates)
+        ctx.save_for_backward(x, a_h, a_w)
+        ctx.graph = (gates, leaves, params)
+        return torch.ops.fastattn_C.coord_scale(x, a_h, a_w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, a_h, a_w = ctx.saved_tensors
+        gates, leaves, params = ctx.graph
+        want = [p for p in params if p.requires_grad]
+        need_x = ctx.needs_input_grad[0]
+        dy = dy.to(x.dtype)
+        if not (dy.is_contiguous() or dy.is_contiguous(memory_format=torch.channels_last)):
+            dy = dy.contiguous(memory_format=torch.channels_last if not x.is_contiguous() else torch.contiguous_format)
+        da_h, da_w = torch.ops.fastattn_C.coord_scale_grads(dy, x, a_h, a_w)
+        # retain_graph: the outer graph may be run again (backward(retain_graph=True))
+        grads = torch.autograd.grad(gates, (leaves if need_x else []) + want,
+                                    (da_h.to(gates[0].dtype), da_w.to(gates[1].dtype)), allow_unused=True,
+                                    retain_graph=True)
+        dx = None
+        if need_x:
+            dxh, dxw = (torch.zeros_like(t) if g is None else g.to(x.dtype) for g, t in zip(grads[:2], leaves))
+            dx = torch.ops.fastattn_C.coord_backward_dx(dy, a_h, a_w, dxh, dxw)
+        return (dx, None, *_per_param(params, grads[2 if need_x else 0:]))
 
 
 class SimAM(reference.SimAM):
