@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "bind/malloc_tuning.h"
 #include "bind/output_cache.h"
 #include "cpu/stream.h"
 
@@ -35,6 +36,7 @@ pybind11::dict build_info() {
   d["compiler"] = std::string("gcc ") + __VERSION__;
 #endif
   d["output_cache_limit_bytes"] = fastattn::OutputCache::get().limit();   // FASTATTN_CPU_CACHE_BYTES
+  d["malloc_tuned"] = fastattn::malloc_tuned();                            // FASTATTN_MALLOPT
   return d;
 }
 
@@ -51,9 +53,10 @@ pybind11::dict output_cache_stats() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn compiled kernels; the ops are registered under torch.ops.fastattn_C";
+  fastattn::malloc_tuned() = fastattn::tune_malloc();
   m.def("build_info", &build_info, "How this extension was built");
   m.def("output_cache_stats", &output_cache_stats,
-        "The CPU output cache (outputs of 32 MiB or more): bytes of freed blocks kept, the limit, hits, misses");
+        "The CPU output cache (outputs of 8 MiB or more): bytes of freed blocks kept, the limit, hits, misses");
   m.def("empty_output_cache", [] { fastattn::OutputCache::get().empty(); },
         "Free the blocks the CPU output cache keeps (outputs in use are not affected)");
 }

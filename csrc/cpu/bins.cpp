@@ -436,15 +436,18 @@ void bwd_typed(const acc_t<T>* dy, T* dx, int64_t B, int64_t C, Strides4 sdx, co
 // tile gates
 // ---------------------------------------------------------------------------------------------
 
+// Rows this narrow are summed in one fixed 16-lane step, and scaled a tile row at a time.
+constexpr int64_t kNarrow = 16;
+
 // Runs body(bc, i, buf) for every tile row i of every plane bc = b * C + c, one job each, with a
-// per-thread buffer of 2 W accumulators (for rows widened from per-tile values: the inner loops
-// then run over whole rows at unit stride).
+// per-thread buffer of 2 min(k, H) W accumulators (for rows widened from per-tile values: the
+// inner loops then run over whole rows, or whole tile rows, at unit stride).
 template <typename A, typename Body>
 void for_tile_rows(int64_t B, int64_t C, int64_t H, int64_t W, int64_t k, const Body& body) {
   const int64_t nh = (H + k - 1) / k;
 #pragma omp parallel
   {
-    std::vector<A> buf(static_cast<size_t>(2 * W));
+    std::vector<A> buf(static_cast<size_t>(2 * std::min(k, H) * W));
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < B * C * nh; ++job) {
       const int64_t i = job % nh, bc = job / nh;
@@ -483,18 +486,34 @@ inline void row_accumulate(const T* __restrict__ dy, const T* __restrict__ x, A*
   }
 }
 
+// dst[0, n W): src[0, W) widened from per-tile values (widen), repeated for n rows.
+template <typename A>
+void widen_rows(const A* src, A* dst, int64_t W, int64_t k, int64_t n) {
+  widen(src, dst, W, k);
+  for (int64_t r = 1; r < n; ++r) std::copy(dst, dst + W, dst + r * W);
+}
+
+// A tile row's rows are contiguous (NCHW planes): narrow rows are scaled as one run of
+// rows * W elements against the widened gate repeated per row. Row by row, a 14-wide row ran
+// mostly as a vector tail: tile_scale at 32x1024x14x14 (k 7) took 2.1 ms against 1.4 ms for x * 2
+// on the 2-vCPU Xeon VM.
 template <typename T>
 void tile_scale_typed(const T* x, const acc_t<T>* g, T* y, int64_t B, int64_t C, int64_t H, int64_t W, int64_t k) {
   using A = acc_t<T>;
   const int64_t nh = (H + k - 1) / k, nw = (W + k - 1) / k;
-  for_tile_rows<A>(B, C, H, W, k, [&](int64_t bc, int64_t i, A* row) {
-    widen(g + (bc * nh + i) * nw, row, W, k);
-    for (int64_t h = i * k; h < std::min(H, (i + 1) * k); ++h)
-      row_scale<false>(x + (bc * H + h) * W, row, static_cast<const A*>(nullptr), y + (bc * H + h) * W, W);
+  for_tile_rows<A>(B, C, H, W, k, [&](int64_t bc, int64_t i, A* buf) {
+    const int64_t h0 = i * k, rows = std::min(H, h0 + k) - h0;
+    const int64_t base = (bc * H + h0) * W;
+    if (W <= kNarrow) {
+      widen_rows(g + (bc * nh + i) * nw, buf, W, k, rows);
+      row_scale<false>(x + base, buf, static_cast<const A*>(nullptr), y + base, rows * W);
+      return;
+    }
+    widen(g + (bc * nh + i) * nw, buf, W, k);
+    for (int64_t r = 0; r < rows; ++r)
+      row_scale<false>(x + base + r * W, buf, static_cast<const A*>(nullptr), y + base + r * W, W);
   });
 }
-
-constexpr int64_t kNarrow = 16;  // rows this narrow are summed in one fixed 16-lane step
 
 // Tile sums of dy * x (kDot) or of x: fp32 down the tile's rows, then its columns in double;
 // out[tile] = sum * scale[tile's size] stored as O (the accumulation type, or x's for the means).
@@ -550,13 +569,21 @@ void tile_dx_typed(const T* dy, const acc_t<T>* g, const acc_t<T>* a, T* dx, int
                    int64_t W, int64_t k) {
   using A = acc_t<T>;
   const int64_t nh = (H + k - 1) / k, nw = (W + k - 1) / k;
-  for_tile_rows<A>(B, C, H, W, k, [&](int64_t bc, int64_t i, A* rows) {
-    A* __restrict__ grow = rows;
-    A* __restrict__ arow = rows + W;
+  const int64_t span = std::min(k, H) * W;
+  for_tile_rows<A>(B, C, H, W, k, [&](int64_t bc, int64_t i, A* buf) {
+    const int64_t h0 = i * k, rows = std::min(H, h0 + k) - h0;
+    const int64_t base = (bc * H + h0) * W;
+    A* __restrict__ grow = buf;
+    A* __restrict__ arow = buf + span;
+    if (W <= kNarrow) {       // one run per tile row, as tile_scale_typed
+      widen_rows(g + (bc * nh + i) * nw, grow, W, k, rows);
+      widen_rows(a + (bc * nh + i) * nw, arow, W, k, rows);
+      row_scale<true>(dy + base, grow, arow, dx + base, rows * W);
+      return;
+    }
     widen(g + (bc * nh + i) * nw, grow, W, k);
     widen(a + (bc * nh + i) * nw, arow, W, k);
-    for (int64_t h = i * k; h < std::min(H, (i + 1) * k); ++h)
-      row_scale<true>(dy + (bc * H + h) * W, grow, arow, dx + (bc * H + h) * W, W);
+    for (int64_t r = 0; r < rows; ++r) row_scale<true>(dy + base + r * W, grow, arow, dx + base + r * W, W);
   });
 }
 
