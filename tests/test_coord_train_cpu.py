@@ -50,8 +50,8 @@ def test_raw_ops_match_float64(shape, dtype, layout):
     x64, dy64, ah64, aw64 = x.double(), dy.double(), a_h.double()[..., None], a_w.double()[:, :, None, :]
     want_dx = dy64 * aw64 * ah64 + dxh.double()[..., None] / W + dxw.double()[:, :, None, :] / H
     tol = KTOL[dtype]
-    for name, got, want, n in (("da_h", da_h, (dy64 * x64 * aw64).sum(3), W), ("da_w", da_w, (dy64 * x64 * ah64).sum(2), H),
-                               ("dx", dx, want_dx, 1)):
+    for name, got, want, n in (("da_h", da_h, (dy64 * x64 * aw64).sum(3), W),
+                               ("da_w", da_w, (dy64 * x64 * ah64).sum(2), H), ("dx", dx, want_dx, 1)):
         scale = max(1.0, want.abs().max().item())
         # 16-bit inputs: dx is rounded once to the dtype; the sums are fp32 of exactly converted values
         atol = (2 * ULP[dtype] * scale if name == "dx" and dtype in (torch.float16, torch.bfloat16)
@@ -80,7 +80,7 @@ def test_raw_op_errors():
         grads(x.double(), x, a_h, a_w)
     with pytest.raises(ValueError, match=r"coord_backward_dx: argument 'dy' must be 4-D"):
         dx(x[0], a_h, a_w, a_h, a_w)
-    with pytest.raises(ValueError, match=r"coord_backward_dx: argument 'a_w' must have shape \(B, C, W\) = \(2, 3, 5\)"):
+    with pytest.raises(ValueError, match=r"coord_backward_dx: argument 'a_w' must have shape \(B, C, W\) = \(2, 3, 5"):
         dx(x, a_h, a_h, a_h, a_w)
     with pytest.raises(TypeError, match=r"coord_backward_dx: argument 'dxh' must be BFloat16"):
         dx(x.bfloat16(), a_h, a_w, a_h, a_w.bfloat16())
