@@ -62,12 +62,14 @@ at::Tensor coord_pool_backward(const at::Tensor& dxh, const at::Tensor& dxw, boo
   return dx;
 }
 
-// Checks shared by coord_scale and its backward: a_h (B, C, H) and a_w (B, C, W) contiguous in
-// x's accumulation dtype (float32; float64 for float64 x).
-DType check_scale_args(const char* op, const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w) {
-  check_feature_map(x, op);
-  check_cpu(x, op, "x");
-  const DType dt = dtype_tag(x, op, "x");
+// Checks shared by coord_scale and its backwards: x (named `x_name`) a 4-D CPU map, a_h (B, C, H)
+// and a_w (B, C, W) contiguous in x's accumulation dtype (float32; float64 for float64 x).
+DType check_scale_args(const char* op, const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                       const char* x_name = "x") {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fastattn::", op, ": argument '", x_name, "' must be 4-D (B, C, H, W), got ",
+                    x.dim(), "-D tensor of shape ", x.sizes());
+  check_cpu(x, op, x_name);
+  const DType dt = dtype_tag(x, op, x_name);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const at::ScalarType acc = acc_scalar_type(x);
   check_rows(a_h, op, "a_h", B, C, H, "H", acc);
@@ -75,6 +77,15 @@ DType check_scale_args(const char* op, const at::Tensor& x, const at::Tensor& a_
   TORCH_CHECK_VALUE(a_h.is_contiguous(), "fastattn::", op, ": argument 'a_h' must be contiguous");
   TORCH_CHECK_VALUE(a_w.is_contiguous(), "fastattn::", op, ": argument 'a_w' must be contiguous");
   return dt;
+}
+
+// dy: x's shape and dtype, on the CPU.
+void check_dy(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastattn::", op, ": argument 'dy' must have the shape of 'x' ",
+                    x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op,
+                   ": argument 'dy' must have the dtype of 'x' (", x.scalar_type(), "), got ", dy.scalar_type());
+  check_cpu(dy, op, "dy");
 }
 
 // y = x * a_w[:, :, None, :] * a_h[:, :, :, None], with the strides of torch.empty_like(x).
@@ -92,11 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward(const at::Te
                                                                     const at::Tensor& a_h, const at::Tensor& a_w) {
   const char* op = "coord_scale_backward";
   const DType dt = check_scale_args(op, x, a_h, a_w);
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastattn::", op, ": argument 'dy' must have the shape of 'x' ",
-                    x.sizes(), ", got ", dy.sizes());
-  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op, ": argument 'dy' must have the dtype of 'x' (",
-                   x.scalar_type(), "), got ", dy.scalar_type());
-  check_cpu(dy, op, "dy");
+  check_dy(op, dy, x);
   at::Tensor dx = new_output_like(x);
   if (x.numel() == 0)                           // an empty sum is zero
     return {dx, at::zeros_like(a_h), at::zeros_like(a_w)};
@@ -113,11 +120,7 @@ std::tuple<at::Tensor, at::Tensor> coord_scale_grads(const at::Tensor& dy, const
                                                      const at::Tensor& a_w) {
   const char* op = "coord_scale_grads";
   const DType dt = check_scale_args(op, x, a_h, a_w);
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "fastattn::", op, ": argument 'dy' must have the shape of 'x' ",
-                    x.sizes(), ", got ", dy.sizes());
-  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "fastattn::", op, ": argument 'dy' must have the dtype of 'x' (",
-                   x.scalar_type(), "), got ", dy.scalar_type());
-  check_cpu(dy, op, "dy");
+  check_dy(op, dy, x);
   if (x.numel() == 0) return {at::zeros_like(a_h), at::zeros_like(a_w)};
   at::Tensor dah = at::empty_like(a_h), daw = at::empty_like(a_w);
   coord_scale_backward_cpu(dy.data_ptr(), x.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), nullptr, dah.data_ptr(),
@@ -132,16 +135,8 @@ std::tuple<at::Tensor, at::Tensor> coord_scale_grads(const at::Tensor& dy, const
 at::Tensor coord_backward_dx(const at::Tensor& dy, const at::Tensor& a_h, const at::Tensor& a_w, const at::Tensor& dxh,
                              const at::Tensor& dxw) {
   const char* op = "coord_backward_dx";
-  TORCH_CHECK_VALUE(dy.dim() == 4, "fastattn::", op, ": argument 'dy' must be 4-D (B, C, H, W), got ", dy.dim(),
-                    "-D tensor of shape ", dy.sizes());
-  check_cpu(dy, op, "dy");
-  const DType dt = dtype_tag(dy, op, "dy");
+  const DType dt = check_scale_args(op, dy, a_h, a_w, "dy");
   const int64_t B = dy.size(0), C = dy.size(1), H = dy.size(2), W = dy.size(3);
-  const at::ScalarType acc = acc_scalar_type(dy);
-  check_rows(a_h, op, "a_h", B, C, H, "H", acc);
-  check_rows(a_w, op, "a_w", B, C, W, "W", acc);
-  TORCH_CHECK_VALUE(a_h.is_contiguous(), "fastattn::", op, ": argument 'a_h' must be contiguous");
-  TORCH_CHECK_VALUE(a_w.is_contiguous(), "fastattn::", op, ": argument 'a_w' must be contiguous");
   check_rows(dxh, op, "dxh", B, C, H, "H", dy.scalar_type());
   check_rows(dxw, op, "dxw", B, C, W, "W", dy.scalar_type());
   at::Tensor dx = new_output_like(dy);
