@@ -17,10 +17,13 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 
 def gate_weights(kind: str, C: int, H: int, W: int, gen: torch.Generator) -> tuple:
     """(filter, w1, b1, w2, b2, conv_w) of a random gate: "mlp", "mlp_nobias", "conv3", "conv1",
-    "conv5" (ECA's taps) or "dct" (an MLP without biases after a DCT-like filter pool)."""
+    "conv5" (ECA's taps), "dct" (an MLP without biases after a DCT-like filter pool) or "dct_runs"
+    (the same with runs of equal filter rows, as FcaNet's, which the kernels read once per run)."""
     filt = None
     if kind == "dct":
         filt = torch.randn(C, H, W, generator=gen) / (H * W) ** 0.5
+    if kind == "dct_runs":
+        filt = repeated_rows_filter(C, H, W, gen)
     if kind.startswith("conv"):
         return None, None, None, None, None, torch.randn(int(kind[4:]), generator=gen)
     hidden = max(1, C // 4)
@@ -30,6 +33,24 @@ def gate_weights(kind: str, C: int, H: int, W: int, gen: torch.Generator) -> tup
     b1 = torch.randn(hidden, generator=gen) if bias else None
     b2 = torch.randn(C, generator=gen) if bias else None
     return filt, w1, b1, w2, b2, None
+
+
+def repeated_rows_filter(C: int, H: int, W: int, gen: torch.Generator) -> torch.Tensor:
+    """A (C, H, W) filter of runs of up to three equal rows; a run may repeat an earlier run's row
+    after another one, and the last row differs from the one before it in one element only (or
+    by the sign of a zero)."""
+    rows = torch.randn(max(1, C // 2), H, W, generator=gen)
+    pick = torch.arange(C) // 3 % rows.shape[0]
+    pick[3 * 2:3 * 3] = 0            # run 0's row again after run 1's
+    filt = rows[pick].clone()
+    if C >= 2:
+        filt[-1] = filt[-2]
+        if H * W > 1:
+            filt[-1, -1, -1] += 1.0
+        else:
+            filt[-2] = 0.0
+            filt[-1] = -0.0
+    return filt
 
 
 def gate_math(x: torch.Tensor, weights: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +67,7 @@ def gate_math(x: torch.Tensor, weights: tuple) -> tuple[torch.Tensor, torch.Tens
     return x * g[:, :, None, None], stats, g
 
 
-KINDS = ["mlp", "mlp_nobias", "conv1", "conv3", "conv5", "dct"]
+KINDS = ["mlp", "mlp_nobias", "conv1", "conv3", "conv5", "dct", "dct_runs"]
 SHAPES = [(3, 20, 7, 9), (2, 33, 1, 5), (5, 16, 13, 1), (3, 8, 1, 1), (4, 3, 6, 6)]
 
 

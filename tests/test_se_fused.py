@@ -335,12 +335,15 @@ ALL_DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-
 @pytest.mark.parametrize("dtype,tol", ALL_DTYPES, ids=["fp32", "bf16", "fp16", "fp64"])
 @pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 33, 1, 5), (1, 8, 70, 70)])
 def test_channel_dot_and_affine_backward_match_float64(dtype, tol, shape):
+    from test_pooled_gate_one_read import repeated_rows_filter
+
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=g).to(dtype)
     dy = torch.randn(shape, generator=g).to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     gate, k, a, e = (torch.randn(shape[:2], generator=g).to(acc) for _ in range(4))
     filt = torch.randn(shape[1:], generator=g).to(acc)
+    filt_runs = repeated_rows_filter(*shape[1:], g).to(acc)
     want_dot = (dy.double() * x.double()).sum((2, 3))
     want_dx = dy.double() * gate.double()[..., None, None] + k.double()[..., None, None] * x.double() \
         + a.double()[..., None, None]
@@ -361,9 +364,10 @@ def test_channel_dot_and_affine_backward_match_float64(dtype, tol, shape):
             dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a, None, None)
             assert dx.dtype == dtype and dx.stride() == torch.empty_like(xv).stride()
             torch.testing.assert_close(dx.double(), wx, rtol=tol, atol=tol, msg=lambda m: f"{name}/{dname}: {m}")
-            dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a, filt, e)
-            torch.testing.assert_close(dx.double(), wx + e.double()[..., None, None] * filt.double(), rtol=tol,
-                                       atol=tol, msg=lambda m: f"{name}/{dname}, filter: {m}")
+            for fname, f in (("filter", filt), ("filter of equal-row runs", filt_runs)):
+                dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, xv, gate, k, a, f, e)
+                torch.testing.assert_close(dx.double(), wx + e.double()[..., None, None] * f.double(), rtol=tol,
+                                           atol=tol, msg=lambda m: f"{name}/{dname}, {fname}: {m}")
             # k None: no x term (x's values are not read: NaN there must not show)
             wx0 = wx - k.double()[..., None, None] * x.double()
             dx = torch.ops.fastattn_C.channel_scale_affine_backward(dyv, torch.full_like(xv, float("nan")), gate, None,
@@ -543,12 +547,19 @@ def test_cbam_backward_raw_errors():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(3, 20, 7, 9), (2, 33, 1, 5), (1, 8, 70, 70)])
-def test_fca_forward_matches_float64(dtype, tol, shape):
+@pytest.mark.parametrize("rows", ["distinct", "runs"])
+def test_fca_forward_matches_float64(dtype, tol, shape, rows):
+    """A random filter, and one of runs of equal rows (FcaNet's; the kernel reads one per run)."""
+    from test_pooled_gate_one_read import repeated_rows_filter
+
     g = torch.Generator().manual_seed(sum(shape))
     B, C, H, W = shape
     hidden = max(1, C // 4)
     x = torch.randn(shape, generator=g).to(dtype)
-    filt = torch.randn(C, H, W, generator=g) / (H * W) ** 0.5
+    if rows == "distinct":
+        filt = torch.randn(C, H, W, generator=g) / (H * W) ** 0.5
+    else:
+        filt = repeated_rows_filter(C, H, W, g) / (H * W) ** 0.5
     w1, w2 = torch.randn(hidden, C, generator=g) / C ** 0.5, torch.randn(C, hidden, generator=g) / hidden ** 0.5
     d = (x.double() * filt.double()).sum((2, 3))
     want = x.double() * torch.sigmoid(torch.relu(d @ w1.double().t()) @ w2.double().t())[:, :, None, None]
