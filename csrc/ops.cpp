@@ -27,7 +27,11 @@ pybind11::dict build_info() {
 #else
   d["cuda"] = false;
 #endif
-  d["llc_bytes"] = fastattn::llc_bytes();     // outputs of 2x this are written with streaming stores
+  const fastattn::LlcInfo& llc = fastattn::llc_info();
+  d["llc_bytes"] = llc.bytes;   // fp32 outputs of half this or more are written with streaming stores
+  d["llc_reported_bytes"] = llc.reported;
+  d["llc_shared_cpus"] = llc.shared_cpus;
+  d["llc_source"] = std::string(llc.source);
   d["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                std::to_string(TORCH_VERSION_PATCH);
 #if defined(__clang__)

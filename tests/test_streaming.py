@@ -1,7 +1,12 @@
 """CPU kernels write fp32 outputs of at least half the last-level cache with streaming stores
 (csrc/cpu/stream.h): a separate code path (aligned head, vector body, tail), checked here on
 maps just large enough to take it, with odd plane sizes so that planes start unaligned."""
+import glob
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,3 +167,46 @@ def test_nam_train_backward_streaming_path():
     nam_math(xd, gamma.double(), bias.double(), w.double())[0].backward(dy.double())
     dx = torch.ops.fastattn_C.nam_train_backward(dy, x, gamma, bias, w, EPS, mean, var, True)[0]
     torch.testing.assert_close(dx.double(), xd.grad, rtol=5e-5, atol=5e-5)
+
+
+def test_llc_override_is_used():
+    """tests/conftest.py pins FASTATTN_LLC_BYTES: the kernels plan with exactly that."""
+    info = _ext.build_info()
+    assert info["llc_source"] == "FASTATTN_LLC_BYTES"
+    assert info["llc_bytes"] == int(os.environ["FASTATTN_LLC_BYTES"])
+
+
+def _sysfs_llc() -> tuple[int, int] | None:
+    """(bytes, CPUs sharing it) of cpu0's largest cache of level 2 or more in sysfs."""
+    best = None
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            level = int(open(f"{d}/level").read())
+            size = open(f"{d}/size").read().strip()
+            cpus = open(f"{d}/shared_cpu_list").read().strip()
+        except (OSError, ValueError):
+            continue
+        n = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] if size[-1] in "KM" else int(size)
+        shared = sum(int(b) - int(a) + 1 if "-" in r else 1
+                     for r in cpus.split(",") for a, _, b in [r.partition("-")])
+        if level >= 2 and (best is None or n > best[0]):
+            best = (n, shared)
+    return best
+
+
+def test_llc_without_override_is_sysfs_capped_per_cpu():
+    """Without FASTATTN_LLC_BYTES: sysfs's size, at most 16 MiB per CPU sharing the cache (a VM
+    may be shown its host's whole L3: 480 MiB for 2 vCPUs on the dev machine)."""
+    found = _sysfs_llc()
+    if found is None:
+        pytest.skip("no cache sizes in sysfs")
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_LLC_BYTES"}
+    code = "import json; from fastattn import _ext; i = _ext.build_info(); " \
+           "print(json.dumps([i['llc_bytes'], i['llc_reported_bytes'], i['llc_shared_cpus'], i['llc_source']]))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    bytes_, reported, shared, source = json.loads(out.stdout.strip().splitlines()[-1])
+    size, cpus = found
+    assert (reported, shared) == (size, cpus)
+    cap = cpus * (16 << 20)
+    assert bytes_ == min(size, cap)
+    assert source == ("sysfs-capped" if size > cap else "sysfs")
