@@ -58,6 +58,9 @@ pybind11::dict output_cache_stats() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn compiled kernels; the ops are registered under torch.ops.fastattn_C";
   fastattn::malloc_tuned() = fastattn::tune_malloc();
+  if (fastattn::llc_bytes_from_env() < 0)
+    throw std::invalid_argument(std::string("fastattn: FASTATTN_LLC_BYTES must be a positive integer (bytes of "
+                                            "last-level cache), got '") + std::getenv("FASTATTN_LLC_BYTES") + "'");
   m.def("build_info", &build_info, "How this extension was built");
   m.def("output_cache_stats", &output_cache_stats,
         "The CPU output cache (outputs of 8 MiB or more): bytes of freed blocks kept, the limit, hits, misses");

@@ -210,3 +210,15 @@ def test_llc_without_override_is_sysfs_capped_per_cpu():
     cap = cpus * (16 << 20)
     assert bytes_ == min(size, cap)
     assert source == ("sysfs-capped" if size > cap else "sysfs")
+
+
+@pytest.mark.parametrize("value", ["32MiB", "-1", "0", "1e6"])
+def test_bad_llc_setting_is_an_error_naming_it(value):
+    """A FASTATTN_LLC_BYTES that is not a positive integer keeps the extension from loading,
+    with the reason (a silently ignored value would plan with sysfs's size instead)."""
+    code = "from fastattn import _ext; print(_ext.available(), _ext.why_unavailable())"
+    env = dict(os.environ, FASTATTN_LLC_BYTES=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False ")
+    assert "FASTATTN_LLC_BYTES must be a positive integer" in out.stdout and f"'{value}'" in out.stdout

@@ -156,6 +156,16 @@ inline int64_t count_cpu_list(const std::string& list) {
 // to 20%).
 constexpr int64_t kMaxLlcPerCpu = int64_t(16) << 20;
 
+// FASTATTN_LLC_BYTES as a positive integer; 0 when unset or empty, -1 when it is anything else
+// (fastattn._C then refuses to load, naming the variable: see ops.cpp).
+inline int64_t llc_bytes_from_env() {
+  const char* env = std::getenv("FASTATTN_LLC_BYTES");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  return (*end == '\0' && v > 0) ? static_cast<int64_t>(v) : -1;
+}
+
 struct LlcInfo {
   int64_t bytes;        // what the kernels plan with
   int64_t reported;     // what sysfs / sysconf reported (0: nothing)
@@ -164,15 +174,12 @@ struct LlcInfo {
 };
 
 // The last-level cache the CPU kernels plan with: FASTATTN_LLC_BYTES when set (a positive
-// integer; the test suite pins 32 MiB, so that its shapes sized to cross these thresholds stay
+// integer of bytes; the test suite pins 32 MiB, so that its shapes sized to cross these thresholds stay
 // small), else sysfs's largest cache of cpu0 (what lscpu reports) capped at kMaxLlcPerCpu per CPU
 // sharing it, else sysconf, else 32 MiB. Read once per process.
 inline const LlcInfo& llc_info() {
   static const LlcInfo info = [] {
-    if (const char* env = std::getenv("FASTATTN_LLC_BYTES")) {
-      const long long v = std::atoll(env);
-      if (v > 0) return LlcInfo{static_cast<int64_t>(v), 0, 0, "FASTATTN_LLC_BYTES"};
-    }
+    if (const int64_t v = llc_bytes_from_env(); v > 0) return LlcInfo{v, 0, 0, "FASTATTN_LLC_BYTES"};
     int64_t best = 0, shared = 0;
     for (int index = 0; index < 8; ++index) {
       const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
