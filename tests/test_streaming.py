@@ -183,12 +183,15 @@ def _sysfs_llc() -> tuple[int, int] | None:
         try:
             level = int(open(f"{d}/level").read())
             size = open(f"{d}/size").read().strip()
-            cpus = open(f"{d}/shared_cpu_list").read().strip()
+            n = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] if size[-1] in "KM" else int(size)
         except (OSError, ValueError):
             continue
-        n = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] if size[-1] in "KM" else int(size)
-        shared = sum(int(b) - int(a) + 1 if "-" in r else 1
-                     for r in cpus.split(",") for a, _, b in [r.partition("-")])
+        try:   # unknown (0) when unreadable: then the size is taken uncapped
+            cpus = open(f"{d}/shared_cpu_list").read().strip()
+            shared = sum(int(b) - int(a) + 1 if "-" in r else 1
+                         for r in cpus.split(",") for a, _, b in [r.partition("-")])
+        except (OSError, ValueError):
+            shared = 0
         if level >= 2 and (best is None or n > best[0]):
             best = (n, shared)
     return best
@@ -207,9 +210,9 @@ def test_llc_without_override_is_sysfs_capped_per_cpu():
     bytes_, reported, shared, source = json.loads(out.stdout.strip().splitlines()[-1])
     size, cpus = found
     assert (reported, shared) == (size, cpus)
-    cap = cpus * (16 << 20)
-    assert bytes_ == min(size, cap)
-    assert source == ("sysfs-capped" if size > cap else "sysfs")
+    capped = cpus > 0 and size > cpus * (16 << 20)
+    assert bytes_ == (cpus * (16 << 20) if capped else size)
+    assert source == ("sysfs-capped" if capped else "sysfs")
 
 
 @pytest.mark.parametrize("value", ["32MiB", "-1", "0", "1e6"])
