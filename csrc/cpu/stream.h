@@ -148,12 +148,13 @@ inline int64_t count_cpu_list(const std::string& list) {
   return count;
 }
 
-// At most this much last-level cache per CPU sharing it is believed: no CPU has more than 12 MiB
-// of L3 per core (AMD's 3D V-Cache parts), but a VM may be shown its host's whole L3 for a share
-// of it. The 2-vCPU Xeon dev guest reports 480 MiB shared by its 2 CPUs; planning with that kept
+// At most this much last-level cache per CPU sharing it is believed: a VM may be shown its host's
+// whole L3 for a share of it. Real parts stay under it (3D V-Cache desktop parts: 96 MB for 12
+// threads), except a few frequency-optimised EPYCs with 3D V-Cache (96 MB per CCD of 2 cores, 24
+// MiB per thread), which are then planned with 64 MiB per CCD. The 2-vCPU Xeon dev guest reports 480 MiB shared by its 2 CPUs; planning with that kept
 // every output of this project's shapes from streaming stores, and taking 32 MiB made the
-// ResNet-50 stage table 6% faster (geometric mean of 96 cells, interleaved A/B; training steps up
-// to 20%).
+// ResNet-50 stage table 6% faster (geometric mean of 96 cells, interleaved A/B; the pooled-gate
+// training steps 7-21%).
 constexpr int64_t kMaxLlcPerCpu = int64_t(16) << 20;
 
 // FASTATTN_LLC_BYTES as a positive integer; 0 when unset or empty, -1 when it is anything else
@@ -174,9 +175,9 @@ struct LlcInfo {
 };
 
 // The last-level cache the CPU kernels plan with: FASTATTN_LLC_BYTES when set (a positive
-// integer of bytes; the test suite pins 32 MiB, so that its shapes sized to cross these thresholds stay
-// small), else sysfs's largest cache of cpu0 (what lscpu reports) capped at kMaxLlcPerCpu per CPU
-// sharing it, else sysconf, else 32 MiB. Read once per process.
+// integer of bytes; the test suite pins 32 MiB, so that its shapes sized to cross these
+// thresholds stay small), else sysfs's largest cache of cpu0 (what lscpu reports) capped at
+// kMaxLlcPerCpu per CPU sharing it, else sysconf, else 32 MiB. Read once per process.
 inline const LlcInfo& llc_info() {
   static const LlcInfo info = [] {
     if (const int64_t v = llc_bytes_from_env(); v > 0) return LlcInfo{v, 0, 0, "FASTATTN_LLC_BYTES"};
