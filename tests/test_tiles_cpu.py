@@ -15,10 +15,11 @@ pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not bu
 
 DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
-# (shape, k): whole tiles, clipped border tiles, one tile larger than the map, k = 1, rows of 1
+# (shape, k): whole tiles, clipped border tiles, one tile larger than the map, k = 1, rows of 1,
+# the widest narrow rows (16) with clipped tiles both ways, wide rows
 SHAPES = [((2, 3, 14, 14), 7), ((2, 5, 9, 11), 4), ((1, 3, 5, 3), 7), ((2, 2, 6, 5), 1), ((3, 2, 1, 17), 3),
-          ((1, 2, 33, 40), 7)]
-SHAPE_IDS = ["14x14k7", "9x11k4", "5x3k7", "6x5k1", "1x17k3", "33x40k7"]
+          ((2, 3, 10, 16), 3), ((1, 2, 33, 40), 7)]
+SHAPE_IDS = ["14x14k7", "9x11k4", "5x3k7", "6x5k1", "1x17k3", "10x16k3", "33x40k7"]
 
 
 def widen64(t, k, h, w):
