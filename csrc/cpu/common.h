@@ -2,6 +2,7 @@
 // Free of torch headers on purpose: these files compile in a second and know only memory and math.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -20,9 +21,20 @@ struct Strides4 {
 // the hardware prefetcher behind. Prefetching past the end of a tensor is harmless.
 constexpr int64_t kAheadBytes = 4096;
 template <typename T>
-inline void prefetch_ahead(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p) + kAheadBytes;
+inline void prefetch_span(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
   for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+}
+template <typename T>
+inline void prefetch_ahead(const T* p, int64_t n) {
+  prefetch_span(reinterpret_cast<const char*>(p) + kAheadBytes, n * static_cast<int64_t>(sizeof(T)));
+}
+// For loops over rows `stride` elements apart (a tile of pixels, channel after channel): how many
+// rows ahead is kAheadBytes on.
+template <typename T>
+inline int64_t rows_ahead(int64_t stride) {
+  const int64_t bytes = std::max<int64_t>(1, (stride < 0 ? -stride : stride) * static_cast<int64_t>(sizeof(T)));
+  return (kAheadBytes + bytes - 1) / bytes;
 }
 
 // Storage types of the 16-bit formats: plain bit patterns, converted through float.

@@ -593,6 +593,9 @@ void scse_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
   const bool contiguous = plane_contiguous(sx, H, W) && plane_contiguous(sy, H, W);
   const bool stream = contiguous && stream_stores<T>(B, C, H, W);
   const int64_t G = scse_group(B, C * HW * static_cast<int64_t>(sizeof(T)));
+  // Planes of at most 4 KiB are prefetched ahead (32x1024x14x14: forward 4.55 -> 4.19 ms,
+  // training 18.4 -> 17.0 ms on the Xeon VM; no gain on 56 x 56 planes)
+  const bool small_planes = HW * static_cast<int64_t>(sizeof(T)) <= kAheadBytes;
 #pragma omp parallel
   {
     std::vector<float> mean(static_cast<size_t>(G * C)), g(static_cast<size_t>(G * C)),
@@ -607,6 +610,7 @@ void scse_one_read(const T* x, T* y, int64_t B, int64_t C, int64_t H, int64_t W,
         for (int64_t c = 0; c < C; ++c) {
           const T* q = x + b * sx.b + c * sx.c;
           const float wc = p.conv_w[c];
+          if (contiguous && small_planes) prefetch_ahead(q, HW);
           mean[k * C + c] = plane_mean(q, H, W, sx);   // the plane is in L1 for the conv's read below
           if (contiguous) {
 #pragma omp simd
@@ -1035,6 +1039,7 @@ void scse_backward_typed(const T* dy, const T* x, const float* mean, const float
   const bool stream = stream_stores<T>(B, C, H, W);
   const float inv_hw = 1.0f / static_cast<float>(HW);
   const int64_t G = scse_group(B, 2 * C * HW * static_cast<int64_t>(sizeof(T)));   // dy and x
+  const bool small_planes = HW * static_cast<int64_t>(sizeof(T)) <= kAheadBytes;     // as the forward
 #pragma omp parallel
   {
     std::vector<float> ds(static_cast<size_t>(G * HW)), dq(static_cast<size_t>(G * HW)),
@@ -1053,6 +1058,10 @@ void scse_backward_typed(const T* dy, const T* x, const float* mean, const float
         for (int64_t c = 0; c < C; ++c) {
           const T* pdy = dy + (b * C + c) * HW;
           const T* px = x + (b * C + c) * HW;
+          if (small_planes) {
+            prefetch_ahead(pdy, HW);
+            prefetch_ahead(px, HW);
+          }
           const float gc = g[b * C + c];
           double total = 0;
           for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {

@@ -113,6 +113,9 @@ void pool_fwd_tiles(const T* x, const acc_t<T>* a, T* y, int32_t* idx, int64_t B
       tot[i] = 0.0;
     }
     const T* base = x + b * sx.b + p1 * sx.h + i0;
+    // the row `ahead` channels on is prefetched: a tile of a 14 x 14 plane is a few cache lines
+    // per channel (spatial_pool at 32x1024x14x14: 2.2 -> 1.5-1.6 ms on the Xeon VM)
+    const int64_t ahead = rows_ahead<T>(sx.c);
     for (int64_t c0 = 0; c0 < N; c0 += kChunk) {   // fp32 sums over kChunk rows, folded into double
       const int64_t c1 = std::min(N, c0 + kChunk);
       for (int64_t i = 0; i < std::max<int64_t>(n, kLanes); ++i) sm[i] = A(0);
@@ -134,6 +137,7 @@ void pool_fwd_tiles(const T* x, const acc_t<T>* a, T* y, int32_t* idx, int64_t B
       }
       for (int64_t c = c0; c < c1 && n >= kLanes; ++c) {
         const T* __restrict__ row = base + c * sx.c;
+        prefetch_span(row + ahead * sx.c, n);
         const A ac = kA ? a[b * N + c] : A(1);
         const int32_t cc = static_cast<int32_t>(c);
 #pragma omp simd
@@ -539,6 +543,7 @@ void scale_fwd_planes(const T* x, const acc_t<T>* a, const acc_t<T>* s, T* y, in
     T* __restrict__ yr = y + b * sy.b + c * sy.c;
     const A* __restrict__ sr = s + b * P;
     const A ac = kA ? a[bc] : A(1);
+    if (sx.c == P) prefetch_ahead(xr + p0, p1 - p0);   // consecutive planes
 #pragma omp simd
     for (int64_t p = p0; p < p1; ++p) {
       A v = static_cast<A>(to_float(xr[p]));
@@ -622,6 +627,7 @@ void scale_bwd_tiles(const T* dy, const T* x, const acc_t<T>* a, const acc_t<T>*
   const int64_t TP = tile_width(B, P);
   const int64_t nT = (P + TP - 1) / TP;
   const int64_t step = kUnitDy ? 1 : dyp;
+  const int64_t ahead = rows_ahead<T>(sx.c);   // as pool_fwd_tiles (3.7 -> 3.1-3.4 ms at 32x1024x14x14)
   std::vector<A> part(kA && nT > 1 ? static_cast<size_t>(B * nT * C) : 0);
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < B * nT; ++job) {
@@ -637,6 +643,8 @@ void scale_bwd_tiles(const T* dy, const T* x, const acc_t<T>* a, const acc_t<T>*
         const T* __restrict__ dyr = dy + b * sdy.b + c * sdy.c + i0 * step;
         const T* __restrict__ xr = x + b * sx.b + c * sx.c + i0;
         T* __restrict__ dxr = dx + b * sdx.b + c * sdx.c + i0;
+        prefetch_span(xr + ahead * sx.c, n);
+        if (kUnitDy) prefetch_span(dyr + ahead * sdy.c, n);
         const A ac = kA ? a[b * C + c] : A(1);
         A dacc = 0;
 #pragma omp simd reduction(+ : dacc)
