@@ -137,7 +137,7 @@ void pool_fwd_tiles(const T* x, const acc_t<T>* a, T* y, int32_t* idx, int64_t B
       }
       for (int64_t c = c0; c < c1 && n >= kLanes; ++c) {
         const T* __restrict__ row = base + c * sx.c;
-        prefetch_span(row + ahead * sx.c, n);
+        prefetch_span(row, ahead * sx.c, n);
         const A ac = kA ? a[b * N + c] : A(1);
         const int32_t cc = static_cast<int32_t>(c);
 #pragma omp simd
@@ -643,8 +643,8 @@ void scale_bwd_tiles(const T* dy, const T* x, const acc_t<T>* a, const acc_t<T>*
         const T* __restrict__ dyr = dy + b * sdy.b + c * sdy.c + i0 * step;
         const T* __restrict__ xr = x + b * sx.b + c * sx.c + i0;
         T* __restrict__ dxr = dx + b * sdx.b + c * sdx.c + i0;
-        prefetch_span(xr + ahead * sx.c, n);
-        if (kUnitDy) prefetch_span(dyr + ahead * sdy.c, n);
+        prefetch_span(xr, ahead * sx.c, n);
+        if (kUnitDy) prefetch_span(dyr, ahead * sdy.c, n);
         const A ac = kA ? a[b * C + c] : A(1);
         A dacc = 0;
 #pragma omp simd reduction(+ : dacc)
