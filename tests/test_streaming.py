@@ -215,7 +215,7 @@ def test_llc_without_override_is_sysfs_capped_per_cpu():
     assert source == ("sysfs-capped" if capped else "sysfs")
 
 
-@pytest.mark.parametrize("value", ["32MiB", "0"])
+@pytest.mark.parametrize("value", ["32MiB", "0", "99999999999999999999"])
 def test_bad_llc_setting_is_an_error_naming_it(value):
     """A FASTATTN_LLC_BYTES that is not a positive integer keeps the extension from loading,
     with the reason (a silently ignored value would plan with sysfs's size instead)."""

@@ -543,7 +543,6 @@ void scale_fwd_planes(const T* x, const acc_t<T>* a, const acc_t<T>* s, T* y, in
     T* __restrict__ yr = y + b * sy.b + c * sy.c;
     const A* __restrict__ sr = s + b * P;
     const A ac = kA ? a[bc] : A(1);
-    if (sx.c == P) prefetch_ahead(xr + p0, p1 - p0);   // consecutive planes
 #pragma omp simd
     for (int64_t p = p0; p < p1; ++p) {
       A v = static_cast<A>(to_float(xr[p]));

@@ -6,6 +6,7 @@
 // read, which makes a one-read-one-write pass move 2 units of memory traffic instead of 3.
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -151,8 +152,8 @@ inline int64_t count_cpu_list(const std::string& list) {
 // At most this much last-level cache per CPU sharing it is believed: a VM may be shown its host's
 // whole L3 for a share of it. Real parts stay under it (3D V-Cache desktop parts: 96 MB for 12
 // threads), except a few frequency-optimised EPYCs with 3D V-Cache (96 MB per CCD of 2 cores, 24
-// MiB per thread), which are then planned with 64 MiB per CCD. The 2-vCPU Xeon dev guest reports 480 MiB shared by its 2 CPUs; planning with that kept
-// every output of this project's shapes from streaming stores, and taking 32 MiB made the
+// MiB per thread), which are then planned with 64 MiB per CCD. The 2-vCPU Xeon dev guest reports
+// 480 MiB shared by its 2 CPUs; planning with that kept every output of this project's shapes from streaming stores, and taking 32 MiB made the
 // ResNet-50 stage table 6% faster (geometric mean of 96 cells, interleaved A/B; the pooled-gate
 // training steps 7-21%).
 constexpr int64_t kMaxLlcPerCpu = int64_t(16) << 20;
@@ -163,8 +164,9 @@ inline int64_t llc_bytes_from_env() {
   const char* env = std::getenv("FASTATTN_LLC_BYTES");
   if (env == nullptr || *env == '\0') return 0;
   char* end = nullptr;
+  errno = 0;
   const long long v = std::strtoll(env, &end, 10);
-  return (*end == '\0' && v > 0) ? static_cast<int64_t>(v) : -1;
+  return (*end == '\0' && errno == 0 && v > 0) ? static_cast<int64_t>(v) : -1;   // ERANGE: too large
 }
 
 struct LlcInfo {
