@@ -90,7 +90,7 @@ def test_tile_kernel_errors():
 def _count(monkeypatch):
     from fastattn.modules import channel
 
-    return count_calls(monkeypatch, channel._TiledGateCPU, "apply")
+    return count_calls(monkeypatch, channel._BinGateCPU, "apply")
 
 
 def _pair(dtype, channels, k):

@@ -1,5 +1,5 @@
-// torch.ops.fastattn_C bin mean and tile gate ops: schemas and CPU registrations (kernels in
-// csrc/cpu/bins.cpp).
+// torch.ops.fastattn_C bin mean, pyramid and tile gate ops: schemas and CPU registrations (kernels
+// in csrc/cpu/bins.cpp).
 #include "../cpu/bins.h"
 #include "common.h"
 #include "pool_args.h"
@@ -18,7 +18,32 @@ at::Tensor bin_mean(const at::Tensor& x, at::IntArrayRef levels, c10::string_vie
   const std::vector<int64_t> table = pool_args::bin_table(x.size(2), x.size(3), levels, mode, op);
   const BinGeometry g = bin_geometry_view(table.data(), table.data());
   at::Tensor out = at::empty({x.size(0), x.size(1), g.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() > 0) bin_mean_forward_cpu(x.data_ptr(), out.data_ptr(), dt, x.size(0), x.size(1), strides4(x), g);
+  if (out.numel() > 0)
+    bin_mean_forward_cpu(x.data_ptr(), out.data_ptr(), dt, x.size(0), x.size(1), strides4(x), g,
+                         BinLayout::per_plane(x.size(1), g.N));
+  return out;
+}
+
+// Levels n >= 1 of an adaptive pyramid: (their table, the pooled vector's layout).
+std::pair<std::vector<int64_t>, BinLayout> pyramid(const char* op, const char* arg, int64_t C, int64_t H, int64_t W,
+                                                   at::IntArrayRef levels) {
+  std::vector<int64_t> table = pool_args::bin_table(H, W, levels, "adaptive", op, arg);
+  return {std::move(table), BinLayout::level_major(C, levels.data(), static_cast<int64_t>(levels.size()))};
+}
+
+// (B, C, H, W) -> (B, C * sum of n^2): SpatialPyramidAttention's pooled vector, the adaptive means
+// of each level n flattened channel-major and concatenated, as
+// torch.cat([adaptive_avg_pool2d(x, n).flatten(1) for n in levels], 1), in x's dtype; one read of x.
+at::Tensor pyramid_mean(const at::Tensor& x, at::IntArrayRef levels) {
+  const char* op = "pyramid_mean";
+  check_feature_map(x, op);
+  pool_args::check_device(x, op, "x", kCPU);
+  const DType dt = dtype_tag(x, op, "x");
+  const auto [table, layout] = pyramid(op, "x", x.size(1), x.size(2), x.size(3), levels);
+  const BinGeometry g = bin_geometry_view(table.data(), table.data());
+  at::Tensor out = at::empty({x.size(0), layout.sample}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() > 0)
+    bin_mean_forward_cpu(x.data_ptr(), out.data_ptr(), dt, x.size(0), x.size(1), strides4(x), g, layout);
   return out;
 }
 
@@ -37,7 +62,39 @@ at::Tensor bin_mean_backward(const at::Tensor& dy, at::IntArrayRef size, at::Int
   at::Tensor dx = new_output(sz, dy.options().memory_format(pool_args::format(channels_last)));
   if (dx.numel() == 0) return dx;
   const at::Tensor d = dy.to(acc_scalar_type(dy)).contiguous();
-  bin_mean_backward_cpu(d.data_ptr(), dx.data_ptr(), dt, sz[0], sz[1], strides4(dx), g);
+  bin_mean_backward_cpu(d.data_ptr(), dx.data_ptr(), dt, sz[0], sz[1], strides4(dx), g, BinLayout::per_plane(sz[1], g.N));
+  return dx;
+}
+
+// dx = dy * g[b, c] + the gradient of pyramid_mean given dpooled: SpatialPyramidAttention's input
+// gradient in one write. dy an NCHW-contiguous CPU map; g (B, C) and dpooled (B, C * sum of n^2)
+// contiguous in dy's accumulation dtype; dx NCHW like dy.
+at::Tensor pyramid_scale_backward_dx(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& dpooled,
+                                     at::IntArrayRef levels) {
+  const char* op = "pyramid_scale_backward_dx";
+  TORCH_CHECK_VALUE(dy.dim() == 4, "fastattn::", op, ": argument 'dy' must be 4-D (B, C, H, W), got ", dy.dim(),
+                    "-D tensor of shape ", dy.sizes());
+  pool_args::check_device(dy, op, "dy", kCPU);
+  check_nchw_contiguous(op, "dy", dy);
+  const DType dt = dtype_tag(dy, op, "dy");
+  const int64_t B = dy.size(0), C = dy.size(1);
+  const auto [table, layout] = pyramid(op, "dy", C, dy.size(2), dy.size(3), levels);
+  const BinGeometry geo = bin_geometry_view(table.data(), table.data());
+  const at::ScalarType acc = acc_scalar_type(dy);
+  for (const auto& [t, name, shape] :
+       {std::tuple<const at::Tensor&, const char*, std::vector<int64_t>>{g, "g", {B, C}},
+        {dpooled, "dpooled", {B, layout.sample}}}) {
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "fastattn::", op, ": argument '", name, "' must have shape ",
+                      at::IntArrayRef(shape), ", got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, "fastattn::", op, ": argument '", name, "' must be ", acc,
+                     " for 'dy' of dtype ", dy.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "fastattn::", op, ": argument '", name,
+                      "' must be a contiguous CPU tensor");
+  }
+  at::Tensor dx = new_output_like(dy);
+  if (dx.numel() > 0)
+    bin_scale_backward_dx_cpu(dy.data_ptr(), g.data_ptr(), dpooled.data_ptr(), dx.data_ptr(), dt, B, C, strides4(dx),
+                              geo, layout);
   return dx;
 }
 
@@ -123,6 +180,8 @@ at::Tensor tile_scale_backward_dx(const at::Tensor& dy, const at::Tensor& g, con
 TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("bin_mean(Tensor x, int[] levels, str mode) -> Tensor");
   m.def("bin_mean_backward(Tensor dy, int[] size, int[] levels, str mode, bool channels_last) -> Tensor");
+  m.def("pyramid_mean(Tensor x, int[] levels) -> Tensor");
+  m.def("pyramid_scale_backward_dx(Tensor dy, Tensor g, Tensor dpooled, int[] levels) -> Tensor");
   m.def("tile_mean(Tensor x, int k) -> Tensor");
   m.def("tile_scale(Tensor x, Tensor g, int k) -> Tensor");
   m.def("tile_dot(Tensor dy, Tensor x, int k) -> Tensor");
@@ -132,6 +191,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("bin_mean", &fastattn::bin_mean);
   m.impl("bin_mean_backward", &fastattn::bin_mean_backward);
+  m.impl("pyramid_mean", &fastattn::pyramid_mean);
+  m.impl("pyramid_scale_backward_dx", &fastattn::pyramid_scale_backward_dx);
   m.impl("tile_mean", &fastattn::tile_mean);
   m.impl("tile_scale", &fastattn::tile_scale);
   m.impl("tile_dot", &fastattn::tile_dot);

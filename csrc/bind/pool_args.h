@@ -300,7 +300,7 @@ inline bool check_bin_mode(c10::string_view mode, const char* op) {
 }
 
 inline std::vector<int64_t> bin_table(int64_t H, int64_t W, at::IntArrayRef levels, c10::string_view mode,
-                                      const char* op) {
+                                      const char* op, const char* arg = "x") {
   const bool tiles = check_bin_mode(mode, op);
   TORCH_CHECK_VALUE(!levels.empty() && (!tiles || levels.size() == 1), "fastattn::", op, ": argument 'levels' must be ",
                     tiles ? "one tile size k" : "a non-empty list of output sizes", " for mode '", std::string(mode),
@@ -308,7 +308,7 @@ inline std::vector<int64_t> bin_table(int64_t H, int64_t W, at::IntArrayRef leve
   for (int64_t n : levels)
     TORCH_CHECK_VALUE(n >= 1, "fastattn::", op, ": argument 'levels' must hold positive sizes, got ", levels);
   TORCH_CHECK_VALUE(H >= 1 && W >= 1, "fastattn::", op,
-                    ": argument 'x' must have H >= 1 and W >= 1 (every bin non-empty), got H x W = ", H, " x ", W);
+                    ": argument '", arg, "' must have H >= 1 and W >= 1 (every bin non-empty), got H x W = ", H, " x ", W);
   return bin_geometry_table(H, W, levels.data(), static_cast<int64_t>(levels.size()), tiles);
 }
 

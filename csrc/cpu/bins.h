@@ -55,22 +55,57 @@ inline BinGeometry bin_geometry_view(const int64_t* header, const int64_t* data)
   return g;
 }
 
-// out[b, c, n] = mean of x[b, c] over bin n: out a contiguous (B, C, N) buffer of x's dtype;
-// sums in fp32 folded into double per cell (fp64 for fp64). Deterministic.
-void bin_mean_forward_cpu(const void* x, void* out, DType dtype, int64_t B, int64_t C, Strides4 sx,
-                          const BinGeometry& g);
+// Where the bins of plane (b, c) lie in the forward's output (and in the backward's gradient of
+// it): bin n at b * sample + base[n] + c * step[n].
+struct BinLayout {
+  int64_t sample;
+  std::vector<int64_t> base, step;
 
-// dx[b, c, h, w] = sum over the bins n holding (h, w) of dy[b, c, n] / area(n): dy a contiguous
-// (B, C, N) buffer of the accumulation type (float; double for fp64), dx of `dtype` with its strides.
-// One write of dx, nothing of x read.
+  // (B, C, N) contiguous
+  static BinLayout per_plane(int64_t C, int64_t N) {
+    BinLayout l{C * N, {}, std::vector<int64_t>(static_cast<size_t>(N), N)};
+    for (int64_t n = 0; n < N; ++n) l.base.push_back(n);
+    return l;
+  }
+  // (B, C * sum of n^2): for each adaptive level n, its n x n bins flattened channel-major, the
+  // levels concatenated (torch.cat([adaptive_avg_pool2d(x, n).flatten(1) for n in levels], 1):
+  // SpatialPyramidAttention's pooled vector)
+  static BinLayout level_major(int64_t C, const int64_t* levels, int64_t n_levels) {
+    BinLayout l{0, {}, {}};
+    for (int64_t i = 0; i < n_levels; ++i) {
+      const int64_t size = levels[i] * levels[i];
+      for (int64_t j = 0; j < size; ++j) l.base.push_back(l.sample + j), l.step.push_back(size);
+      l.sample += C * size;
+    }
+    return l;
+  }
+};
+
+// The mean of x[b, c] over bin n, stored in `out` (x's dtype) as `layout` places it; sums in fp32
+// folded into double per cell (fp32 throughout on planes of narrow rows of at most kChunk
+// elements; fp64 for fp64). Deterministic.
+void bin_mean_forward_cpu(const void* x, void* out, DType dtype, int64_t B, int64_t C, Strides4 sx,
+                          const BinGeometry& g, const BinLayout& layout);
+
+// dx[b, c, h, w] = sum over the bins n holding (h, w) of dy[b, c, n] / area(n): dy the accumulation
+// type (float; double for fp64), placed as `layout`, dx of `dtype` with its strides. One write of
+// dx, nothing of x read.
 void bin_mean_backward_cpu(const void* dy, void* dx, DType dtype, int64_t B, int64_t C, Strides4 sdx,
-                           const BinGeometry& g);
+                           const BinGeometry& g, const BinLayout& layout);
+
+// dx = dmap * gate[b, c] + bin_mean_backward(dy) in one write (SpatialPyramidAttention's input
+// gradient: its gate's plus its bins'): dmap and dx of `dtype`, both with strides s, each H x W
+// plane contiguous; gate a contiguous (B, C) buffer of the accumulation type, dy as in
+// bin_mean_backward_cpu.
+void bin_scale_backward_dx_cpu(const void* dmap, const void* gate, const void* dy, void* dx, DType dtype, int64_t B,
+                               int64_t C, Strides4 s, const BinGeometry& g, const BinLayout& layout);
 
 // Tile gates (TiledSqueezeExcite's gate and its backward) on NCHW-contiguous (B, C, H, W) maps cut
 // into k x k tiles from the top-left corner (border tiles clipped: the tiles of bin_mean's "tiles"
 // mode); g, a and dg are contiguous (B, C, nh, nw) buffers of the accumulation type (float; double
 // for fp64), nh = ceil(H / k), nw = ceil(W / k). Each is one pass, a (sample, channel, tile row)
-// per job; sums in fp32 over the tile's rows, the columns of a tile in double. Deterministic.
+// per job; sums in fp32 (fp64 for fp64), over the tile's rows, then its columns times the reciprocal
+// of its size. Deterministic.
 // out[tile] = mean of x over the tile, a contiguous (B, C, nh, nw) buffer of x's dtype (the tiles
 // of bin_mean_forward_cpu in "tiles" mode, for planes too small for its cells to pay off)
 void tile_mean_cpu(const void* x, void* out, DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, int64_t k);

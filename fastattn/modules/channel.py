@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -141,10 +142,10 @@ def _train_fused_ok(module: torch.nn.Module, x: torch.Tensor, raw_op: str = "tra
 
 def _cpu_path_ok(module: torch.nn.Module, x: torch.Tensor, raw_op: str) -> bool:
     """The conditions shared by the whole-module CPU paths of the modules with a `cpu_fused`
-    (TripletAttention, ShuffleAttention, TiledSqueezeExcite, BAM), with or without a gradient: backend
-    "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float dtype whose raw kernels
-    (`_RAW_CHECKS[raw_op]`) are built, eager mode with plain tensors (torch.compile traces the op
-    path), no forward hooks on the layers (`_hooked_submodules`)."""
+    (TripletAttention, ShuffleAttention, TiledSqueezeExcite, SpatialPyramidAttention, BAM), with or
+    without a gradient: backend "auto" or "cpu" on a non-empty NCHW-contiguous CPU tensor of a float
+    dtype whose raw kernels (`_RAW_CHECKS[raw_op]`) are built, eager mode with plain tensors
+    (torch.compile traces the op path), no forward hooks on the layers (`_hooked_submodules`)."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
         return False
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -503,18 +504,42 @@ class GatherExcite(reference.GatherExcite):
 
 class SpatialPyramidAttention(reference.SpatialPyramidAttention):
     """`fastattn.reference.SpatialPyramidAttention` in two passes over x: the 1 + 4 + 16 adaptive
-    bins in one read, then the gate in one pass."""
+    bins in one read, then the gate in one pass.
+
+    On the CPU path (`cpu_fused`: NCHW, eager) the bins come from `fastattn_C::pyramid_mean`
+    straight in the layout of the reference's concatenated pooled vector (no cat, and in training
+    no slicing of its gradient); with a gradient recorded, `_BinGateCPU`, whose backward is two
+    passes: the sums of dy * x per plane (the gate's gradient), then dx = dy * g + the bins'
+    gradient in one write (`fastattn_C::pyramid_scale_backward_dx`). The op path writes dy * g and
+    the bins' gradient, then adds them: two passes more.
+    """
 
     backend: str | None = None
+    _LEVELS = [1, 2, 4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("SpatialPyramidAttention", x, channels=self.channels)
+        if self.cpu_fused(x):
+            params = list(self.parameters())
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+                return _BinGateCPU.apply(x, _pyramid_kernels(self._LEVELS), self.fc, *params)
+            g = self.fc(torch.ops.fastattn_C.pyramid_mean(x, self._LEVELS))        # fc ends in a sigmoid
+            return torch.ops.fastattn_C.channel_scale(x, g.to(_acc_dtype(x)).contiguous(), None)
+        bins = bin_mean(x, self._LEVELS, mode="adaptive", backend=self.backend)   # (B, C, 21)
         b = x.shape[0]
-        bins = bin_mean(x, (1, 2, 4), mode="adaptive", backend=self.backend)   # (B, C, 21)
         # each level flattened channel-major, as the reference's adaptive_avg_pool2d(x, n).flatten(1)
         pooled = torch.cat([bins[:, :, :1].reshape(b, -1), bins[:, :, 1:5].reshape(b, -1),
                             bins[:, :, 5:].reshape(b, -1)], dim=1)
-        return channel_scale(x, self.fc(pooled), backend=self.backend)  # fc ends in a sigmoid
+        return channel_scale(x, self.fc(pooled), backend=self.backend)
+
+    def cpu_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the CPU pyramid kernels (`_BinGateCPU` when a gradient is
+        recorded): see `_cpu_path_ok`. Channels_last takes the op path."""
+        return _cpu_path_ok(self, x, "pyramid")
+
+
+_RAW_CHECKS["pyramid"] = _dispatch.cpu_kernel("pyramid_mean", "channel_scale", "channel_dot",
+                                              "pyramid_scale_backward_dx")
 
 
 class TiledSqueezeExcite(reference.TiledSqueezeExcite):
@@ -524,7 +549,7 @@ class TiledSqueezeExcite(reference.TiledSqueezeExcite):
     On the CPU path (`cpu_fused`: NCHW, eager) the tile means are `fastattn_C::tile_mean` (rows
     summed down each tile row: faster than bin_mean's cells on these planes), the gate
     `fastattn_C::tile_scale` (each tile's gate widened over its columns once per tile row), and
-    the backward (`_TiledGateCPU`) is two passes: the tile sums of dy * x (the gate's gradient),
+    the backward (`_BinGateCPU`) is two passes: the tile sums of dy * x (the gate's gradient),
     then dx = dy * g + the tile means' gradient in one write. Elsewhere the means are `bin_mean`;
     a map of one tile is gated by `channel_scale`; when H and W are multiples of ``pool_kernel``
     the gate, widened along W only, is broadcast over each tile's rows (one read and one write of
@@ -544,7 +569,7 @@ class TiledSqueezeExcite(reference.TiledSqueezeExcite):
         if self.cpu_fused(x):
             params = list(self.parameters())
             if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-                return _TiledGateCPU.apply(x, k, self._gate, *params)
+                return _BinGateCPU.apply(x, _tile_kernels(k), self._gate, *params)
             g = self._gate(torch.ops.fastattn_C.tile_mean(x, k))
             return torch.ops.fastattn_C.tile_scale(x, g.to(_acc_dtype(x)).contiguous(), k)
         s = bin_mean(x, (k,), mode="tiles", backend=self.backend).reshape(b, c, nh, nw)
@@ -562,7 +587,7 @@ class TiledSqueezeExcite(reference.TiledSqueezeExcite):
         return like_input(y.flatten(2, 3), x)
 
     def cpu_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward runs the CPU tile kernels (`_TiledGateCPU` when a gradient is recorded):
+        """Whether forward runs the CPU tile kernels (`_BinGateCPU` when a gradient is recorded):
         see `_cpu_path_ok`. Channels_last takes the op path."""
         return _cpu_path_ok(self, x, "tiles")
 
@@ -574,36 +599,66 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-class _TiledGateCPU(torch.autograd.Function):
-    """y = x * gate(tile means of x)[tile] on CPU (NCHW), x (B, C, H, W), k x k tiles.
+class _BinKernels(NamedTuple):
+    """The CPU kernels of a gate computed from bin means of x (`_BinGateCPU`); g and the means'
+    gradient in x's accumulation dtype."""
+    pool: Callable[[torch.Tensor], torch.Tensor]                              # x -> bin means
+    scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]               # (x, g) -> y
+    dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]                 # (dy, x) -> dL/dg
+    dx: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]    # (dy, g, dL/dmeans) -> dx
 
-    gate maps the (B, C, nh, nw) tile means to the tile gates with the module's layers, recorded
-    by autograd at forward (so a BatchNorm updates its running statistics once). Backward, two
-    passes: `tile_dot` sums dy * x per tile (the gates' gradient), autograd takes it through the
-    gate, then `tile_scale_backward_dx` writes dx = dy * g + (the tile means' gradient / the
-    tile's size) in one go.
+
+def _tile_kernels(k: int) -> _BinKernels:
+    """TiledSqueezeExcite's: (B, C, nh, nw) means of k x k tiles and their gates."""
+    C = torch.ops.fastattn_C
+
+    def dx(dy, g, ds):
+        h, w = dy.shape[2:]
+        rows = torch.clamp(h - torch.arange(0, h, k, dtype=ds.dtype), max=k)     # the tiles' clipped sizes
+        cols = torch.clamp(w - torch.arange(0, w, k, dtype=ds.dtype), max=k)
+        return C.tile_scale_backward_dx(dy, g, (ds / (rows[:, None] * cols)).contiguous(), k)
+
+    return _BinKernels(lambda x: C.tile_mean(x, k), lambda x, g: C.tile_scale(x, g, k),
+                       lambda dy, x: C.tile_dot(dy, x, k), dx)
+
+
+def _pyramid_kernels(levels: list[int]) -> _BinKernels:
+    """SpatialPyramidAttention's: the pooled vector of the adaptive means of `levels` (B, C * sum
+    of n^2), a (B, C) gate."""
+    C = torch.ops.fastattn_C
+    return _BinKernels(lambda x: C.pyramid_mean(x, levels), lambda x, g: C.channel_scale(x, g, None),
+                       C.channel_dot, lambda dy, g, ds: C.pyramid_scale_backward_dx(dy, g, ds, levels))
+
+
+class _BinGateCPU(torch.autograd.Function):
+    """y = x * gate(bin means of x) on CPU (NCHW), x (B, C, H, W): TiledSqueezeExcite's tiles and
+    SpatialPyramidAttention's pyramid, by `kernels` (`_BinKernels`).
+
+    gate maps the bin means to the gate with the module's layers, recorded by autograd at forward
+    (so a BatchNorm updates its running statistics once). Backward, two passes: `kernels.dot`
+    sums dy * x (the gate's gradient), autograd takes it through the gate, then `kernels.dx`
+    writes dx = dy * g + the bin means' gradient in one go.
     """
 
     @staticmethod
-    def forward(ctx, x, k, gate_fn, *params):
-        s = torch.ops.fastattn_C.tile_mean(x, k)                            # (B, C, nh, nw)
+    def forward(ctx, x, kernels, gate_fn, *params):
+        s = kernels.pool(x)
         with torch.enable_grad():
             leaf = s.detach().requires_grad_()
             g = gate_fn(leaf)
         g_acc = g.detach().to(_acc_dtype(x)).contiguous()
         ctx.save_for_backward(x, g_acc)
         ctx.graph = (g, leaf, params)
-        ctx.k = k
-        return torch.ops.fastattn_C.tile_scale(x, g_acc, k)
+        ctx.kernels = kernels
+        return kernels.scale(x, g_acc)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, g_acc = ctx.saved_tensors
         g, leaf, params = ctx.graph
-        k = ctx.k
-        dy = dy.contiguous()
-        dg = torch.ops.fastattn_C.tile_dot(dy, x, k)
+        dy = dy.to(x.dtype).contiguous()
+        dg = ctx.kernels.dot(dy, x)
         want = [p for p in params if p.requires_grad]
         need_x = ctx.needs_input_grad[0]
         # retain_graph: the outer graph may be run again (backward(retain_graph=True))
@@ -611,11 +666,9 @@ class _TiledGateCPU(torch.autograd.Function):
                                     retain_graph=True)
         dx = None
         if need_x:
-            h, w = x.shape[2:]
-            ds = grads[0].to(g_acc.dtype) if grads[0] is not None else torch.zeros_like(g_acc)
-            rows = torch.clamp(h - torch.arange(0, h, k, dtype=ds.dtype), max=k)     # the tiles' clipped sizes
-            cols = torch.clamp(w - torch.arange(0, w, k, dtype=ds.dtype), max=k)
-            dx = torch.ops.fastattn_C.tile_scale_backward_dx(dy, g_acc, (ds / (rows[:, None] * cols)).contiguous(), k)
+            ds = grads[0].to(g_acc.dtype).contiguous() if grads[0] is not None else \
+                torch.zeros(leaf.shape, dtype=g_acc.dtype)
+            dx = ctx.kernels.dx(dy, g_acc, ds)
         param_grads = iter(grads[1 if need_x else 0:])
         return (dx, None, None, *[next(param_grads) if p.requires_grad else None for p in params])
 
