@@ -1,10 +1,12 @@
-"""ShuffleAttention's CPU path: the raw kernels (torch.ops.fastattn_C.shuffle_affine_gate*: the
-affine gate written in channel-shuffled order) against float64 math, and fastattn.ShuffleAttention
-on them (forward, every gradient) against fastattn.reference.ShuffleAttention."""
+"""ShuffleAttention's CPU path: the raw kernels (torch.ops.fastattn_C.shuffle_affine_gate: the
+affine gate written in channel-shuffled order; shuffle_gate_train_backward: its backward with x's
+gradient through the plane statistics, in one read) against float64 math, and
+fastattn.ShuffleAttention on them (forward, every gradient) against
+fastattn.reference.ShuffleAttention."""
 import pytest
 import torch
 
-from cases.paths import check_backward_twice, check_training_step, count_calls, random_pair
+from cases.paths import check_backward_twice, check_training_step, count_calls, op_names, random_pair
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -40,16 +42,22 @@ def test_shuffle_affine_gate_matches_float64(dtype, tol, shape, groups):
     y = torch.ops.fastattn_C.shuffle_affine_gate(x, alpha, beta, groups)
     assert y.dtype == dtype and y.is_contiguous()
     torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
-    # dy non-contiguous: a transposed copy, read through its strides
-    dy = torch.randn(shape[0], shape[1], shape[3], shape[2]).to(dtype).transpose(2, 3)
+    dy = torch.randn(shape).to(dtype)
     y64.backward(dy.double())
-    dx, dalpha, dbeta = torch.ops.fastattn_C.shuffle_affine_gate_backward(dy, x, alpha, beta, groups)
-    assert dx.dtype == dtype and dalpha.dtype == alpha.dtype and dbeta.dtype == beta.dtype
-    torch.testing.assert_close(dx.double(), x64.grad, rtol=tol, atol=tol)
+    # x's gradient through the statistics, per plane: k x + a, linear in the plane's dalpha, dbeta
+    coef = torch.randn(*shape[:2], 4, dtype=alpha.dtype) / (shape[2] * shape[3])
+    mean = torch.randn(shape[:2], dtype=alpha.dtype)
+    dx, dalpha, dbeta = torch.ops.fastattn_C.shuffle_gate_train_backward(dy, x, alpha, beta, mean, coef, groups)
+    assert dx.dtype == dtype and dalpha.dtype == alpha.dtype and dbeta.dtype == beta.dtype and dx.is_contiguous()
     # the channel sums: fp32 accumulation of 16-bit products, relative to the sum's size
     sum_tol = max(tol, 1e-5) * (shape[2] * shape[3]) ** 0.5
     torch.testing.assert_close(dalpha.double(), a64.grad, rtol=sum_tol, atol=sum_tol)
     torch.testing.assert_close(dbeta.double(), b64.grad, rtol=sum_tol, atol=sum_tol)
+    c64 = coef.double()
+    k = c64[..., 0] * a64.grad + c64[..., 1] * b64.grad
+    a = c64[..., 2] * a64.grad + c64[..., 3] * b64.grad
+    want = x64.grad + k[..., None, None] * (x64.detach() - mean.double()[..., None, None]) + a[..., None, None]
+    torch.testing.assert_close(dx.double(), want, rtol=sum_tol, atol=sum_tol)
 
 
 def test_shuffle_affine_gate_errors():
@@ -59,22 +67,27 @@ def test_shuffle_affine_gate_errors():
     with pytest.raises(ValueError, match=r"shuffle_affine_gate: argument 'groups' must be a positive divisor of "
                                          r"C = 6, got 4"):
         op.shuffle_affine_gate(x, alpha, beta, 4)
+    coef = torch.zeros(2, 6, 4)
     with pytest.raises(ValueError, match=r"argument 'groups' must be a positive divisor of C = 6, got 0"):
-        op.shuffle_affine_gate_backward(x, x, alpha, beta, 0)
+        op.shuffle_gate_train_backward(x, x, alpha, beta, beta, coef, 0)
     with pytest.raises(ValueError, match=r"shuffle_affine_gate: argument 'x' must be NCHW-contiguous"):
         op.shuffle_affine_gate(x.to(memory_format=torch.channels_last), alpha, beta, 2)
     with pytest.raises(ValueError, match=r"argument 'alpha' must have shape \(B, C\) = \[2, 6\], got \[2, 3\]"):
         op.shuffle_affine_gate(x, alpha[:, :3], beta, 2)
     with pytest.raises(TypeError, match=r"argument 'beta' must be Float for 'x' of dtype Float, got Double"):
         op.shuffle_affine_gate(x, alpha, beta.double(), 2)
-    with pytest.raises(ValueError, match=r"shuffle_affine_gate_backward: argument 'dy' must have the shape of 'x'"):
-        op.shuffle_affine_gate_backward(x[:1], x, alpha, beta, 2)
+    with pytest.raises(ValueError, match=r"shuffle_gate_train_backward: argument 'dy' must have the shape of 'x'"):
+        op.shuffle_gate_train_backward(x[:1], x, alpha, beta, beta, coef, 2)
+    with pytest.raises(ValueError, match=r"shuffle_gate_train_backward: argument 'dy' must be NCHW-contiguous"):
+        op.shuffle_gate_train_backward(x.to(memory_format=torch.channels_last), x, alpha, beta, beta, coef, 2)
+    with pytest.raises(ValueError, match=r"argument 'coef' must have shape \(B, C, 4\) = \[2, 6, 4\], got \[2, 6, 2\]"):
+        op.shuffle_gate_train_backward(x, x, alpha, beta, beta, coef[..., :2], 2)
 
 
 def _count(monkeypatch):
     from fastattn.modules import hybrid
 
-    return count_calls(monkeypatch, hybrid._ShuffleGateCPU, "apply")
+    return count_calls(monkeypatch, hybrid._ShuffleTrainCPU, "apply")
 
 
 def _pair(dtype, channels, groups):
@@ -91,6 +104,33 @@ def test_shuffle_module_training_matches_reference(monkeypatch, dtype, tol, x_gr
     r, f = _pair(dtype, shape[1], groups)
     check_training_step(r, f, torch.randn(shape, dtype=dtype), tol, x_grad)
     assert calls == [1]
+    x = torch.randn(shape, dtype=dtype, requires_grad=x_grad)
+    names = op_names(lambda: f(x).sum().backward())                   # the fast module's ops alone
+    assert "fastattn_C::shuffle_gate_train_backward" in names
+    assert "fastattn_C::channel_pool_backward" not in names, names
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
+def test_shuffle_module_training_16bit(monkeypatch, dtype, tol):
+    """16-bit maps (statistics from torch.var_mean on a float32 copy): the fused training step
+    against the float32 reference on the same rounded inputs."""
+    calls = _count(monkeypatch)
+    torch.manual_seed(0)
+    r, f = _pair(torch.float32, 32, 4)
+    x = torch.randn(2, 32, 9, 7).to(dtype)
+    dy = torch.randn(x.shape).to(dtype)
+    xr, xf = x.float().requires_grad_(), x.clone().requires_grad_()
+    f = f.to(dtype)
+    yr, yf = r(xr), f(xf)
+    yr.backward(dy.float())
+    yf.backward(dy)
+    assert calls == [1] and yf.dtype == dtype and xf.grad.dtype == dtype
+    torch.testing.assert_close(yf.float(), yr, rtol=tol, atol=tol)
+    scale = xr.grad.abs().max()
+    torch.testing.assert_close(xf.grad.float() / scale, xr.grad / scale, rtol=tol, atol=tol)
+    for pr, pf in zip(r.parameters(), f.parameters()):
+        s = pr.grad.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(pf.grad.float() / s, pr.grad / s, rtol=4 * tol, atol=4 * tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)],
@@ -105,7 +145,8 @@ def test_shuffle_module_inference_matches_reference(monkeypatch, dtype, tol):
         got = f.to(dtype)(x.to(dtype))
     with torch.inference_mode():
         got_inference = f(x.to(dtype))
-    assert calls == [1, 1]
+        names = op_names(lambda: f(x.to(dtype)))
+    assert not calls and "fastattn_C::shuffle_affine_gate" in names     # inference: no autograd function
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert torch.equal(got_inference, got)
 
@@ -129,5 +170,16 @@ def test_shuffle_module_path_conditions(monkeypatch):
     f.backend = "torch"
     torch.testing.assert_close(f(x), want)
     assert calls == [1]
+    # the op path's training step (channels_last) matches the fused one
+    f.backend = None
+    dy = torch.randn_like(x)
+    grads = []
+    for xx in (x.clone().requires_grad_(), x.to(memory_format=torch.channels_last).requires_grad_()):
+        f.zero_grad()
+        f(xx).backward(dy)
+        grads.append([xx.grad] + [p.grad.clone() for p in f.parameters()])
+    assert calls == [1, 1]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     f.backend = None
     assert f.cpu_fused(x) and not f.cpu_fused(x[:, :, :, :0])

@@ -248,24 +248,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> srm_train_backward(
 
 // ShuffleAttention's gate and channel shuffle in one pass: channel c = j * (C / groups) + k of
 // x * sigmoid(alpha x + beta) is written to output channel k * groups + j (the reference's
-// channel_shuffle), by running the gate on each of the `groups` channel slices of x with the
-// output's channel stride multiplied by `groups`. x NCHW-contiguous (the slices stay planes).
+// channel_shuffle). x NCHW-contiguous.
 void check_shuffle_args(const char* op, const at::Tensor& x, int64_t groups) {
   check_nchw_contiguous(op, "x", x);
   TORCH_CHECK_VALUE(groups >= 1 && x.size(1) % groups == 0, "fastattn::", op,
                     ": argument 'groups' must be a positive divisor of C = ", x.size(1), ", got ", groups);
 }
 
-// The elements [j * n, (j + 1) * n) of each row of a contiguous (B, C) tensor, as a contiguous (B, n) one.
-at::Tensor channel_slice(const at::Tensor& p, int64_t j, int64_t n) { return p.narrow(1, j * n, n).contiguous(); }
-
-// `t` advanced by `elems` elements of its dtype.
-template <typename P>
-P* advance(P* t, int64_t elems, int64_t itemsize) {
-  using Byte = std::conditional_t<std::is_const_v<P>, const char, char>;
-  return reinterpret_cast<P*>(reinterpret_cast<Byte*>(t) + elems * itemsize);
-}
-
+// y = shuffle(x * sigmoid(alpha x + beta), groups): x NCHW-contiguous, y NCHW; one pass.
 at::Tensor shuffle_affine_gate(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& beta, int64_t groups) {
   using namespace gate_checks;
   const char* op = "shuffle_affine_gate";
@@ -274,45 +264,36 @@ at::Tensor shuffle_affine_gate(const at::Tensor& x, const at::Tensor& alpha, con
   check_channel_param(op, "beta", beta, x);
   check_shuffle_args(op, x, groups);
   at::Tensor y = new_output_like(x);
-  if (y.numel() == 0) return y;
-  const int64_t n = x.size(1) / groups, item = x.element_size();
-  const Strides4 sx = strides4(x), sy = strides4(y), sy_shuffled{sy.b, sy.c * groups, sy.h, sy.w};
-  for (int64_t j = 0; j < groups; ++j) {
-    const at::Tensor al = channel_slice(alpha, j, n), be = channel_slice(beta, j, n);
-    channel_affine_gate_forward_cpu(advance(x.const_data_ptr(), j * n * sx.c, item), al.const_data_ptr(),
-                                    be.const_data_ptr(), advance(y.data_ptr(), j * sy.c, item), dt, x.size(0), n,
-                                    x.size(2), x.size(3), sx, sy_shuffled);
-  }
+  if (y.numel() > 0)
+    shuffle_gate_forward_cpu(x.const_data_ptr(), alpha.const_data_ptr(), beta.const_data_ptr(), y.data_ptr(), dt,
+                             x.size(0), x.size(1), x.size(2), x.size(3), groups);
   return y;
 }
 
-// The backward of shuffle_affine_gate: dy is read through the shuffle (any strides), dx is NCHW.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_affine_gate_backward(const at::Tensor& dy, const at::Tensor& x,
-                                                                            const at::Tensor& alpha,
-                                                                            const at::Tensor& beta, int64_t groups) {
+// The training backward of shuffle_affine_gate with alpha and beta made from per-plane statistics
+// of x (see shuffle_gate_train_backward_cpu): (dx, dalpha, dbeta) in one read of dy and x, both
+// NCHW-contiguous; mean (B, C) and coef (B, C, 4) in x's accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_gate_train_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                           const at::Tensor& alpha,
+                                                                           const at::Tensor& beta,
+                                                                           const at::Tensor& mean,
+                                                                           const at::Tensor& coef, int64_t groups) {
   using namespace gate_checks;
-  const char* op = "shuffle_affine_gate_backward";
+  const char* op = "shuffle_gate_train_backward";
   const DType dt = check_x(op, x, c10::DeviceType::CPU);
   check_like_x(op, "dy", dy, x);
+  check_nchw_contiguous(op, "dy", dy);
   check_channel_param(op, "alpha", alpha, x);
   check_channel_param(op, "beta", beta, x);
+  check_channel_param(op, "mean", mean, x);
+  check_param(op, "coef", coef, x, {x.size(0), x.size(1), 4}, "(B, C, 4)");
   check_shuffle_args(op, x, groups);
   at::Tensor dx = new_output_like(x), dal = channel_grad(x, alpha), dbe = channel_grad(x, beta);
-  if (x.numel() == 0) return {dx, dal, dbe};
-  const int64_t n = x.size(1) / groups, item = x.element_size();
-  const Strides4 sx = strides4(x), sdx = strides4(dx), sdy = strides4(dy);
-  const Strides4 sdy_shuffled{sdy.b, sdy.c * groups, sdy.h, sdy.w};
-  for (int64_t j = 0; j < groups; ++j) {
-    const at::Tensor al = channel_slice(alpha, j, n), be = channel_slice(beta, j, n);
-    at::Tensor dal_j = at::empty({x.size(0), n}, alpha.options()), dbe_j = at::empty({x.size(0), n}, beta.options());
-    channel_affine_gate_backward_cpu(advance(dy.const_data_ptr(), j * sdy.c, item),
-                                     advance(x.const_data_ptr(), j * n * sx.c, item), al.const_data_ptr(),
-                                     be.const_data_ptr(), advance(dx.data_ptr(), j * n * sdx.c, item),
-                                     dal_j.data_ptr(), dbe_j.data_ptr(), dt, x.size(0), n, x.size(2), x.size(3),
-                                     sdy_shuffled, sx, sdx);
-    dal.narrow(1, j * n, n).copy_(dal_j);
-    dbe.narrow(1, j * n, n).copy_(dbe_j);
-  }
+  if (x.numel() > 0)
+    shuffle_gate_train_backward_cpu(dy.const_data_ptr(), x.const_data_ptr(), alpha.const_data_ptr(),
+                                    beta.const_data_ptr(), mean.const_data_ptr(), coef.const_data_ptr(), dx.data_ptr(),
+                                    dal.data_ptr(), dbe.data_ptr(), dt, x.size(0), x.size(1), x.size(2), x.size(3),
+                                    groups);
   return {dx, dal, dbe};
 }
 
@@ -334,7 +315,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
   m.def("srm_train_backward(Tensor dy, Tensor x, Tensor cfc, Tensor gamma, float bn_eps, Tensor mean, Tensor std, "
         "Tensor g, Tensor zmean, Tensor zvar, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("shuffle_affine_gate(Tensor x, Tensor alpha, Tensor beta, int groups) -> Tensor");
-  m.def("shuffle_affine_gate_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta, int groups) -> "
+  m.def("shuffle_gate_train_backward(Tensor dy, Tensor x, Tensor alpha, Tensor beta, Tensor mean, Tensor coef, "
+        "int groups) -> "
         "(Tensor, Tensor, Tensor)");
 }
 
@@ -350,5 +332,5 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("channel_affine_gate", &fastattn::channel_affine_gate);
   m.impl("channel_affine_gate_backward", &fastattn::channel_affine_gate_backward);
   m.impl("shuffle_affine_gate", &fastattn::shuffle_affine_gate);
-  m.impl("shuffle_affine_gate_backward", &fastattn::shuffle_affine_gate_backward);
+  m.impl("shuffle_gate_train_backward", &fastattn::shuffle_gate_train_backward);
 }

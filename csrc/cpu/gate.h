@@ -57,6 +57,26 @@ void channel_affine_gate_backward_cpu(const void* dy, const void* x, const void*
                                       void* dalpha, void* dbeta, DType dtype, int64_t B, int64_t C, int64_t H,
                                       int64_t W, Strides4 sdy, Strides4 sx, Strides4 sdx);
 
+// ShuffleAttention's gate on NCHW-contiguous maps: y = shuffle(x * sigmoid(alpha x + beta)),
+// channel c = j n + k of x (n = C / groups) written to channel k groups + j of y; one pass, the
+// planes in y's order.
+void shuffle_gate_forward_cpu(const void* x, const void* alpha, const void* beta, void* y, DType dtype, int64_t B,
+                              int64_t C, int64_t H, int64_t W, int64_t groups);
+
+// Its backward in training, one read of dy and x (dy NCHW-contiguous, read through the shuffle;
+// dx NCHW-contiguous): per plane, with g = sigmoid(alpha x + beta), u = dy x g (1 - g),
+// dalpha = sum of u x and dbeta = sum of u over the plane, and
+// dx = dy g + u alpha + k (x - mean) + a, k = coef[0] dalpha + coef[1] dbeta,
+// a = coef[2] dalpha + coef[3] dbeta (coef (B, C, 4) contiguous: the per-plane linear map from the
+// gate parameters' gradients to x's gradient through the plane's statistics that alpha and beta
+// were made from; mean (B, C) the planes' means, subtracted first so that planes far from zero
+// keep their digits). The plane's first sweep keeps dy g + u alpha in a per-thread buffer; the
+// second adds the statistics' term from cache. dalpha, dbeta (B, C) contiguous, accumulation
+// type; fp32 sums in chunks folded into double.
+void shuffle_gate_train_backward_cpu(const void* dy, const void* x, const void* alpha, const void* beta,
+                                     const void* mean, const void* coef, void* dx, void* dalpha, void* dbeta,
+                                     DType dtype, int64_t B, int64_t C, int64_t H, int64_t W, int64_t groups);
+
 // NAM in training: y = x * sigmoid(w[c] * z), z = gamma[c] (x - mean[c]) / sqrt(var[c] + eps) +
 // bias[c] the training BatchNorm over (B, H, W) (population variance), x NCHW-contiguous 16/32-bit,
 // gamma, bias, w float (C). Channel by channel, one per thread at a time: the channel's B planes are

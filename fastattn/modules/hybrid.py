@@ -252,17 +252,16 @@ class ShuffleAttention(reference.ShuffleAttention):
     ``x * sigmoid(sweight * GN(x) + sbias)`` with a one-channel-per-group GroupNorm folded into
     alpha and beta. Passes: the per-channel statistics (one read), then the gate and the 2-group
     channel shuffle. On the CPU path (`cpu_fused`) the gate writes each channel straight to its
-    shuffled place (`fastattn_C::shuffle_affine_gate`; the backward reads dy through the
-    shuffle): two passes over x and one output. Elsewhere the shuffle is a copy, as in the
-    reference.
+    shuffled place (`fastattn_C::shuffle_affine_gate`), and in training `_ShuffleTrainCPU`'s
+    backward reads dy and x once for all of x's gradient. Elsewhere the shuffle is a copy, as in
+    the reference.
     """
 
     backend: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map("ShuffleAttention", x, channels=self.channels)
-        b, c, h, w = x.shape
-        var, mean = plane_var_mean(x, self.gn.eps, self.backend)      # (B, C) each
+    def _alpha_beta(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) plane means and population variances -> the gate's (B, C) alpha and beta."""
+        b, c = mean.shape
         g, half = self.groups, c // (2 * self.groups)
         mean, var = mean.reshape(b, g, 2, half), var.reshape(b, g, 2, half)
         flat = lambda p: p.reshape(half)  # noqa: E731  (1, half, 1, 1) parameters -> (half,)
@@ -274,37 +273,93 @@ class ShuffleAttention(reference.ShuffleAttention):
         beta_s = flat(self.sweight) * (flat(self.gn.bias) - mean[:, :, 1] * scale) + flat(self.sbias)
         alpha = torch.stack([torch.zeros_like(alpha_s), alpha_s], dim=2).reshape(b, c)
         beta = torch.stack([beta_c, beta_s], dim=2).reshape(b, c)
-        if self.cpu_fused(x):
-            return _ShuffleGateCPU.apply(x, alpha, beta)
+        return alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map("ShuffleAttention", x, channels=self.channels)
+        b, c, h, w = x.shape
+        fused = self.cpu_fused(x)
+        params = list(self.parameters())
+        if fused and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _ShuffleTrainCPU.apply(x, self._alpha_beta, self.gn.eps, *params)
+        var, mean = plane_var_mean(x, self.gn.eps, self.backend)      # (B, C) each
+        alpha, beta = self._alpha_beta(mean, var)
+        if fused:
+            return torch.ops.fastattn_C.shuffle_affine_gate(x, alpha.contiguous(), beta.contiguous(), 2)
         y = channel_affine_gate(x, alpha, beta, backend=self.backend)
         # Channel shuffle with 2 groups: channel k of half j goes to position 2k + j.
         out = y.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
         return like_input(out, x)
 
     def cpu_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward writes the gate in shuffled order in one pass (`_ShuffleGateCPU`): see
-        `fastattn.modules.channel._cpu_path_ok`. Channels_last takes the op path (its shuffled
-        channels would not be contiguous)."""
+        """Whether forward writes the gate in shuffled order in one pass (and trains through
+        `_ShuffleTrainCPU`): see `fastattn.modules.channel._cpu_path_ok`. Channels_last takes the
+        op path (its shuffled channels would not be contiguous)."""
         return _cpu_path_ok(self, x, "shuffle")
 
 
-_RAW_CHECKS["shuffle"] = _dispatch.cpu_kernel("shuffle_affine_gate", "shuffle_affine_gate_backward")
+_RAW_CHECKS["shuffle"] = _dispatch.cpu_kernel("shuffle_affine_gate", "shuffle_gate_train_backward", "channel_pool")
 
 
-class _ShuffleGateCPU(torch.autograd.Function):
-    """channel_shuffle(x * sigmoid(alpha x + beta), 2) by fastattn_C::shuffle_affine_gate.
-    x (B, C, H, W) NCHW; alpha, beta (B, C) in x's accumulation dtype. Saved: x, alpha, beta."""
+class _ShuffleTrainCPU(torch.autograd.Function):
+    """ShuffleAttention's training step on CPU: y = channel_shuffle(x * sigmoid(alpha x + beta), 2)
+    with (alpha, beta) = alpha_beta(mean, var) of x's planes, x (B, C, H, W) NCHW.
+
+    Forward: the plane statistics in one read (`channel_pool`'s mean and std for fp32 / fp64 x,
+    as `plane_var_mean`), alpha_beta recorded by autograd on them, the gate
+    (`shuffle_affine_gate`). Backward, one read of dy and x (`shuffle_gate_train_backward`): each
+    alpha and beta depends on its own plane's statistics only, so x's gradient through them is,
+    per plane, k x + a with k and a linear in the plane's dalpha and dbeta; the coefficients come
+    from two autograd passes over the small (B, C) graph, the kernel sums dalpha and dbeta over the
+    plane and writes dx = dy g + u alpha + k (x - mean) + a from cache. The op path writes the gate's dx,
+    the statistics' dx and their sum: three passes more. The parameters' gradients: autograd on
+    the small graph with the kernel's dalpha and dbeta.
+    """
 
     @staticmethod
-    def forward(ctx, x, alpha, beta):
-        alpha, beta = alpha.contiguous(), beta.contiguous()
-        ctx.save_for_backward(x, alpha, beta)
-        return torch.ops.fastattn_C.shuffle_affine_gate(x, alpha, beta, 2)
+    def forward(ctx, x, alpha_beta, eps, *params):
+        hw = x.shape[2] * x.shape[3]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with_std = x.dtype in (torch.float32, torch.float64) and eps > 0 and hw >= 2
+        if with_std:                        # as plane_var_mean: var from std = sqrt(unbiased var + eps)
+            mean, stat = torch.ops.fastattn_C.channel_pool(x, ["mean", "std"], eps)[:2]
+        else:
+            stat, mean = torch.var_mean(x.to(acc), dim=(2, 3), unbiased=False)
+        with torch.enable_grad():
+            m, s = mean.detach().requires_grad_(), stat.detach().requires_grad_()
+            var = ((s * s - eps) * ((hw - 1) / hw)).clamp_min(0) if with_std else s
+            alpha, beta = alpha_beta(m, var)
+        alpha_d, beta_d = alpha.detach().contiguous(), beta.detach().contiguous()
+        ctx.save_for_backward(x, alpha_d, beta_d, mean, stat)
+        ctx.graph = (alpha, beta, m, s, params)
+        ctx.with_std = with_std
+        return torch.ops.fastattn_C.shuffle_affine_gate(x, alpha_d, beta_d, 2)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, alpha, beta = ctx.saved_tensors
-        return torch.ops.fastattn_C.shuffle_affine_gate_backward(dy, x, alpha, beta, 2)
+        x, alpha_d, beta_d, mean, stat = ctx.saved_tensors
+        alpha, beta, m, s, params = ctx.graph
+        hw = x.shape[2] * x.shape[3]
+        need_x = ctx.needs_input_grad[0]
+        dy = dy.to(x.dtype).contiguous()
+        coef = torch.zeros(*alpha_d.shape, 4, dtype=alpha_d.dtype)
+        if need_x:
+            ones, zeros = torch.ones_like(alpha_d), torch.zeros_like(alpha_d)
+            for j, go in enumerate(((ones, zeros), (zeros, ones))):     # d(mean, stat) / d(alpha or beta)
+                dm, ds = torch.autograd.grad((alpha, beta), (m, s), go, retain_graph=True, allow_unused=True)
+                dm = zeros if dm is None else dm.to(alpha_d.dtype)
+                ds = zeros if ds is None else ds.to(alpha_d.dtype)
+                # x's gradient through the plane's statistics: k (x - mean) + dm / hw, with
+                # k = ds / ((hw - 1) std) through std = sqrt(unbiased var + eps), 2 ds / hw through var
+                coef[:, :, j] = ds / ((hw - 1) * stat) if ctx.with_std else ds * (2 / hw)
+                coef[:, :, 2 + j] = dm / hw
+        mean = mean.to(alpha_d.dtype).contiguous()
+        dx, dalpha, dbeta = torch.ops.fastattn_C.shuffle_gate_train_backward(dy, x, alpha_d, beta_d, mean, coef, 2)
+        want = [p for p in params if p.requires_grad]
+        grads = iter(torch.autograd.grad((alpha, beta), want, (dalpha, dbeta), allow_unused=True, retain_graph=True)
+                     if want else [])
+        return (dx if need_x else None, None, None, *[next(grads) if p.requires_grad else None for p in params])
 
 
 _CBAM_FUSED_POOLS = {"avg": "mean", "max": "max"}
