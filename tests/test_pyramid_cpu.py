@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cases.paths import check_backward_twice, check_training_step, count_calls, op_names, random_pair
+from cases.paths import (check_backward_twice, check_same_step_channels_last, check_training_step,
+                         check_training_step_16bit, count_calls, op_names, random_pair)
 from fastattn import _ext
 from test_bins_kernels import _grad64
 from test_pool_kernels import LAYOUTS, _make
@@ -155,17 +156,8 @@ def test_spa_module_training_16bit(monkeypatch, dtype, tol):
     calls = _count(monkeypatch)
     torch.manual_seed(0)
     r, f = random_pair("SpatialPyramidAttention", torch.float32, 32, reduction=4)
-    x = torch.randn(2, 32, 14, 14).to(dtype)
-    dy = torch.randn(x.shape).to(dtype)
-    xr, xf = x.float().requires_grad_(), x.clone().requires_grad_()
-    f = f.to(dtype)
-    yr, yf = r(xr), f(xf)
-    yr.backward(dy.float())
-    yf.backward(dy)
-    assert calls == [1] and yf.dtype == dtype and xf.grad.dtype == dtype
-    torch.testing.assert_close(yf.float(), yr, rtol=tol, atol=tol)
-    scale = xr.grad.abs().max()
-    torch.testing.assert_close(xf.grad.float() / scale, xr.grad / scale, rtol=tol, atol=tol)
+    check_training_step_16bit(r, f.to(dtype), torch.randn(2, 32, 14, 14).to(dtype), tol)
+    assert calls == [1]
 
 
 def test_spa_module_backward_twice_and_path_conditions(monkeypatch):
@@ -184,15 +176,6 @@ def test_spa_module_backward_twice_and_path_conditions(monkeypatch):
         assert not f.cpu_fused(x)
         torch.testing.assert_close(f(x), want)
     assert calls == [1]
-    # the op path's training step (channels_last) matches the fused one
     f.backend = None
-    xs = [x.detach().clone().requires_grad_(), x.detach().to(memory_format=torch.channels_last).requires_grad_()]
-    dy = torch.randn_like(x)
-    grads = []
-    for xx in xs:
-        f.zero_grad()
-        f(xx).backward(dy)
-        grads.append([xx.grad] + [p.grad.clone() for p in f.parameters()])
+    check_same_step_channels_last(f, x)
     assert calls == [1, 1]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

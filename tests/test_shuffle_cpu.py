@@ -6,7 +6,8 @@ fastattn.reference.ShuffleAttention."""
 import pytest
 import torch
 
-from cases.paths import check_backward_twice, check_training_step, count_calls, op_names, random_pair
+from cases.paths import (check_backward_twice, check_same_step_channels_last, check_training_step,
+                         check_training_step_16bit, count_calls, op_names, random_pair)
 from fastattn import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastattn._C not built")
@@ -117,20 +118,8 @@ def test_shuffle_module_training_16bit(monkeypatch, dtype, tol):
     calls = _count(monkeypatch)
     torch.manual_seed(0)
     r, f = _pair(torch.float32, 32, 4)
-    x = torch.randn(2, 32, 9, 7).to(dtype)
-    dy = torch.randn(x.shape).to(dtype)
-    xr, xf = x.float().requires_grad_(), x.clone().requires_grad_()
-    f = f.to(dtype)
-    yr, yf = r(xr), f(xf)
-    yr.backward(dy.float())
-    yf.backward(dy)
-    assert calls == [1] and yf.dtype == dtype and xf.grad.dtype == dtype
-    torch.testing.assert_close(yf.float(), yr, rtol=tol, atol=tol)
-    scale = xr.grad.abs().max()
-    torch.testing.assert_close(xf.grad.float() / scale, xr.grad / scale, rtol=tol, atol=tol)
-    for pr, pf in zip(r.parameters(), f.parameters()):
-        s = pr.grad.abs().max().clamp_min(1e-3)
-        torch.testing.assert_close(pf.grad.float() / s, pr.grad / s, rtol=4 * tol, atol=4 * tol)
+    check_training_step_16bit(r, f.to(dtype), torch.randn(2, 32, 9, 7).to(dtype), tol, param_tol=4 * tol)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)],
@@ -170,16 +159,8 @@ def test_shuffle_module_path_conditions(monkeypatch):
     f.backend = "torch"
     torch.testing.assert_close(f(x), want)
     assert calls == [1]
-    # the op path's training step (channels_last) matches the fused one
     f.backend = None
-    dy = torch.randn_like(x)
-    grads = []
-    for xx in (x.clone().requires_grad_(), x.to(memory_format=torch.channels_last).requires_grad_()):
-        f.zero_grad()
-        f(xx).backward(dy)
-        grads.append([xx.grad] + [p.grad.clone() for p in f.parameters()])
+    check_same_step_channels_last(f, x)
     assert calls == [1, 1]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     f.backend = None
     assert f.cpu_fused(x) and not f.cpu_fused(x[:, :, :, :0])

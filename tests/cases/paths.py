@@ -80,3 +80,36 @@ def random_pair(name: str, dtype: torch.dtype, *args, **kwargs) -> tuple[torch.n
             p.normal_()
     fast.load_state_dict(ref.state_dict())
     return ref, fast
+
+
+def check_training_step_16bit(ref: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, tol: float,
+                              param_tol: float | None = None) -> None:
+    """One training step of fast (already in x's 16-bit dtype) against ref run in float32 on the
+    same rounded x and dy: the output, and x's gradient relative to its largest magnitude (and,
+    with param_tol, every parameter's the same way) within tol."""
+    dy = torch.randn(x.shape).to(x.dtype)
+    xr, xf = x.float().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fast(xf)
+    yr.backward(dy.float())
+    yf.backward(dy)
+    assert yf.dtype == x.dtype and xf.grad.dtype == x.dtype
+    torch.testing.assert_close(yf.float(), yr, rtol=tol, atol=tol)
+    scale = xr.grad.abs().max()
+    torch.testing.assert_close(xf.grad.float() / scale, xr.grad / scale, rtol=tol, atol=tol)
+    if param_tol is not None:
+        for pr, pf in zip(ref.parameters(), fast.parameters()):
+            s = pr.grad.abs().max().clamp_min(1e-3)
+            torch.testing.assert_close(pf.grad.float() / s, pr.grad / s, rtol=param_tol, atol=param_tol)
+
+
+def check_same_step_channels_last(module: torch.nn.Module, x: torch.Tensor, tol: float = 1e-5) -> None:
+    """A training step of module on NCHW x and on a channels_last copy (which takes the op path
+    where the fused CPU paths are NCHW only): the same gradients of x and of every parameter."""
+    dy = torch.randn_like(x)
+    grads = []
+    for xx in (x.detach().clone().requires_grad_(), x.detach().to(memory_format=torch.channels_last).requires_grad_()):
+        module.zero_grad()
+        module(xx).backward(dy)
+        grads.append([xx.grad] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
