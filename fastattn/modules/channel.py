@@ -515,7 +515,7 @@ class SpatialPyramidAttention(reference.SpatialPyramidAttention):
     """
 
     backend: str | None = None
-    _LEVELS = [1, 2, 4]
+    _LEVELS = (1, 2, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map("SpatialPyramidAttention", x, channels=self.channels)
@@ -622,7 +622,7 @@ def _tile_kernels(k: int) -> _BinKernels:
                        lambda dy, x: C.tile_dot(dy, x, k), dx)
 
 
-def _pyramid_kernels(levels: list[int]) -> _BinKernels:
+def _pyramid_kernels(levels: tuple[int, ...]) -> _BinKernels:
     """SpatialPyramidAttention's: the pooled vector of the adaptive means of `levels` (B, C * sum
     of n^2), a (B, C) gate."""
     C = torch.ops.fastattn_C

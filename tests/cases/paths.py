@@ -1,6 +1,7 @@
 """Helpers of the tests of the whole-module CPU paths (test_se_fused.py, test_triplet_cpu.py,
-test_shuffle_cpu.py, test_tiles_cpu.py): count a path's calls, and check one training step of a
-fast module against its reference twin."""
+test_shuffle_cpu.py, test_tiles_cpu.py, test_pyramid_cpu.py): count a path's calls, and check one
+training step of a fast module against its reference twin (in 16 bits against float32; NCHW
+against the channels_last op path)."""
 from __future__ import annotations
 
 import torch
