@@ -89,7 +89,8 @@ def test_pyramid_kernel_errors():
     op = torch.ops.fastattn_C
     dy = torch.randn(2, 3, 5, 6)
     g, dp = torch.rand(2, 3), torch.randn(2, 63)
-    with pytest.raises(ValueError, match=r"pyramid_scale_backward_dx: argument 'dy' must be 4-D \(B, C, H, W\), got 3-D"):
+    with pytest.raises(ValueError,
+                       match=r"pyramid_scale_backward_dx: argument 'dy' must be 4-D \(B, C, H, W\), got 3-D"):
         op.pyramid_scale_backward_dx(dy[0], g, dp, [1, 2, 4])
     with pytest.raises(ValueError, match=r"pyramid_scale_backward_dx: argument 'dy' must be NCHW-contiguous"):
         op.pyramid_scale_backward_dx(dy.to(memory_format=torch.channels_last), g, dp, [1, 2, 4])

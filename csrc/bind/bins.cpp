@@ -62,7 +62,8 @@ at::Tensor bin_mean_backward(const at::Tensor& dy, at::IntArrayRef size, at::Int
   at::Tensor dx = new_output(sz, dy.options().memory_format(pool_args::format(channels_last)));
   if (dx.numel() == 0) return dx;
   const at::Tensor d = dy.to(acc_scalar_type(dy)).contiguous();
-  bin_mean_backward_cpu(d.data_ptr(), dx.data_ptr(), dt, sz[0], sz[1], strides4(dx), g, BinLayout::per_plane(sz[1], g.N));
+  bin_mean_backward_cpu(d.data_ptr(), dx.data_ptr(), dt, sz[0], sz[1], strides4(dx), g,
+                        BinLayout::per_plane(sz[1], g.N));
   return dx;
 }
 

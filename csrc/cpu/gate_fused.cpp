@@ -616,8 +616,8 @@ void shuffle_fwd_typed(const T* x, const acc_t<T>* alpha, const acc_t<T>* beta, 
 
 template <typename T>
 void shuffle_train_bwd_typed(const T* dy, const T* x, const acc_t<T>* alpha, const acc_t<T>* beta,
-                             const acc_t<T>* mean, const acc_t<T>* coef, T* dx, acc_t<T>* dalpha, acc_t<T>* dbeta, int64_t B, int64_t C,
-                             int64_t P, int64_t groups) {
+                             const acc_t<T>* mean, const acc_t<T>* coef, T* dx, acc_t<T>* dalpha, acc_t<T>* dbeta,
+                             int64_t B, int64_t C, int64_t P, int64_t groups) {
   using A = acc_t<T>;
   const int64_t n = C / groups;
 #pragma omp parallel
@@ -676,8 +676,8 @@ void shuffle_gate_train_backward_cpu(const void* dy, const void* x, const void* 
     using A = acc_t<T>;
     shuffle_train_bwd_typed(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(alpha),
                             static_cast<const A*>(beta), static_cast<const A*>(mean), static_cast<const A*>(coef),
-                            static_cast<T*>(dx),
-                            static_cast<A*>(dalpha), static_cast<A*>(dbeta), B, C, H * W, groups);
+                            static_cast<T*>(dx), static_cast<A*>(dalpha), static_cast<A*>(dbeta), B, C, H * W,
+                            groups);
   });
 }
 
