@@ -180,3 +180,13 @@ def test_spa_module_backward_twice_and_path_conditions(monkeypatch):
     f.backend = None
     check_same_step_channels_last(f, x)
     assert calls == [1, 1]
+
+
+def test_narrow_backward_many_bins():
+    """bin_mean_backward on a tall narrow plane cut into 1 x 1 tiles (60000 bins, 20000 row
+    ranges): the narrow path's bin tables are built in O(N log N) (the first version scanned the
+    ranges for every bin and every row group: about 1.6e9 comparisons here), and each position's
+    gradient is its own bin's."""
+    dy = torch.randn(1, 2, 20000 * 3)
+    dx = torch.ops.fastattn_C.bin_mean_backward(dy, [1, 2, 20000, 3], [1], "tiles", False)
+    assert torch.equal(dx, dy.view(1, 2, 20000, 3))

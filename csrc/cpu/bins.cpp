@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <map>
 #include <type_traits>
 #include <utility>
 
@@ -281,33 +282,35 @@ struct NarrowBins {
   std::vector<A> inv_area;                       // per bin
   std::vector<mask16<A>> lane_mask;              // per bin, in range_bins' order
   explicit NarrowBins(const BinGeometry& g) {
+    std::map<std::pair<int64_t, int64_t>, int64_t> index;   // (lo, hi) -> range: O(N log N) for many bins
     for (int64_t n = 0; n < g.N; ++n) {
       const int64_t* bc = g.bin_cells + 4 * n;
-      int64_t q = 0;
-      while (q < ranges() && (range_lo[q] != bc[0] || range_hi[q] != bc[1])) ++q;
-      if (q == ranges()) range_lo.push_back(bc[0]), range_hi.push_back(bc[1]);
-      range.push_back(q);
+      const auto found = index.emplace(std::make_pair(bc[0], bc[1]), ranges());
+      if (found.second) range_lo.push_back(bc[0]), range_hi.push_back(bc[1]);
+      range.push_back(found.first->second);
       col_lo.push_back(g.col_edge[bc[2]]);
       col_hi.push_back(g.col_edge[bc[3]]);
       inv_area.push_back(static_cast<A>(1.0 / static_cast<double>(area(g, n))));
     }
-    range_ptr.push_back(0);
-    for (int64_t q = 0; q < ranges(); ++q) {
-      for (int64_t n = 0; n < g.N; ++n) {
-        if (range[n] != q) continue;
-        range_bins.push_back(n);
-        mask16<A> m;
-        for (int64_t w = 0; w < kNarrow; ++w) m[w] = w >= col_lo[n] && w < col_hi[n] ? -1 : 0;
-        lane_mask.push_back(m);
-      }
-      range_ptr.push_back(static_cast<int64_t>(range_bins.size()));
+    range_ptr.assign(static_cast<size_t>(ranges() + 1), 0);   // the bins of each range, in bin order
+    for (int64_t n = 0; n < g.N; ++n) ++range_ptr[range[n] + 1];
+    for (int64_t q = 0; q < ranges(); ++q) range_ptr[q + 1] += range_ptr[q];
+    range_bins.resize(static_cast<size_t>(g.N));
+    std::vector<int64_t> fill(range_ptr.begin(), range_ptr.end() - 1);
+    for (int64_t n = 0; n < g.N; ++n) range_bins[fill[range[n]]++] = n;
+    for (int64_t n : range_bins) {
+      mask16<A> m;
+      for (int64_t w = 0; w < kNarrow; ++w) m[w] = w >= col_lo[n] && w < col_hi[n] ? -1 : 0;
+      lane_mask.push_back(m);
     }
-    group_ptr.push_back(0);
-    for (int64_t r = 0; r < g.gh; ++r) {
-      for (int64_t q = 0; q < ranges(); ++q)
-        if (range_lo[q] <= r && r < range_hi[q]) group_ranges.push_back(q);
-      group_ptr.push_back(static_cast<int64_t>(group_ranges.size()));
-    }
+    group_ptr.assign(static_cast<size_t>(g.gh + 1), 0);       // the ranges holding each row group
+    for (int64_t q = 0; q < ranges(); ++q)
+      for (int64_t r = range_lo[q]; r < range_hi[q]; ++r) ++group_ptr[r + 1];
+    for (int64_t r = 0; r < g.gh; ++r) group_ptr[r + 1] += group_ptr[r];
+    group_ranges.resize(static_cast<size_t>(group_ptr[g.gh]));
+    fill.assign(group_ptr.begin(), group_ptr.end() - 1);
+    for (int64_t q = 0; q < ranges(); ++q)
+      for (int64_t r = range_lo[q]; r < range_hi[q]; ++r) group_ranges[fill[r]++] = q;
   }
   int64_t ranges() const { return static_cast<int64_t>(range_lo.size()); }
 };
